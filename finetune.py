@@ -1,0 +1,1416 @@
+"""Supervised fine-tuning (SFT) of chat LLMs: full, LoRA, Q-LoRA and DoRA, on one device or many.
+
+    python finetune.py --model_name_or_path MODEL --data_path data.jsonl --output_dir out
+    torchrun --nproc_per_node 8 finetune.py ... --deepspeed ds_config_zero3.json
+    python finetune.py config.yaml [--any_flag value]         # flags from a JSON/YAML file
+
+Data flow: files -> format adapters (every format becomes `messages` + `tools`) -> validation
+(`file:line: field: problem`) -> `tokenize_conversation` (input_ids + labels, loss only on what the
+assistant says) -> a cached Arrow dataset -> batching (length-grouped padding or padding-free
+packing) -> Trainer (step-wide token-normalised loss, per-source metrics) -> save -> merge/chat.
+"""
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
+
+IGNORE_INDEX = -100
+CACHE_VERSION = "1"  # bump when tokenization output changes, to invalidate old caches
+LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+# Used when a tokenizer has no chat template: Qwen's ChatML, tool-aware enough for plain chats.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def log0(*args):
+    """Print once, on global rank 0 (torchrun sets RANK; a single process has none)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("[finetune]", *args, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=None, metadata={"help": "Model directory or hub id, loaded with AutoModelForCausalLM."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the model repo."})
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto | sdpa | eager | flash_attention_2. auto: flash_attention_2 on GPU when "
+                  "flash-attn is installed, else sdpa."},
+    )
+    chat_template: Optional[str] = field(
+        default=None, metadata={"help": "Path to a Jinja chat template that replaces the tokenizer's own."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default=None,
+        metadata={"help": "Training data: files (.jsonl/.json, optionally .gz) or folders, comma-separated. "
+                  "A folder means all data files below it; append :RATIO to sample an entry "
+                  "(e.g. a.jsonl:0.5,b/:2)."},
+    )
+    eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same syntax."})
+    lazy_preprocess: bool = field(
+        default=True,
+        metadata={"help": "Kept for compatibility with Qwen's script. Preprocessing always runs once into an "
+                  "on-disk Arrow cache, which is memory-bounded and reused by later runs."},
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "auto | messages | sharegpt | alpaca | chat_rounds. auto detects it per file.",
+                  "choices": ["auto", "messages", "sharegpt", "alpaca", "chat_rounds"]},
+    )
+    skip_invalid_records: bool = field(
+        default=False, metadata={"help": "Drop invalid records (reported with counts) instead of stopping."}
+    )
+    train_on_prompt: bool = field(default=False, metadata={"help": "Train on every token, prompts included."})
+    train_on_last_turn_only: bool = field(default=False, metadata={"help": "Train only the last assistant turn."})
+    packing: str = field(
+        default="auto",
+        metadata={"help": "auto | true | false. true: padding-free packing (samples concatenated, position_ids "
+                  "restart per sample, no cross-sample attention). false: pad each batch to its longest sample. "
+                  "auto: packing when flash-attention is in use, else padding.",
+                  "choices": ["auto", "true", "false"]},
+    )
+    loss_balance: str = field(
+        default="token",
+        metadata={"help": "token: mean over the step's trained tokens. sample: every sample weighs the same. "
+                  "source: every data source in the step weighs the same.",
+                  "choices": ["token", "sample", "source"]},
+    )
+    dataset_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where tokenized datasets are cached (default ~/.cache/finetune)."}
+    )
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Load only the tokenizer, process all data, write OUTPUT_DIR/data_report.json, exit."},
+    )
+    dry_run_world_size: Optional[int] = field(
+        default=None, metadata={"help": "World size assumed by --dry_run's estimates (default: this launch's)."}
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where downloaded models are cached."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (any transformers OptimizerNames)."})
+    model_max_length: int = field(
+        default=8192, metadata={"help": "Maximum tokens per sample; longer conversations lose whole turns."}
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    early_stopping_patience: Optional[int] = field(
+        default=None, metadata={"help": "Stop after N evaluations without eval_loss improving."}
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "group_by_length (batches of similar length: little padding) | random."},
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    report_to: Optional[str] = field(default="none", metadata={"help": "none | tensorboard | wandb | all."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs them."})
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default=LORA_DEFAULT_TARGETS, metadata={"help": "Comma-separated module names, or all-linear."}
+    )
+    lora_weight_path: str = field(default="", metadata={"help": "Start from this existing adapter directory."})
+    lora_bias: str = field(
+        default="none", metadata={"help": "none | all | lora_only.", "choices": ["none", "all", "lora_only"]}
+    )
+    q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: 4-bit NF4 base model + LoRA (implies use_lora)."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
+
+
+def parse_args(argv=None):
+    """Flags, or a JSON/YAML file as first argument whose keys are flags (later flags override it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = argv.pop(0)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                config = json.load(f)
+            else:
+                import yaml
+
+                config = yaml.safe_load(f)
+        flags = []
+        for key, value in (config or {}).items():
+            values = value if isinstance(value, list) else [value]
+            flags += [f"--{key}"] + [json.dumps(v) if isinstance(v, dict) else str(v) for v in values]
+        argv = flags + argv
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def validate_args(model_args, data_args, training_args, lora_args):
+    """Fail fast, before any model, process group or output directory is touched."""
+    if not model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required (a model directory or hub id).")
+    if not data_args.data_path:
+        raise ValueError("--data_path is required (a .jsonl/.json file, a folder, or a comma-separated list).")
+    for spec in (data_args.data_path, data_args.eval_data_path):
+        if spec:
+            parse_data_spec(spec)  # raises FileNotFoundError naming the missing entry
+    if model_args.chat_template and not os.path.isfile(model_args.chat_template):
+        raise FileNotFoundError(f"--chat_template {model_args.chat_template} does not exist.")
+    if lora_args.q_lora:
+        training_args.use_lora = True  # Q-LoRA means LoRA on a 4-bit base; never silently full fine-tuning
+        if zero_stage(training_args) == 3:
+            raise ValueError(
+                "--q_lora with ZeRO-3 is not supported: 4-bit weights cannot be partitioned by ZeRO-3 here. "
+                "Use --deepspeed ds_config_zero2.json (or no DeepSpeed)."
+            )
+        if training_args.fp16 and not torch.cuda.is_available():
+            raise ValueError("--fp16 needs a GPU; drop it on CPU.")
+    if training_args.model_max_length < 16:
+        raise ValueError("--model_max_length must be at least 16 tokens.")
+    if data_args.train_on_prompt and data_args.train_on_last_turn_only:
+        raise ValueError("--train_on_prompt and --train_on_last_turn_only exclude each other; pick one.")
+    if training_args.early_stopping_patience and not data_args.eval_data_path:
+        raise ValueError("--early_stopping_patience needs --eval_data_path (it watches eval_loss).")
+
+
+def zero_stage(training_args):
+    ds = training_args.deepspeed
+    if not ds:
+        return 0
+    if isinstance(ds, str):
+        if not os.path.isfile(ds):
+            raise FileNotFoundError(f"--deepspeed {ds} does not exist.")
+        with open(ds) as f:
+            ds = json.load(f)
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat data: files, formats, validation
+# ---------------------------------------------------------------------------------------------
+
+DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT (`from`) and MFTCoder (`role`) speaker names -> our roles.
+SPEAKER_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "bot": "assistant",
+    "assistant": "assistant", "model": "assistant", "function_call": "assistant", "observation": "tool",
+    "function": "tool", "tool": "tool",
+}
+
+
+class RecordError(ValueError):
+    """A problem with one record: `field` names where (e.g. messages[2].content)."""
+
+    def __init__(self, field_name, problem):
+        super().__init__(f"{field_name}: {problem}")
+        self.field_name, self.problem = field_name, problem
+
+
+def parse_data_spec(spec):
+    """'a.jsonl:0.5,dir/' -> [(path, ratio)], checking every path exists."""
+    entries = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        path, ratio = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and head:
+            try:
+                path, ratio = head, float(tail)
+            except ValueError:
+                pass
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--data_path: {path} does not exist.")
+        if ratio <= 0:
+            raise ValueError(f"--data_path: ratio for {path} must be > 0, got {ratio}.")
+        entries.append((path, ratio))
+    if not entries:
+        raise ValueError(f"--data_path '{spec}' names no file.")
+    return entries
+
+
+def list_data_files(path):
+    """A file -> [(file, source)]; a folder -> its data files, source = top sub-folder (one per task) or itself."""
+    if os.path.isfile(path):
+        name = os.path.basename(path)
+        for suffix in DATA_SUFFIXES:
+            name = name[: -len(suffix)] if name.endswith(suffix) else name
+        return [(path, name)]
+    root = os.path.normpath(path)
+    files = []
+    for dirpath, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            if name.endswith(DATA_SUFFIXES):
+                rel = os.path.relpath(dirpath, root)
+                source = os.path.basename(root) if rel == "." else rel.split(os.sep)[0]
+                files.append((os.path.join(dirpath, name), source))
+    if not files:
+        raise FileNotFoundError(f"--data_path: folder {path} has no {'/'.join(DATA_SUFFIXES)} files.")
+    return files
+
+
+def read_json_records(path):
+    """Yield (line, record-or-RecordError) from a JSONL file or a JSON array (BOM, CRLF, blank lines ok)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8-sig") as f:
+        first = ""
+        while True:  # peek past leading whitespace: '[' means a JSON array
+            ch = f.read(1)
+            if not ch or not ch.isspace():
+                first = ch
+                break
+        rest = f.read() if first == "[" else None
+        if rest is None:
+            f.seek(0)
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield line_no, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield line_no, RecordError("json", f"invalid JSON ({e.msg} at column {e.colno})")
+            return
+    text = "[" + rest
+    decoder, pos, line = json.JSONDecoder(), 1, 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            line += text[pos] == "\n"
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield e.lineno, RecordError("json", f"invalid JSON ({e.msg}); the rest of this array is unreadable")
+            return
+        yield line, record
+        line += text.count("\n", pos, end)
+        pos = end
+
+
+def detect_format(record):
+    if isinstance(record, dict):
+        for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("chat_rounds", "chat_rounds")):
+            if key in record:
+                return fmt
+        if "instruction" in record or "output" in record:
+            return "alpaca"
+    return None
+
+
+def _text(content, where):
+    """Content as a string: a string, None, or a list of OpenAI-style text parts."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, (dict, str)) for p in content):
+        parts = []
+        for p in content:
+            if isinstance(p, str):
+                parts.append(p)
+            elif p.get("type", "text") == "text" and isinstance(p.get("text"), str):
+                parts.append(p["text"])
+            else:
+                raise RecordError(where, f"unsupported content part {json.dumps(p)[:60]} (only text parts)")
+        return "".join(parts)
+    raise RecordError(where, f"content must be a string, got {type(content).__name__}")
+
+
+def _tools(tools):
+    if tools in (None, "", []):
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise RecordError("tools", "not valid JSON")
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RecordError("tools", "must be a list of function schemas")
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+
+
+def _tool_calls(calls, where):
+    """OpenAI tool_calls or ShareGPT function_call payloads -> [{"type","function":{"name","arguments":dict}}]."""
+    if isinstance(calls, str):
+        try:
+            calls = json.loads(calls)
+        except json.JSONDecodeError:
+            raise RecordError(where, "function call is not valid JSON")
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RecordError(where, "each tool call needs a function name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):  # templates render arguments with tojson: a dict, not a JSON string
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                pass
+        item = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call, dict) and "id" in call:
+            item["id"] = call["id"]
+        out.append(item)
+    return out
+
+
+def _from_messages(record):
+    msgs = record["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise RecordError("messages", "must be a non-empty list")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RecordError(where, "must be an object with role and content")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RecordError(f"{where}.role", f"unknown role {role!r} (expected {'/'.join(ROLES)})")
+        if "content" not in m and not m.get("tool_calls"):
+            raise RecordError(f"{where}.content", "missing")
+        msg = {"role": role, "content": _text(m.get("content"), f"{where}.content")}
+        if m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        for key in ("name", "tool_call_id", "reasoning_content", "train", "loss_weight"):
+            if key in m:
+                msg[key] = m[key]
+        out.append(msg)
+    return out, _tools(record.get("tools"))
+
+
+def _from_speakers(turns, list_field, speaker_key, text_key, system=None):
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(list_field, "must be a non-empty list")
+    out = [{"role": "system", "content": system}] if system else []
+    for i, t in enumerate(turns):
+        where = f"{list_field}[{i}]"
+        if not isinstance(t, dict):
+            raise RecordError(where, "must be an object")
+        speaker = t.get(speaker_key)
+        role = SPEAKER_ROLES.get(speaker)
+        if role is None:
+            raise RecordError(f"{where}.{speaker_key}", f"unknown speaker {speaker!r} "
+                              f"(expected one of {', '.join(sorted(SPEAKER_ROLES))})")
+        if speaker == "function_call":
+            out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(t.get(text_key), where)})
+            continue
+        msg = {"role": role, "content": _text(t.get(text_key), f"{where}.{text_key}")}
+        for key in ("train", "loss_weight"):
+            if key in t:
+                msg[key] = t[key]
+        out.append(msg)
+    return out
+
+
+def _from_sharegpt(record):
+    msgs = _from_speakers(record["conversations"], "conversations", "from", "value", record.get("system"))
+    return msgs, _tools(record.get("tools"))
+
+
+def _from_chat_rounds(record):
+    return _from_speakers(record["chat_rounds"], "chat_rounds", "role", "content"), None
+
+
+def _from_alpaca(record):
+    for key in ("instruction", "output"):
+        if not isinstance(record.get(key), str):
+            raise RecordError(key, "missing or not a string")
+    msgs = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    for i, pair in enumerate(record.get("history") or []):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise RecordError(f"history[{i}]", "must be a [question, answer] pair of strings")
+        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
+    msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    return msgs, None
+
+
+ADAPTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
+            "chat_rounds": _from_chat_rounds}
+REQUIRED_KEY = {"messages": "messages", "sharegpt": "conversations", "chat_rounds": "chat_rounds",
+                "alpaca": "instruction"}
+
+
+def normalize_record(record, fmt):
+    """Any supported record -> (messages, tools), or RecordError. Checks what every format needs."""
+    if not isinstance(record, dict):
+        raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
+    if REQUIRED_KEY[fmt] not in record:
+        raise RecordError(REQUIRED_KEY[fmt], f"missing (file read as {fmt} format)")
+    messages, tools = ADAPTERS[fmt](record)
+    trained = 0
+    for i, m in enumerate(messages):
+        if m["content"] is None and not m.get("tool_calls"):
+            raise RecordError(f"messages[{i}].content", "must be a string")
+        if m["role"] == "assistant":
+            if not (m["content"] or "").strip() and not m.get("tool_calls"):
+                raise RecordError(f"messages[{i}].content", "empty assistant reply")
+            trained += is_trained(m)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError("messages", "no assistant turn to train on")
+    if not trained:
+        raise RecordError("messages", "every assistant turn is excluded (train: false / loss_weight: 0)")
+    return messages, tools
+
+
+def is_trained(message):
+    return message.get("train", True) is not False and message.get("loss_weight", 1) != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization: chat template -> input_ids + labels (loss only on what the assistant says)
+# ---------------------------------------------------------------------------------------------
+# The conversation is rendered once by the model's own template and tokenized once, so input_ids
+# are exactly what `apply_chat_template` gives. Trained character regions are then mapped to tokens
+# through the tokenizer's offsets. A region is what the model would have to generate for that turn:
+# from the end of the assistant header (the part the generation prompt already supplies) to the end
+# of the template's end-of-turn marker (<|im_end|>, <|eot_id|>, </s>...), tool calls included.
+#
+# Fast path (one render): find every header, take the text up to the next end-of-turn marker, and
+# check that the turn's content really is there. Templates that move or rewrite text (system prompt
+# in the last user turn, reasoning stripped from earlier turns, tool calls without content) fail that
+# check and take the exact path: render again with this turn's content replaced by a sentinel; the
+# characters that differ are where the template put it.
+
+SENTINEL = "\ue000\ue001"  # private-use characters: never in real text, never stripped by a template
+_PROBES = {}
+
+
+def _render(tokenizer, messages, tools=None, add_generation_prompt=False):
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _common_prefix(a, b):
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # binary search on slice equality: C-speed comparisons
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _token_prefix(a, b, specials):
+    """Common prefix length of a and b that does not end inside a special token ('<|' is shared by
+    '<|im_end|>' and '<|assistant|>', but is no boundary)."""
+    k = _common_prefix(a, b)
+    for text in (a, b):
+        for s in specials:
+            p = text.find(s, max(0, k - len(s) + 1))
+            if 0 <= p < k < p + len(s):
+                k = p
+    return k
+
+
+def _special_tokens(tokenizer):
+    specials = set(tokenizer.all_special_tokens)
+    specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def template_markers(tokenizer):
+    """(header, end_of_turn) strings of this tokenizer's template, found by rendering a probe chat.
+
+    header: the assistant turn opener that the generation prompt supplies (e.g. '<|im_start|>assistant\\n');
+    end_of_turn: what closes an assistant turn up to and including its special token (e.g. '<|im_end|>').
+    Either is '' when the template has none we can trust; then every conversation takes the exact path."""
+    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tuple(_special_tokens(tokenizer)))
+    if key in _PROBES:
+        return _PROBES[key]
+    specials = _special_tokens(tokenizer)
+    header = end = ""
+    user = [{"role": "user", "content": "Hi"}]
+    dummy_tool = [{"type": "function", "function": {"name": "probe", "description": "probe",
+                                                     "parameters": {"type": "object", "properties": {}}}}]
+    full = ""
+    for tools in (None, dummy_tool):  # some templates (Hermes tool use) render only with tools
+        try:
+            plain = _render(tokenizer, user, tools)
+            prompt = _render(tokenizer, user, tools, add_generation_prompt=True)
+            full = _render(tokenizer, user + [{"role": "assistant", "content": SENTINEL}], tools)
+            break
+        except Exception:
+            continue
+    at = full.find(SENTINEL)
+    if at >= 0:
+        gen_suffix = prompt[_token_prefix(prompt, plain, specials):]
+        opener = full[_token_prefix(full[:at], plain, specials):at]
+        header = opener[: _token_prefix(opener, gen_suffix, specials)]
+        if not any(s in header for s in specials):
+            header = ""
+        after = full[at + len(SENTINEL):]
+        hits = [(after.find(s), s) for s in specials if s in after]
+        if hits:
+            pos, tok = min(hits, key=lambda h: (h[0], -len(h[1])))
+            if not after[:pos].strip():
+                end = after[: pos + len(tok)]
+    _PROBES[key] = (header, end)
+    return header, end
+
+
+def _regions_fast(text, messages, header, end):
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    if not header or not end or text.count(header) != len(assistants):
+        return None
+    regions, cursor = [], 0
+    for m in assistants:
+        start = text.find(header, cursor) + len(header)
+        stop = text.find(end, start)
+        nxt = text.find(header, start)
+        if stop < 0 or (0 <= nxt < stop):
+            return None
+        body, content = text[start:stop], m.get("content") or ""
+        if content.strip() and content.strip() not in body:
+            return None
+        if m.get("tool_calls") and not any(c["function"]["name"] in body for c in m["tool_calls"]):
+            return None
+        regions.append((start, stop + len(end)))
+        cursor = stop + len(end)
+    return regions
+
+
+def _regions_exact(tokenizer, text, messages, tools, header, end):
+    regions, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        probe = list(messages)
+        probe[i] = {**m, "content": SENTINEL}
+        other = _render(tokenizer, probe, tools)
+        a = _common_prefix(text, other)
+        b = len(text) - _common_prefix(text[a:][::-1], other[a:][::-1])
+        start = a
+        if header:
+            h = text.rfind(header, cursor, a + len(header))
+            if h >= 0 and h + len(header) <= a:
+                start = h + len(header)
+        stop = b
+        if end:
+            e = text.find(end, b)
+            nxt = text.find(header, b) if header else -1
+            if e >= 0 and not (0 <= nxt < e):
+                stop = e + len(end)
+        regions.append((start, stop))
+        cursor = max(cursor, stop)
+    return regions
+
+
+def render_conversation(tokenizer, messages, tools=None):
+    """-> (text, [(start, end) character region of each assistant turn]). Raises ValueError if the
+    template refuses the conversation."""
+    try:
+        text = _render(tokenizer, messages, tools)
+        header, end = template_markers(tokenizer)
+        regions = _regions_fast(text, messages, header, end)
+        if regions is None:
+            regions = _regions_exact(tokenizer, text, messages, tools, header, end)
+    except Exception as e:  # jinja raise_exception, undefined fields, type errors inside the template
+        raise RecordError("messages", f"the chat template refuses this conversation: {e}") from None
+    return text, regions
+
+
+def _labels_and_cut(input_ids, offsets, regions, trained, max_length, train_on_prompt):
+    """Labels from character regions, then truncation that keeps whole turns where possible.
+    -> (input_ids, labels, status) with status '' | 'truncated' | 'dropped:<reason>'."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    starts = np.asarray([o[0] for o in offsets], dtype=np.int64)
+    mask = np.zeros(len(ids), dtype=bool)
+    turn_ends = []
+    for (a, b), keep in zip(regions, trained):
+        if keep:
+            mask |= (starts >= a) & (starts < b)
+            turn_ends.append(int(np.searchsorted(starts, b)))  # tokens that start before b
+    if train_on_prompt:
+        mask[:] = True
+    status = ""
+    if len(ids) > max_length:
+        fitting = [t for t in turn_ends if t <= max_length]
+        first = int(np.argmax(mask[1:])) + 1 if mask[1:].any() else len(ids)
+        if fitting and not train_on_prompt:
+            cut = max(fitting)
+        elif first < max_length:
+            cut = max_length  # the first trained turn alone is too long: keep what fits of it
+        else:
+            return [], [], "dropped:prompt_longer_than_model_max_length"
+        ids, mask, status = ids[:cut], mask[:cut], "truncated"
+    labels = np.where(mask, ids, IGNORE_INDEX)
+    if not (labels[1:] != IGNORE_INDEX).any():  # position 0 is never predicted
+        return [], [], "dropped:no_trained_tokens"
+    return ids.tolist(), labels.tolist(), status
+
+
+def tokenize_many(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False):
+    """Batch version of tokenize_conversation: [(messages, tools)] -> [dict(input_ids, labels, status)].
+    Renders each conversation once and encodes all of them in one fast-tokenizer call."""
+    results, texts, pending = [None] * len(conversations), [], []
+    for i, (messages, tools) in enumerate(conversations):
+        try:
+            text, regions = render_conversation(tokenizer, messages, tools)
+        except RecordError as e:
+            results[i] = {"input_ids": [], "labels": [], "status": f"error:{e}"}
+            continue
+        assistants = [m for m in messages if m["role"] == "assistant"]
+        trained = [is_trained(m) for m in assistants]
+        if last_turn_only:
+            trained = [False] * (len(trained) - 1) + [trained[-1]]
+        texts.append(text)
+        pending.append((i, regions, trained))
+    if texts:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for (i, regions, trained), ids, offsets in zip(pending, enc["input_ids"], enc["offset_mapping"]):
+            ids, labels, status = _labels_and_cut(ids, offsets, regions, trained, max_length, train_on_prompt)
+            results[i] = {"input_ids": ids, "labels": labels, "status": status}
+    return results
+
+
+def tokenize_conversation(tokenizer, messages, max_length, tools=None, train_on_prompt=False):
+    """One conversation -> {"input_ids": [...], "labels": [...]} with labels -100 where not trained.
+
+    Labels cover each assistant turn as the model's own chat template renders it plus the template's
+    end-of-turn marker; nothing of system/user/tool turns or role headers. Over max_length, whole
+    turns are dropped from the end; raises ValueError if nothing trainable fits or the template refuses."""
+    (result,) = tokenize_many(tokenizer, [(messages, tools)], max_length, train_on_prompt)
+    if result["status"].startswith(("error:", "dropped:")):
+        raise ValueError(result["status"].split(":", 1)[1])
+    return {"input_ids": result["input_ids"], "labels": result["labels"]}
+
+
+def load_tokenizer(model_args, training_args):
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, cache_dir=training_args.cache_dir,
+        trust_remote_code=model_args.trust_remote_code, model_max_length=training_args.model_max_length,
+    )
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("A fast tokenizer (tokenizer.json) is needed for exact label masking.")
+    if model_args.chat_template:
+        with open(model_args.chat_template, encoding="utf-8") as f:
+            tokenizer.chat_template = f.read()
+    elif not tokenizer.chat_template:
+        log0("WARNING: the tokenizer has no chat template; using ChatML (<|im_start|>role ... <|im_end|>).")
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:  # padded positions are masked out of attention and loss anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset: validated, tokenized, cached on disk as Arrow
+# ---------------------------------------------------------------------------------------------
+
+
+class DataError(ValueError):
+    pass
+
+
+def _normalized_rows(entries, data_format, skip_invalid, stats):
+    """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes."""
+    errors = []
+    for entry_idx, (path, _) in enumerate(entries):
+        for file, source in list_data_files(path):
+            fmt, fstats = None if data_format == "auto" else data_format, {"records": 0, "invalid": 0}
+            stats["files"][file] = fstats
+            for line, record in read_json_records(file):
+                fstats["records"] += 1
+                try:
+                    if isinstance(record, RecordError):
+                        raise record
+                    fmt = fmt or detect_format(record)
+                    if fmt is None:
+                        raise RecordError("record", "unknown format: expected messages, conversations, "
+                                          "chat_rounds or instruction/output fields")
+                    messages, tools = normalize_record(record, fmt)
+                except RecordError as e:
+                    fstats["invalid"] += 1
+                    stats["invalid"][e.problem.split(" (")[0]] = stats["invalid"].get(e.problem.split(" (")[0], 0) + 1
+                    if not skip_invalid:
+                        errors.append(f"{file}:{line}: {e}")
+                        if len(errors) >= 20:
+                            raise DataError("\n".join(errors + ["(stopping after 20 errors)"]))
+                    continue
+                fstats["format"] = fmt
+                yield {"conversation": json.dumps({"messages": messages, "tools": tools}, ensure_ascii=False),
+                       "source": str(record.get("source") or source), "origin": f"{file}:{line}",
+                       "entry": entry_idx}
+    if errors:
+        raise DataError("\n".join(errors))
+
+
+def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_only):
+    convs = [json.loads(c) for c in batch["conversation"]]
+    out = tokenize_many(tokenizer, [(c["messages"], c["tools"]) for c in convs], max_length,
+                        train_on_prompt, last_turn_only)
+    return {
+        "input_ids": [r["input_ids"] for r in out],
+        "labels": [r["labels"] for r in out],
+        "length": [len(r["input_ids"]) for r in out],
+        "n_trained": [sum(1 for x in r["labels"][1:] if x != IGNORE_INDEX) for r in out],
+        "status": [r["status"] for r in out],
+    }
+
+
+def _cache_key(spec, tokenizer, data_args, training_args):
+    files = []
+    for path, ratio in parse_data_spec(spec):
+        for file, _ in list_data_files(path):
+            st = os.stat(file)
+            files.append([os.path.abspath(file), st.st_size, st.st_mtime_ns, ratio])
+    h = hashlib.sha256(json.dumps({
+        "v": CACHE_VERSION, "files": files, "format": data_args.data_format,
+        "template": tokenizer.chat_template, "max_len": training_args.model_max_length,
+        "prompt": data_args.train_on_prompt, "last": data_args.train_on_last_turn_only,
+        "skip": data_args.skip_invalid_records, "seed": training_args.seed,
+    }, sort_keys=True).encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    return h.hexdigest()[:20]
+
+
+def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
+    """Validate + tokenize the files named by `spec` into an Arrow dataset at cache_root/<key>.
+    A second run with the same files, tokenizer and settings just loads it."""
+    import datasets
+
+    path = os.path.join(cache_root, _cache_key(spec, tokenizer, data_args, training_args))
+    if os.path.isfile(os.path.join(path, "report.json")):
+        return path
+    entries = parse_data_spec(spec)
+    stats = {"files": {}, "invalid": {}}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        raw = datasets.Dataset.from_generator(
+            _normalized_rows, gen_kwargs={"entries": entries, "data_format": data_args.data_format,
+                                          "skip_invalid": data_args.skip_invalid_records, "stats": stats},
+            cache_dir=os.path.join(tmp, "raw"), keep_in_memory=False,
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        raise (cause if isinstance(cause, (DataError, FileNotFoundError)) else DataError(str(cause))) from None
+    finally:
+        datasets.disable_progress_bars()
+    if len(raw) == 0:
+        raise DataError(f"{spec}: no usable records.")
+    tokenized = raw.map(
+        _tokenize_batch, batched=True, batch_size=256, num_proc=data_args.preprocessing_num_workers,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": training_args.model_max_length,
+                   "train_on_prompt": data_args.train_on_prompt,
+                   "last_turn_only": data_args.train_on_last_turn_only},
+        remove_columns=["conversation"], desc="tokenizing",
+    )
+    status = np.asarray(tokenized["status"], dtype=object)
+    failed = [i for i, s in enumerate(status) if s.startswith("error:")]
+    if failed and not data_args.skip_invalid_records:
+        origins = tokenized.select(failed[:20])["origin"]
+        raise DataError("\n".join(f"{o}: {status[i][6:]}" for o, i in zip(origins, failed[:20])))
+    for i in failed:
+        reason = status[i][6:].split(":")[0] + ": chat template refused"
+        stats["invalid"][reason] = stats["invalid"].get(reason, 0) + 1
+    keep = np.flatnonzero(np.asarray([s in ("", "truncated") for s in status]))
+    dropped = {}
+    for s in status:
+        if s.startswith("dropped:"):
+            dropped[s[8:]] = dropped.get(s[8:], 0) + 1
+    sources = sorted(set(tokenized["source"]))
+    final = tokenized.select(_sample_indices(tokenized["entry"], keep, entries, training_args.seed))
+    final = final.map(lambda b: {"source_idx": [sources.index(s) for s in b["source"]]}, batched=True,
+                      remove_columns=["origin", "status", "entry", "source"])
+    final.save_to_disk(os.path.join(tmp, "data"))
+    report = {"files": stats["files"], "invalid": stats["invalid"], "dropped": dropped,
+              "truncated": int(sum(s == "truncated" for s in status)), "records_valid": len(raw),
+              "samples_before_ratio": int(len(keep)), "samples": len(final), "sources": sources}
+    with open(os.path.join(tmp, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache that looks complete
+    return path
+
+
+def _sample_indices(entry_col, keep, entries, seed):
+    """Per-entry sampling ratios: <1 takes a random subset, >1 repeats (whole copies + a random rest)."""
+    entry_col = np.asarray(entry_col)[keep]
+    rng, out = np.random.default_rng(seed), []
+    for e, (_, ratio) in enumerate(entries):
+        idx = keep[entry_col == e]
+        whole, frac = int(ratio), ratio - int(ratio)
+        out += [idx] * whole + [rng.permutation(idx)[: int(round(len(idx) * frac))]]
+    return np.sort(np.concatenate(out)) if out else keep
+
+
+def load_datasets(data_args, training_args, tokenizer):
+    """Rank 0 validates and tokenizes (or hits the cache); every rank then loads the Arrow files.
+    A data error on rank 0 is broadcast so that every rank stops with it instead of hanging."""
+    import datasets
+
+    cache_root = data_args.dataset_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
+    specs = [s for s in (data_args.data_path, data_args.eval_data_path) if s]
+    paths, error = None, None
+    if training_args.process_index == 0:
+        try:
+            paths = [build_dataset(s, tokenizer, data_args, training_args, cache_root) for s in specs]
+        except (DataError, FileNotFoundError) as e:
+            error = f"{type(e).__name__}: {e}"
+    if training_args.world_size > 1 and torch.distributed.is_initialized():
+        box = [paths, error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        paths, error = box
+    if error:
+        raise DataError(f"invalid data, nothing was trained:\n{error}")
+    loaded = [datasets.load_from_disk(os.path.join(p, "data")) for p in paths]
+    reports = []
+    for p in paths:
+        with open(os.path.join(p, "report.json")) as f:
+            reports.append(json.load(f))
+    train = loaded[0]
+    evaluation = loaded[1] if len(loaded) > 1 else None
+    return train, evaluation, reports
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching: length-grouped padding, or padding-free packing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PaddingCollator:
+    """Pad to the longest sample of the batch (never to model_max_length)."""
+
+    pad_token_id: int
+    pad_to_multiple_of: Optional[int] = None
+
+    def __call__(self, features):
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(features)
+        ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        attn = torch.zeros((n, longest), dtype=torch.long)
+        sample = torch.full((n, longest), -1, dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k], labels[i, :k], attn[i, :k] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+            sample[i, :k] = i
+        source = torch.tensor([f.get("source_idx", 0) for f in features])[:, None].expand(n, longest)
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels,
+                "token_sample": sample, "token_source": torch.where(sample >= 0, source, -1)}
+
+
+@dataclass
+class PackingCollator:
+    """Padding-free packing: one row of concatenated samples, position_ids restarting at 0 per sample
+    and no attention_mask, so attention stays within each sample (varlen flash-attention on GPU, a
+    block-diagonal mask on sdpa/eager). The first label of every sample is masked, so no position is
+    ever trained to predict across a boundary."""
+
+    flash_attention: bool = False
+
+    def __call__(self, features):
+        flatten = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=self.flash_attention)
+        batch = flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        batch["token_sample"] = torch.cat([torch.full((len(f["input_ids"]),), i) for i, f in enumerate(features)])[None]
+        batch["token_source"] = torch.cat(
+            [torch.full((len(f["input_ids"]),), f.get("source_idx", 0)) for f in features])[None]
+        return batch
+
+
+def use_packing(data_args, attn_implementation):
+    if data_args.packing == "auto":
+        return attn_implementation == "flash_attention_2"
+    return data_args.packing == "true"
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: full, LoRA, Q-LoRA, DoRA
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_attn_implementation(requested):
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(model_args, training_args, lora_args, attn_implementation):
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "cache_dir": training_args.cache_dir,
+              "trust_remote_code": model_args.trust_remote_code}
+    if lora_args.q_lora:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": training_args.local_process_index}
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if not training_args.use_lora:
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if lora_args.q_lora:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs or {"use_reentrant": False},
+        )
+    if lora_args.lora_weight_path:
+        model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+    else:
+        targets = lora_args.lora_target_modules
+        model = get_peft_model(model, LoraConfig(
+            r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+            bias=lora_args.lora_bias, use_dora=lora_args.use_dora, task_type="CAUSAL_LM",
+        ))
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the embeddings
+    trainable, total = model.get_nb_trainable_parameters()
+    log0(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer: one loss normalisation for the whole optimizer step, per-source metrics
+# ---------------------------------------------------------------------------------------------
+
+
+class FinetuneTrainer(Trainer):
+    """HF Trainer with a loss that is a weighted mean over the trained tokens of the whole optimizer
+    step (all micro-batches, all ranks), so batch layout, packing and gradient accumulation do not
+    change what is optimised:
+
+        loss = sum_t w_t * CE_t / sum_t w_t,   w_t = 1 (token) | 1/n_sample (sample) | 1/n_source (source)
+
+    The per-token CE is also summed per source for the `loss_<source>` metrics: no second forward pass."""
+
+    def __init__(self, *args, loss_balance="token", source_names=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_balance, self.source_names = loss_balance, list(source_names) or ["data"]
+        self.loss_is_scaled_for_ga = True  # compute_loss already divides by the step-wide weight
+        self._source_sums = {"train": torch.zeros(2, len(self.source_names), dtype=torch.float64),
+                             "eval": torch.zeros(2, len(self.source_names), dtype=torch.float64)}
+
+    def _all_reduce(self, tensor):
+        if self.args.world_size > 1:
+            dev = tensor.device
+            tensor = self.accelerator.reduce(tensor.to(self.args.device), reduction="sum").to(dev)
+        return tensor
+
+    def _token_weights(self, batches):
+        """Per-token loss weights for every micro-batch of one step, and their global sum."""
+        masks = [b["labels"][:, 1:] != IGNORE_INDEX for b in batches]
+        if self.loss_balance == "source":
+            counts = torch.zeros(len(self.source_names), dtype=torch.float64)
+            for b, m in zip(batches, masks):
+                counts += torch.bincount(b["token_source"][:, 1:][m].cpu(), minlength=len(counts)).double()
+            counts = self._all_reduce(counts)
+        weights = []
+        for b, m in zip(batches, masks):
+            if self.loss_balance == "token":
+                w = m.double()
+            elif self.loss_balance == "sample":
+                sample = b["token_sample"][:, 1:]
+                row_offset = torch.arange(sample.shape[0])[:, None] * (int(sample.max()) + 1)
+                key = torch.where(m, sample + row_offset, 0)
+                per_sample = torch.bincount(key[m].flatten(), minlength=int(key.max()) + 1).double()
+                w = torch.where(m, 1.0 / per_sample.clamp(min=1)[key], 0.0)
+            else:
+                src = b["token_source"][:, 1:].clamp(min=0)
+                w = torch.where(m, 1.0 / counts.clamp(min=1)[src], 0.0)
+            weights.append(w)
+        total = self._all_reduce(sum(w.sum() for w in weights).reshape(1)).sum()
+        return weights, total
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batches:
+            return batches, None
+        weights, total = self._token_weights(batches)
+        for b, w in zip(batches, weights):
+            b["loss_weights"] = w.float()
+        return batches, total.to(device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels, source = inputs.pop("labels"), inputs.pop("token_source")
+        inputs.pop("token_sample", None)
+        weights = inputs.pop("loss_weights", None)
+        outputs = model(**inputs, use_cache=False)
+        logits = outputs.logits[:, :-1, :]
+        target = labels[:, 1:]
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none").view_as(target)
+        mask = target != IGNORE_INDEX
+        if weights is None:  # evaluation: a plain token mean of this batch
+            weights = mask.float()
+            num_items_in_batch = weights.sum()
+        loss = (ce * weights.to(ce.device)).sum() / torch.as_tensor(num_items_in_batch, device=ce.device).clamp(min=1e-8)
+        if model.training and self.args.world_size > 1:
+            loss = loss * self.args.world_size  # DDP/DeepSpeed average gradients over ranks
+        with torch.no_grad():
+            src = source[:, 1:][mask].cpu()
+            sums = self._source_sums["train" if model.training else "eval"]
+            sums[0] += torch.bincount(src, weights=ce[mask].detach().double().cpu(), minlength=sums.shape[1])
+            sums[1] += torch.bincount(src, minlength=sums.shape[1]).double()
+        if return_outputs:
+            outputs.loss = loss
+            return loss, outputs
+        return loss
+
+    def _source_metrics(self, split, prefix):
+        sums = self._all_reduce(self._source_sums[split].clone())
+        self._source_sums[split].zero_()
+        if len(self.source_names) < 2:
+            return {}
+        return {f"{prefix}loss_{name}": round(float(s / c), 4)
+                for name, s, c in zip(self.source_names, sums[0], sums[1]) if c > 0}
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            logs.update(self._source_metrics("train", ""))
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics.update(self._source_metrics("eval", f"{prefix}_"))
+        return output
+
+
+class LossPlotCallback(transformers.TrainerCallback):
+    """OUTPUT_DIR/training_loss.png, refreshed at most every 30 s while training and at the end."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and time.time() - self.last > 30:
+            self.last = time.time()
+            plot_loss(state.log_history, args.output_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_loss(state.log_history, args.output_dir)
+
+
+def plot_loss(log_history, output_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if not train and not evals:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, label="train loss")
+        smoothed, ema = [], losses[0]
+        for value in losses:  # exponential moving average, like TensorBoard's smoothing slider at 0.9
+            ema = 0.9 * ema + 0.1 * value
+            smoothed.append(ema)
+        ax.plot(steps, smoothed, color="tab:blue", label="train loss (smoothed)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    os.makedirs(output_dir, exist_ok=True)
+    fig.savefig(os.path.join(output_dir, "training_loss.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and saving (ZeRO-3 safe)
+# ---------------------------------------------------------------------------------------------
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                "pytorch_model.bin", "adapter_model.bin")
+
+
+def checkpoint_is_complete(path):
+    """trainer_state.json is written last by Trainer; weights must be there, and a DeepSpeed
+    checkpoint must have its `latest` tag (written after every rank saved its shards)."""
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return False
+    if not any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_FILES):
+        return False
+    if glob.glob(os.path.join(path, "global_step*")) and not os.path.isfile(os.path.join(path, "latest")):
+        return False
+    return True
+
+
+def find_resume_checkpoint(training_args):
+    """--resume_from_checkpoint PATH, else the newest complete checkpoint-N in output_dir (if any).
+    Half-written checkpoints (a crash during save) are removed so that save_total_limit rotation
+    can never prefer them over the last complete one."""
+    requested = training_args.resume_from_checkpoint
+    if requested and str(requested).lower() in ("false", "no", "none"):
+        return None
+    if requested and str(requested).lower() not in ("true", "yes"):
+        if not checkpoint_is_complete(requested):
+            raise FileNotFoundError(f"--resume_from_checkpoint {requested} is not a complete checkpoint.")
+        return requested
+    found = glob.glob(os.path.join(training_args.output_dir, "checkpoint-*"))
+    found = sorted((p for p in found if p.rsplit("-", 1)[-1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[-1]))
+    complete = [p for p in found if checkpoint_is_complete(p)]
+    if training_args.process_index == 0:
+        for p in found:
+            if p not in complete:
+                log0(f"WARNING: {p} is incomplete (interrupted while saving); removing it.")
+                shutil.rmtree(p, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def save_model(trainer, tokenizer, output_dir):
+    """Trainer.save_model gathers ZeRO-3 partitions (stage3_gather_16bit_weights_on_model_save) and
+    writes on rank 0 only: a full model, or just the PEFT adapter for LoRA. We then check that no
+    tensor came out empty, the classic failure of ZeRO-3 saves."""
+    trainer.save_model(output_dir)
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(output_dir)
+        from safetensors import safe_open
+
+        for name in ("model.safetensors", "adapter_model.safetensors"):
+            file = os.path.join(output_dir, name)
+            if os.path.isfile(file):
+                with safe_open(file, "pt") as f:
+                    empty = [k for k in f.keys() if f.get_slice(k).get_shape() in ([], [0])
+                             or 0 in f.get_slice(k).get_shape()]
+                if empty:
+                    raise RuntimeError(f"{file} has empty tensors {empty[:3]}: with ZeRO-3 set "
+                                       "stage3_gather_16bit_weights_on_model_save to true.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data report (--dry_run) and memory estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def padding_share(lengths, batch_size, packing, grouped, seed):
+    """Fraction of computed positions that are padding under the chosen batching."""
+    lengths = np.asarray(lengths)
+    if packing or len(lengths) == 0:
+        return 0.0
+    if grouped:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        order = np.asarray(get_length_grouped_indices(lengths.tolist(), batch_size,
+                                                      generator=torch.Generator().manual_seed(seed)))
+    else:
+        order = np.random.default_rng(seed).permutation(len(lengths))
+    batches = [lengths[order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
+    padded = sum(int(b.max()) * len(b) for b in batches)
+    return round(1 - lengths.sum() / padded, 4)
+
+
+def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, lora_r, grad_ckpt):
+    """Rough peak memory per device (GiB); formula documented in README ("Memory estimate")."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    lora_params = sum(lora_r * (m.in_features + m.out_features) for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    if method == "full":
+        weights, trainable = params * dtype_bytes, params
+    elif method == "lora":
+        weights, trainable = params * dtype_bytes, lora_params
+    else:  # q-lora: 4-bit linear weights (+ double-quant constants), the rest in the compute dtype
+        weights, trainable = linear * 0.5 * 1.03 + (params - linear) * dtype_bytes, lora_params
+    grads = trainable * dtype_bytes
+    optim = trainable * (12 if dtype_bytes == 2 else 8)  # fp32 master + Adam m, v (or m, v in fp32)
+    if stage >= 2:
+        grads, optim = grads / world, optim / world
+    elif stage == 1:
+        optim = optim / world
+    if stage == 3:
+        weights = weights / world
+    h, layers = config.hidden_size, config.num_hidden_layers
+    per_layer = 2 * h if grad_ckpt else 34 * h  # bytes per token per layer (Korthikanti et al. 2022)
+    acts = micro_tokens * layers * per_layer * dtype_bytes / 2 + micro_tokens * config.vocab_size * 4 * 2
+    gib = 1024 ** 3
+    parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts}
+    return {"params": params, "trainable_params": trainable,
+            **{k: round(v / gib, 3) for k, v in parts.items()},
+            "total_gb": round(sum(parts.values()) * 1.1 / gib, 3)}  # +10% allocator/fragmentation
+
+
+def token_stats(dataset):
+    lengths = np.asarray(dataset["length"])
+    trained = np.asarray(dataset["n_trained"])
+    if len(lengths) == 0:
+        return {}
+    pct = lambda q: int(np.percentile(lengths, q))  # noqa: E731
+    return {"samples": int(len(lengths)), "tokens": int(lengths.sum()), "trained_tokens": int(trained.sum()),
+            "mean": round(float(lengths.mean()), 1), "p50": pct(50), "p90": pct(90), "p99": pct(99),
+            "max": int(lengths.max())}
+
+
+def data_report(train, evaluation, reports, model_args, data_args, training_args, lora_args, packing):
+    world = data_args.dry_run_world_size or training_args.world_size
+    micro = training_args.per_device_train_batch_size
+    global_batch = micro * world * training_args.gradient_accumulation_steps
+    stats = token_stats(train)
+    grouped = training_args.train_sampling_strategy == "group_by_length"
+    report = {
+        "train": {**reports[0], "tokens": stats,
+                  "padding_share": padding_share(train["length"], micro, packing, grouped, training_args.seed)},
+        "batching": "packing" if packing else ("length-grouped padding" if grouped else "padding"),
+        "world_size": world, "global_batch_size": global_batch,
+        "steps_per_epoch": math.ceil(len(train) / global_batch),
+    }
+    if evaluation is not None:
+        report["eval"] = {**reports[1], "tokens": token_stats(evaluation)}
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    method = "q-lora" if lora_args.q_lora else "lora" if training_args.use_lora else "full"
+    micro_tokens = micro * (stats.get("p99", 0) if not packing else int(stats.get("mean", 0) * micro))
+    report["memory_estimate"] = {
+        "method": method, "zero_stage": zero_stage(training_args), "per_device_micro_batch_tokens": micro_tokens,
+        **estimate_memory_gb(config, method, zero_stage(training_args), world, micro_tokens,
+                             2 if (training_args.bf16 or training_args.fp16 or lora_args.q_lora) else 4,
+                             lora_args.lora_r, training_args.gradient_checkpointing),
+    }
+    return report
+
+
+def log_data_summary(report):
+    t = report["train"]
+    log0(f"data: {t['samples']} samples from {t['records_valid']} valid records "
+         f"({sum(f['records'] for f in t['files'].values())} read in {len(t['files'])} files); "
+         f"truncated {t['truncated']}, dropped {t['dropped'] or 0}, invalid {t['invalid'] or 0}")
+    s = t["tokens"]
+    log0(f"tokens: {s['tokens']:,} total, {s['trained_tokens']:,} trained; length mean {s['mean']} "
+         f"p50 {s['p50']} p90 {s['p90']} p99 {s['p99']} max {s['max']}; padding share {t['padding_share']:.1%} "
+         f"with {report['batching']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# train()
+# ---------------------------------------------------------------------------------------------
+
+
+def train(argv=None):
+    model_args, data_args, training_args, lora_args = parse_args(argv)
+    validate_args(model_args, data_args, training_args, lora_args)
+    transformers.set_seed(training_args.seed)
+    attn = resolve_attn_implementation(model_args.attn_implementation)
+    packing = use_packing(data_args, attn)
+
+    tokenizer = load_tokenizer(model_args, training_args)
+    train_data, eval_data, reports = load_datasets(data_args, training_args, tokenizer)
+    report = data_report(train_data, eval_data, reports, model_args, data_args, training_args, lora_args, packing)
+    log_data_summary(report)
+    if data_args.dry_run:
+        if training_args.process_index == 0:
+            os.makedirs(training_args.output_dir, exist_ok=True)
+            with open(os.path.join(training_args.output_dir, "data_report.json"), "w") as f:
+                json.dump(report, f, indent=2)
+            log0(f"dry run: report written to {training_args.output_dir}/data_report.json")
+        return report
+
+    if eval_data is not None and training_args.eval_strategy == "no":
+        training_args.eval_strategy = transformers.IntervalStrategy.EPOCH
+    if training_args.early_stopping_patience:
+        training_args.load_best_model_at_end = True
+        training_args.metric_for_best_model = training_args.metric_for_best_model or "eval_loss"
+        training_args.greater_is_better = False
+        training_args.save_strategy = training_args.eval_strategy
+    log0(f"method: {report['memory_estimate']['method']}, attention: {attn}, batching: {report['batching']}, "
+         f"global batch size {report['global_batch_size']} = {training_args.per_device_train_batch_size} per device "
+         f"x {training_args.world_size} processes x {training_args.gradient_accumulation_steps} accumulation")
+
+    model = load_model(model_args, training_args, lora_args, attn)
+    if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    collator = (PackingCollator(flash_attention=attn == "flash_attention_2") if packing
+                else PaddingCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None))
+    callbacks = [LossPlotCallback()]
+    if training_args.early_stopping_patience:
+        callbacks.append(transformers.EarlyStoppingCallback(training_args.early_stopping_patience))
+    trainer = FinetuneTrainer(
+        model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
+        data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+        loss_balance=data_args.loss_balance, source_names=reports[0]["sources"],
+    )
+
+    checkpoint = find_resume_checkpoint(training_args)
+    if checkpoint:
+        log0(f"resuming from {checkpoint}")
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    save_model(trainer, tokenizer, training_args.output_dir)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if eval_data is not None:
+        trainer.save_metrics("eval", trainer.evaluate())
+    if training_args.process_index == 0:
+        with open(os.path.join(training_args.output_dir, "data_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    log0(f"done: model saved to {training_args.output_dir}")
+    return trainer
+
+
+def main():
+    try:
+        train()
+    except (DataError, FileNotFoundError, ValueError) as e:
+        # User errors: one clear message, no traceback, non-zero exit on every rank.
+        print(f"[finetune] error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
