@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Launch finetune.py with torchrun on one machine or many.
+#
+#   bash finetune.sh -m MODEL -d data.jsonl [--deepspeed ds_config_zero3.json] [--use_lora] [--q_lora] [finetune.py flags...]
+#
+# Topology comes from the environment (defaults in brackets):
+#   GPUS_PER_NODE [number of visible GPUs; 1 process on a CPU-only machine]
+#   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [6001]
+# Under SLURM (SLURM_JOB_NODELIST set) NNODES, NODE_RANK and MASTER_ADDR are derived from it.
+set -euo pipefail
+DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
+
+usage() {
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'EOF'
+
+Options:
+  -m, --model PATH         model directory or hub id            (MODEL_NAME_OR_PATH)
+  -d, --data PATH          training data: files/folders, comma-separated
+  -o, --output_dir PATH    where checkpoints and the result go   [output_finetune]
+      --deepspeed FILE     DeepSpeed config (ds_config_zero2.json, ds_config_zero3.json)
+      --use_lora [BOOL]    train a LoRA adapter                  [False]
+      --q_lora [BOOL]      Q-LoRA: 4-bit base + LoRA             [False]
+  -h, --help               this help
+Any other argument is passed to finetune.py unchanged (see: python finetune.py --help).
+EOF
+}
+
+MODEL="${MODEL_NAME_OR_PATH:-Qwen/Qwen2.5-0.5B-Instruct}"
+DATA=""
+OUTPUT_DIR="output_finetune"
+DS_CONFIG=""
+USE_LORA=False
+Q_LORA=False
+EXTRA=()
+is_bool() { [[ "${1:-}" =~ ^([Tt]rue|[Ff]alse|1|0)$ ]]; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -m|--model) MODEL="$2"; shift 2 ;;
+    -d|--data) DATA="$2"; shift 2 ;;
+    -o|--output_dir) OUTPUT_DIR="$2"; shift 2 ;;
+    --deepspeed) DS_CONFIG="$2"; shift 2 ;;
+    --use_lora) if is_bool "${2:-}"; then USE_LORA="$2"; shift 2; else USE_LORA=True; shift; fi ;;
+    --q_lora) if is_bool "${2:-}"; then Q_LORA="$2"; shift 2; else Q_LORA=True; shift; fi ;;
+    -h|--help) usage; exit 0 ;;
+    *) EXTRA+=("$1"); shift ;;
+  esac
+done
+if [[ -z "$DATA" ]]; then echo "finetune.sh: -d/--data is required (see -h)" >&2; exit 2; fi
+[[ "$Q_LORA" =~ ^([Tt]rue|1)$ ]] && USE_LORA=True
+
+# ------------------------------------------------------------------ hyperparameters: edit these
+EPOCHS=3
+PER_DEVICE_BATCH=2
+GRAD_ACCUM=8
+MODEL_MAX_LENGTH=4096
+if [[ "$USE_LORA" =~ ^([Tt]rue|1)$ ]]; then LR=2e-4; else LR=1e-5; fi
+WARMUP_RATIO=0.03
+WEIGHT_DECAY=0.0
+LR_SCHEDULER=cosine
+SAVE_STEPS=500
+SAVE_TOTAL_LIMIT=3
+LOGGING_STEPS=10
+# ------------------------------------------------------------------
+
+# Topology. SLURM first (if the user did not set it), then environment, then single-node defaults.
+if [[ -n "${SLURM_JOB_NODELIST:-}" && -z "${NNODES:-}" ]]; then
+  NNODES="${SLURM_NNODES:-1}"
+  NODE_RANK="${SLURM_NODEID:-0}"
+  if command -v scontrol >/dev/null 2>&1; then
+    MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
+  else  # expand the first host of e.g. "gpu[07-10,12],cpu01" without scontrol
+    MASTER_ADDR="${MASTER_ADDR:-$("$PYTHON" -c '
+import re, sys
+first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", sys.argv[1])
+prefix, rng = first.group(1), first.group(3)
+print(prefix + (rng.split(",")[0].split("-")[0] if rng else ""))' "$SLURM_JOB_NODELIST")}"
+  fi
+fi
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-6001}"
+read -r N_GPUS BF16_OK < <("$PYTHON" -c '
+import torch
+ok = torch.cuda.is_available()
+print(torch.cuda.device_count() if ok else 0, int(ok and torch.cuda.is_bf16_supported()))')
+GPUS_PER_NODE="${GPUS_PER_NODE:-$(( N_GPUS > 0 ? N_GPUS : 1 ))}"
+
+ARGS=(
+  --model_name_or_path "$MODEL"
+  --data_path "$DATA"
+  --output_dir "$OUTPUT_DIR"
+  --num_train_epochs "$EPOCHS"
+  --per_device_train_batch_size "$PER_DEVICE_BATCH"
+  --per_device_eval_batch_size "$PER_DEVICE_BATCH"
+  --gradient_accumulation_steps "$GRAD_ACCUM"
+  --model_max_length "$MODEL_MAX_LENGTH"
+  --learning_rate "$LR"
+  --warmup_ratio "$WARMUP_RATIO"
+  --weight_decay "$WEIGHT_DECAY"
+  --lr_scheduler_type "$LR_SCHEDULER"
+  --save_strategy steps
+  --save_steps "$SAVE_STEPS"
+  --save_total_limit "$SAVE_TOTAL_LIMIT"
+  --logging_steps "$LOGGING_STEPS"
+  --use_lora "$USE_LORA"
+  --q_lora "$Q_LORA"
+)
+if [[ "$N_GPUS" -gt 0 ]]; then
+  ARGS+=(--gradient_checkpointing True)
+  [[ "$BF16_OK" == 1 ]] && ARGS+=(--bf16 True) || ARGS+=(--fp16 True)
+else
+  ARGS+=(--ddp_backend gloo)  # CPU: fp32, gloo collectives
+fi
+[[ -n "$DS_CONFIG" ]] && ARGS+=(--deepspeed "$DS_CONFIG")
+
+set -x
+exec "$PYTHON" -m torch.distributed.run \
+  --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  "$DIR/finetune.py" "${ARGS[@]}" "${EXTRA[@]}"
