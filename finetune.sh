@@ -56,7 +56,7 @@ PER_DEVICE_BATCH=2
 GRAD_ACCUM=8
 MODEL_MAX_LENGTH=4096
 if [[ "$USE_LORA" =~ ^([Tt]rue|1)$ ]]; then LR=2e-4; else LR=1e-5; fi
-WARMUP_RATIO=0.03
+WARMUP=0.03            # < 1: a ratio of all steps
 WEIGHT_DECAY=0.0
 LR_SCHEDULER=cosine
 SAVE_STEPS=500
@@ -98,7 +98,7 @@ ARGS=(
   --gradient_accumulation_steps "$GRAD_ACCUM"
   --model_max_length "$MODEL_MAX_LENGTH"
   --learning_rate "$LR"
-  --warmup_ratio "$WARMUP_RATIO"
+  --warmup_steps "$WARMUP"
   --weight_decay "$WEIGHT_DECAY"
   --lr_scheduler_type "$LR_SCHEDULER"
   --save_strategy steps
