@@ -1,0 +1,239 @@
+"""Label masking: loss only on what the assistant says, for every real chat template in ../shared/templates.
+
+In-process: `tokenize_conversation` on the tiny tokenizer with each template set as its chat_template and the
+family's bos/eos tokens. A span is a run of consecutive trained tokens, decoded: every assistant turn must give
+exactly one span holding that turn as the template renders it plus its end-of-turn marker, and nothing of
+system/user/tool turns or role headers."""
+
+import copy
+
+import pytest
+
+from conftest import SHARED
+from finetune import IGNORE_INDEX, tokenize_conversation, tokenize_many
+
+TEMPLATES = SHARED / "templates"
+# template file -> (bos, eos, end-of-turn marker closing an assistant turn)
+FAMILY = {
+    "Qwen-Qwen2.5-7B-Instruct.jinja": (None, "<|im_end|>", "<|im_end|>"),
+    "Qwen-Qwen3-0.6B.jinja": (None, "<|im_end|>", "<|im_end|>"),
+    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja": ("<|begin_of_text|>", "<|im_end|>", "<|im_end|>"),
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja":
+        ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "google-gemma-2-2b-it.jinja": ("<bos>", "<eos>", "<end_of_turn>"),
+    "ibm-granite-granite-3.3-2B-Instruct.jinja": (None, "<|end_of_text|>", "<|end_of_text|>"),
+    "meta-llama-Llama-3.1-8B-Instruct.jinja": ("<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "meta-llama-Llama-3.2-3B-Instruct.jinja": ("<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "microsoft-Phi-3.5-mini-instruct.jinja": ("<s>", "<|endoftext|>", "<|end|>"),
+    "mistralai-Mistral-Nemo-Instruct-2407.jinja": ("<s>", "</s>", "</s>"),
+}
+# Text that must never be trained: role headers and turn openers of every family.
+HEADERS = ["<|im_start|>", "<|start_header_id|>", "<start_of_turn>", "[INST]", "[/INST]", "<|user|>",
+           "<|assistant|>", "<|system|>", "<|start_of_role|>", "<｜User｜>", "<｜Assistant｜>", "<tool_response>",
+           "<|begin_of_text|>", "<bos>", "<｜begin▁of▁sentence｜>"]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                   "required": ["city"]}}}]
+
+
+def test_every_shared_template_is_covered():
+    assert sorted(p.name for p in TEMPLATES.glob("*.jinja")) == sorted(FAMILY)
+
+
+def with_template(tokenizer, name):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (TEMPLATES / name).read_text(encoding="utf-8")
+    bos, eos, _ = FAMILY[name]
+    if bos:
+        tok.bos_token = bos
+    tok.eos_token = eos
+    return tok
+
+
+def spans(out, tok):
+    """Decoded runs of consecutive trained tokens; also checks labels are input_ids or IGNORE_INDEX."""
+    ids, labels = out["input_ids"], out["labels"]
+    assert len(ids) == len(labels)
+    assert labels[0] == IGNORE_INDEX or all(x != IGNORE_INDEX for x in labels)  # position 0 is never predicted
+    runs, cur = [], []
+    for i, lab in zip(ids, labels):
+        assert lab in (i, IGNORE_INDEX)
+        if lab != IGNORE_INDEX:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return [tok.decode(r) for r in runs + ([cur] if cur else [])]
+
+
+def mask(tok, messages, tools=None, max_length=4096, **kw):
+    return spans(tokenize_conversation(tok, messages, max_length, tools=tools, **kw), tok)
+
+
+def conversations(name):
+    """Conversations every template must mask right (Gemma gets no system turn: it refuses one)."""
+    system = [] if "gemma" in name else [{"role": "system", "content": "SYSWORD be brief."}]
+    return {
+        "multi_turn": system + [
+            {"role": "user", "content": "USERQ1 hello there"}, {"role": "assistant", "content": "Hi! How can I help?"},
+            {"role": "user", "content": "USERQ2 what is 2+2?"}, {"role": "assistant", "content": "The answer is 4."},
+            {"role": "user", "content": "USERQ3 thanks"}, {"role": "assistant", "content": "You are welcome."}],
+        "whitespace": [
+            {"role": "user", "content": "  USERQ1 padded \n"}, {"role": "assistant", "content": "\n  padded answer  \n"},
+            {"role": "user", "content": "USERQ2"}, {"role": "assistant", "content": " second "}],
+        "identical_text": [
+            {"role": "user", "content": "Paris"}, {"role": "assistant", "content": "Paris"},
+            {"role": "user", "content": "Paris"}, {"role": "assistant", "content": "Paris"}],
+        "chinese": ([] if "gemma" in name else [{"role": "system", "content": ""}]) + [
+            {"role": "user", "content": "你好USERQ1"}, {"role": "assistant", "content": "你好，我是一个人工智能助手。"}],
+        "reasoning": [
+            {"role": "user", "content": "USERQ1"},
+            {"role": "assistant", "content": "<think>\nreason one\n</think>\n\nanswer one"},
+            {"role": "user", "content": "USERQ2"},
+            {"role": "assistant", "content": "<think>\nreason two\n</think>\n\nanswer two"}],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_only_assistant_turns_are_trained(tokenizer, name):
+    tok = with_template(tokenizer, name)
+    eot = FAMILY[name][2]
+    tools = TOOLS if "Hermes" in name else None  # Hermes' tool-use template renders only with tools
+    for label, messages in conversations(name).items():
+        got = mask(tok, messages, tools)
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        assert len(got) == len(answers), (label, got)
+        for span, answer in zip(got, answers):
+            assert span.endswith(eot), (label, span)
+            body = span[: -len(eot)]
+            final = answer.split("</think>")[-1].strip()  # reasoning may be stripped by the template
+            assert final in body, (label, span)
+            # nothing else: at most template-written reasoning/think tags around the (possibly trimmed) answer
+            leftover = body.replace(final, "", 1)
+            for marker in ("<think>", "</think>", "reason one", "reason two"):
+                leftover = leftover.replace(marker, "")
+            assert not leftover.strip(), (label, span)
+            assert not any(h in span for h in HEADERS), (label, span)
+            assert "USERQ" not in span and "SYSWORD" not in span, (label, span)
+
+
+@pytest.mark.parametrize("name,expected", [
+    # the system prompt moves into the last user turn; the assistant turn has no header of its own
+    ("mistralai-Mistral-Nemo-Instruct-2407.jinja",
+     ["Hi! How can I help?</s>", "The answer is 4.</s>", "You are welcome.</s>"]),
+    # trims content, injects a date in the system turn
+    ("meta-llama-Llama-3.1-8B-Instruct.jinja",
+     ["Hi! How can I help?<|eot_id|>", "The answer is 4.<|eot_id|>", "You are welcome.<|eot_id|>"]),
+    # only the turn after the last user query gets the (empty) think block
+    ("Qwen-Qwen3-0.6B.jinja",
+     ["Hi! How can I help?<|im_end|>", "The answer is 4.<|im_end|>",
+      "<think>\n\n</think>\n\nYou are welcome.<|im_end|>"]),
+    ("microsoft-Phi-3.5-mini-instruct.jinja",
+     ["Hi! How can I help?<|end|>", "The answer is 4.<|end|>", "You are welcome.<|end|>"]),
+])
+def test_exact_spans_multi_turn(tokenizer, name, expected):
+    assert mask(with_template(tokenizer, name), conversations(name)["multi_turn"]) == expected
+
+
+def test_reasoning_rewritten_in_earlier_turns(tokenizer):
+    msgs = conversations("")["reasoning"]
+    assert mask(with_template(tokenizer, "Qwen-Qwen3-0.6B.jinja"), msgs) == [
+        "answer one<|im_end|>", "<think>\nreason two\n</think>\n\nanswer two<|im_end|>"]
+    assert mask(with_template(tokenizer, "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"), msgs) == [
+        "\n\nanswer one<｜end▁of▁sentence｜>", "\n\nanswer two<｜end▁of▁sentence｜>"]
+
+
+def test_whitespace_kept_or_trimmed_as_the_template_renders_it(tokenizer):
+    msgs = conversations("")["whitespace"]
+    assert mask(with_template(tokenizer, "Qwen-Qwen2.5-7B-Instruct.jinja"), msgs) == [
+        "\n  padded answer  \n<|im_end|>", " second <|im_end|>"]
+    assert mask(with_template(tokenizer, "google-gemma-2-2b-it.jinja"), msgs) == [
+        "padded answer<end_of_turn>", "second<end_of_turn>"]
+
+
+def tool_chat(content=""):
+    return [
+        {"role": "system", "content": "SYSWORD You are helpful."},
+        {"role": "user", "content": "USERQ1 weather in Paris?"},
+        {"role": "assistant", "content": content, "tool_calls": [{"id": "call00001", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "call00001", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees in Paris."},
+    ]
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("name", ["Qwen-Qwen2.5-7B-Instruct.jinja", "Qwen-Qwen3-0.6B.jinja",
+                                  "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja"])
+def test_tool_calls_are_trained_tool_results_are_not(tokenizer, name):
+    tok = with_template(tokenizer, name)
+    got = mask(tok, tool_chat(), TOOLS)
+    think = "<think>\n\n</think>\n\n" if "Qwen3" in name else ""
+    assert got == [CALL + "<|im_end|>", think + "It is 21 degrees in Paris.<|im_end|>"]
+    # content next to a tool call: Qwen renders both, Hermes only the call (its template drops the text)
+    got = mask(tok, tool_chat("Let me check."), TOOLS)
+    first = CALL if "Hermes" in name else "Let me check.\n" + CALL
+    assert got == [first + "<|im_end|>", think + "It is 21 degrees in Paris.<|im_end|>"]
+
+
+def test_tool_calls_llama_and_mistral(tokenizer):
+    got = mask(with_template(tokenizer, "meta-llama-Llama-3.1-8B-Instruct.jinja"), tool_chat("ignored"), TOOLS)
+    assert got == ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
+                   "It is 21 degrees in Paris.<|eot_id|>"]
+    got = mask(with_template(tokenizer, "mistralai-Mistral-Nemo-Instruct-2407.jinja"), tool_chat(), TOOLS)
+    assert got == ['[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call00001"}]</s>',
+                   "It is 21 degrees in Paris.</s>"]
+
+
+def test_template_refusal_is_a_clear_value_error(tokenizer):
+    tok = with_template(tokenizer, "google-gemma-2-2b-it.jinja")
+    with pytest.raises(ValueError, match="System role not supported"):
+        tokenize_conversation(tok, [{"role": "system", "content": "x"}, {"role": "user", "content": "a"},
+                                    {"role": "assistant", "content": "b"}], 256)
+    assert mask(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == ["b<end_of_turn>"]
+
+
+def test_train_flags_and_train_on_prompt(tokenizer):
+    tok = with_template(tokenizer, "Qwen-Qwen2.5-7B-Instruct.jinja")
+    msgs = conversations("")["multi_turn"]
+    msgs[2] = {**msgs[2], "train": False}
+    msgs[4] = {**msgs[4], "loss_weight": 0}
+    assert mask(tok, msgs) == ["You are welcome.<|im_end|>"]
+    out = tokenize_conversation(tok, conversations("")["multi_turn"], 4096, train_on_prompt=True)
+    assert out["labels"][1:] == out["input_ids"][1:]
+    (last,) = tokenize_many(tok, [(conversations("")["multi_turn"], None)], 4096, last_turn_only=True)
+    assert spans(last, tok) == ["You are welcome.<|im_end|>"]
+
+
+def test_default_tokenizer_template_exact(tokenizer):
+    msgs = [{"role": "user", "content": "USERQ1"}, {"role": "assistant", "content": "The answer is 42."}]
+    out = tokenize_conversation(tokenizer, msgs, 256)
+    assert out["input_ids"] == tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+    assert spans(out, tokenizer) == ["The answer is 42.<|im_end|>"]
+
+
+def test_overlong_keeps_whole_turns_and_never_yields_empty_labels(tokenizer):
+    tok = with_template(tokenizer, "Qwen-Qwen2.5-7B-Instruct.jinja")
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "short answer"},
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is 42. " * 40}]
+    full = tokenize_conversation(tok, msgs, 100000)
+    first_turn_end = len(tokenize_conversation(tok, msgs[:2], 100000)["input_ids"]) - 1  # without the last '\n'
+    # the second turn does not fit: cut after the first one, which ends with its end-of-turn marker
+    (res,) = tokenize_many(tok, [(msgs, None)], len(full["input_ids"]) - 5)
+    assert res["status"] == "truncated" and len(res["input_ids"]) == first_turn_end
+    assert spans(res, tok) == ["short answer<|im_end|>"]
+    # the only trained turn is longer than the limit: keep what fits of it (trained tokens > 0)
+    one = tokenize_conversation(tok, msgs[2:], 100000)
+    limit = next(i for i, x in enumerate(one["labels"]) if x != IGNORE_INDEX) + 10
+    (res,) = tokenize_many(tok, [(msgs[2:], None)], limit)
+    assert res["status"] == "truncated" and len(res["input_ids"]) == limit
+    assert any(x != IGNORE_INDEX for x in res["labels"][1:])
+    # the prompt alone exceeds the limit: dropped with a reason, never a sample without trained tokens
+    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    (res,) = tokenize_many(tok, [(long_prompt, None)], limit)
+    assert res["status"].startswith("dropped:") and res["input_ids"] == []
+    with pytest.raises(ValueError):
+        tokenize_conversation(tok, long_prompt, limit)
