@@ -11,16 +11,19 @@ packing) -> Trainer (step-wide token-normalised loss, per-source metrics) -> sav
 """
 
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
 
 import numpy as np
@@ -30,7 +33,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "1"  # bump when tokenization output changes, to invalidate old caches
+CACHE_VERSION = "2"  # bump when tokenization output changes, to invalidate old caches
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # Used when a tokenizer has no chat template: Qwen's ChatML, tool-aware enough for plain chats.
@@ -136,9 +139,28 @@ class TrainingArguments(transformers.TrainingArguments):
         default="group_by_length",
         metadata={"help": "group_by_length (batches of similar length: little padding) | random."},
     )
+    warmup_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Alias from transformers 4 / Qwen's script: --warmup_steps as a ratio."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     report_to: Optional[str] = field(default="none", metadata={"help": "none | tensorboard | wandb | all."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs them."})
+
+    @cached_property
+    def _setup_devices(self):
+        """DeepSpeed without GPUs (CPU runs and tests under torchrun): accelerate picks no process-group
+        backend then and every rank would believe it is alone (world_size 1). Start its shared state with
+        the --ddp_backend (gloo) first; TrainingArguments and Trainer then reuse it."""
+        if self.deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+            try:
+                PartialState(backend=self.ddp_backend or "gloo", timeout=self.ddp_timeout_delta)
+            finally:
+                del os.environ["ACCELERATE_USE_DEEPSPEED"]
+            self.accelerator_config.use_configured_state = True
+        return super()._setup_devices
 
 
 @dataclass
@@ -200,6 +222,8 @@ def validate_args(model_args, data_args, training_args, lora_args):
             )
         if training_args.fp16 and not torch.cuda.is_available():
             raise ValueError("--fp16 needs a GPU; drop it on CPU.")
+    if training_args.warmup_ratio is not None:
+        training_args.warmup_steps = training_args.warmup_ratio  # v5 reads a float < 1 as a ratio
     if training_args.model_max_length < 16:
         raise ValueError("--model_max_length must be at least 16 tokens.")
     if data_args.train_on_prompt and data_args.train_on_last_turn_only:
@@ -286,27 +310,36 @@ def list_data_files(path):
 
 
 def read_json_records(path):
-    """Yield (line, record-or-RecordError) from a JSONL file or a JSON array (BOM, CRLF, blank lines ok)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
-        first = ""
-        while True:  # peek past leading whitespace: '[' means a JSON array
-            ch = f.read(1)
-            if not ch or not ch.isspace():
-                first = ch
+    """Yield (line, record-or-RecordError) from a JSONL file or a JSON array (BOM, CRLF, blank lines ok).
+    JSONL is streamed line by line; line numbers count '\\n' like editors do."""
+    bom = b"\xef\xbb\xbf"
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        head = b""
+        while not head.strip():  # peek past leading whitespace: '[' means a JSON array
+            chunk = f.read(65536)
+            if not chunk:
                 break
-        rest = f.read() if first == "[" else None
-        if rest is None:
-            f.seek(0)
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
+            head += chunk
+        f.seek(0)
+        if head.removeprefix(bom).lstrip()[:1] != b"[":
+            for line_no, raw in enumerate(f, 1):
+                raw = raw.removeprefix(bom)
+                if raw.strip():
                     try:
-                        yield line_no, json.loads(line)
+                        yield line_no, json.loads(raw.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        yield line_no, RecordError("json", "not valid UTF-8")
                     except json.JSONDecodeError as e:
                         yield line_no, RecordError("json", f"invalid JSON ({e.msg} at column {e.colno})")
             return
-    text = "[" + rest
-    decoder, pos, line = json.JSONDecoder(), 1, 1
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        yield data.count(b"\n", 0, e.start) + 1, RecordError("json", "not valid UTF-8")
+        return
+    decoder, pos = json.JSONDecoder(), text.index("[") + 1
+    line = text.count("\n", 0, pos) + 1
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             line += text[pos] == "\n"
@@ -316,7 +349,8 @@ def read_json_records(path):
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            yield e.lineno, RecordError("json", f"invalid JSON ({e.msg}); the rest of this array is unreadable")
+            yield e.lineno, RecordError("json", f"invalid JSON ({e.msg} at column {e.colno}); "
+                                        "the rest of this array is unreadable")
             return
         yield line, record
         line += text.count("\n", pos, end)
@@ -391,6 +425,30 @@ def _tool_calls(calls, where):
     return out
 
 
+def _message(role, content, field_name, item=None, tool_calls=None):
+    """One normalized message, checking what every format needs; errors name the record's own field
+    (field_name: where the content is; item: the source turn, whose train/loss_weight/... are kept)."""
+    content = _text(content, field_name)
+    if tool_calls:
+        msg = {"role": role, "content": content or "", "tool_calls": tool_calls}  # "": what templates expect
+    elif content is None:
+        raise RecordError(field_name, "missing or null (must be a string)")
+    elif role == "assistant" and not content.strip():
+        raise RecordError(field_name, "empty assistant reply")
+    else:
+        msg = {"role": role, "content": content}
+    prefix = field_name.rsplit(".", 1)[0]
+    for key in ("name", "tool_call_id", "reasoning_content", "train", "loss_weight"):
+        if key in (item or {}):
+            msg[key] = item[key]
+    if not isinstance(msg.get("train", True), bool):
+        raise RecordError(f"{prefix}.train", "must be true or false")
+    weight = msg.get("loss_weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise RecordError(f"{prefix}.loss_weight", "must be a number >= 0")
+    return msg
+
+
 def _from_messages(record):
     msgs = record["messages"]
     if not isinstance(msgs, list) or not msgs:
@@ -405,37 +463,27 @@ def _from_messages(record):
             raise RecordError(f"{where}.role", f"unknown role {role!r} (expected {'/'.join(ROLES)})")
         if "content" not in m and not m.get("tool_calls"):
             raise RecordError(f"{where}.content", "missing")
-        msg = {"role": role, "content": _text(m.get("content"), f"{where}.content")}
-        if m.get("tool_calls"):
-            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
-        for key in ("name", "tool_call_id", "reasoning_content", "train", "loss_weight"):
-            if key in m:
-                msg[key] = m[key]
-        out.append(msg)
+        calls = _tool_calls(m["tool_calls"], f"{where}.tool_calls") if m.get("tool_calls") else None
+        out.append(_message(role, m.get("content"), f"{where}.content", m, calls))
     return out, _tools(record.get("tools"))
 
 
 def _from_speakers(turns, list_field, speaker_key, text_key, system=None):
     if not isinstance(turns, list) or not turns:
         raise RecordError(list_field, "must be a non-empty list")
-    out = [{"role": "system", "content": system}] if system else []
+    out = [_message("system", system, "system")] if system not in (None, "") else []
     for i, t in enumerate(turns):
         where = f"{list_field}[{i}]"
         if not isinstance(t, dict):
             raise RecordError(where, "must be an object")
-        speaker = t.get(speaker_key)
+        sk, tk = (speaker_key, text_key) if speaker_key in t or "role" not in t else ("role", "content")
+        speaker = t.get(sk)
         role = SPEAKER_ROLES.get(speaker)
         if role is None:
-            raise RecordError(f"{where}.{speaker_key}", f"unknown speaker {speaker!r} "
+            raise RecordError(f"{where}.{sk}", f"unknown speaker {speaker!r} "
                               f"(expected one of {', '.join(sorted(SPEAKER_ROLES))})")
-        if speaker == "function_call":
-            out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(t.get(text_key), where)})
-            continue
-        msg = {"role": role, "content": _text(t.get(text_key), f"{where}.{text_key}")}
-        for key in ("train", "loss_weight"):
-            if key in t:
-                msg[key] = t[key]
-        out.append(msg)
+        calls = _tool_calls(t.get(tk), f"{where}.{tk}") if speaker == "function_call" else None
+        out.append(_message(role, None if calls else t.get(tk), f"{where}.{tk}", t, calls))
     return out
 
 
@@ -445,20 +493,24 @@ def _from_sharegpt(record):
 
 
 def _from_chat_rounds(record):
-    return _from_speakers(record["chat_rounds"], "chat_rounds", "role", "content"), None
+    return _from_speakers(record["chat_rounds"], "chat_rounds", "role", "content", record.get("system")), None
 
 
 def _from_alpaca(record):
-    for key in ("instruction", "output"):
-        if not isinstance(record.get(key), str):
-            raise RecordError(key, "missing or not a string")
-    msgs = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-    for i, pair in enumerate(record.get("history") or []):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+    for key in ("instruction", "output", "input", "system"):
+        optional = key in ("input", "system")
+        if not isinstance(record.get(key), str) and not (optional and record.get(key) is None):
+            raise RecordError(key, "missing or not a string" if not optional else "must be a string")
+    msgs = [_message("system", record["system"], "system")] if record.get("system") else []
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise RecordError("history", "must be a list of [question, answer] pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2):
             raise RecordError(f"history[{i}]", "must be a [question, answer] pair of strings")
-        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        msgs += [_message("user", pair[0], f"history[{i}][0]"), _message("assistant", pair[1], f"history[{i}][1]")]
     prompt = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
-    msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    msgs += [_message("user", prompt, "instruction"), _message("assistant", record["output"], "output")]
     return msgs, None
 
 
@@ -469,24 +521,17 @@ REQUIRED_KEY = {"messages": "messages", "sharegpt": "conversations", "chat_round
 
 
 def normalize_record(record, fmt):
-    """Any supported record -> (messages, tools), or RecordError. Checks what every format needs."""
+    """Any supported record -> (messages, tools), or RecordError naming the field and the problem."""
     if not isinstance(record, dict):
         raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
     if REQUIRED_KEY[fmt] not in record:
         raise RecordError(REQUIRED_KEY[fmt], f"missing (file read as {fmt} format)")
     messages, tools = ADAPTERS[fmt](record)
-    trained = 0
-    for i, m in enumerate(messages):
-        if m["content"] is None and not m.get("tool_calls"):
-            raise RecordError(f"messages[{i}].content", "must be a string")
-        if m["role"] == "assistant":
-            if not (m["content"] or "").strip() and not m.get("tool_calls"):
-                raise RecordError(f"messages[{i}].content", "empty assistant reply")
-            trained += is_trained(m)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError("messages", "no assistant turn to train on")
-    if not trained:
-        raise RecordError("messages", "every assistant turn is excluded (train: false / loss_weight: 0)")
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    if not assistants:
+        raise RecordError(REQUIRED_KEY[fmt], "no assistant turn to train on")
+    if not any(is_trained(m) for m in assistants):
+        raise RecordError(REQUIRED_KEY[fmt], "every assistant turn is excluded (train: false / loss_weight: 0)")
     return messages, tools
 
 
@@ -551,7 +596,8 @@ def _special_tokens(tokenizer):
 def template_markers(tokenizer):
     """(header, end_of_turn) strings of this tokenizer's template, found by rendering a probe chat.
 
-    header: the assistant turn opener that the generation prompt supplies (e.g. '<|im_start|>assistant\\n');
+    header: the assistant turn opener that the generation prompt supplies (e.g. '<|im_start|>assistant\\n'),
+    or, for templates without a generation prompt, the special token closing the prompt (Mistral's '[/INST]');
     end_of_turn: what closes an assistant turn up to and including its special token (e.g. '<|im_end|>').
     Either is '' when the template has none we can trust; then every conversation takes the exact path."""
     key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tuple(_special_tokens(tokenizer)))
@@ -576,7 +622,9 @@ def template_markers(tokenizer):
         gen_suffix = prompt[_token_prefix(prompt, plain, specials):]
         opener = full[_token_prefix(full[:at], plain, specials):at]
         header = opener[: _token_prefix(opener, gen_suffix, specials)]
-        if not any(s in header for s in specials):
+        if not gen_suffix.strip():  # the model writes right after the prompt: its last special token opens the turn
+            header = full[max((full.rfind(s, 0, at) for s in specials), default=at):at]
+        if not any(s in header for s in specials) or "Hi" in header:
             header = ""
         after = full[at + len(SENTINEL):]
         hits = [(after.find(s), s) for s in specials if s in after]
@@ -609,38 +657,54 @@ def _regions_fast(text, messages, header, end):
     return regions
 
 
+def _diff(text, other):
+    """(start, end) of the characters of `text` that differ from `other`, or None if they are equal."""
+    if text == other:
+        return None
+    a = _common_prefix(text, other)
+    return a, len(text) - _common_prefix(text[a:][::-1], other[a:][::-1])
+
+
 def _regions_exact(tokenizer, text, messages, tools, header, end):
     regions, cursor = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        probe = list(messages)
-        probe[i] = {**m, "content": SENTINEL}
-        other = _render(tokenizer, probe, tools)
-        a = _common_prefix(text, other)
-        b = len(text) - _common_prefix(text[a:][::-1], other[a:][::-1])
-        start = a
-        if header:
-            h = text.rfind(header, cursor, a + len(header))
-            if h >= 0 and h + len(header) <= a:
-                start = h + len(header)
-        stop = b
-        if end:
-            e = text.find(end, b)
-            nxt = text.find(header, b) if header else -1
-            if e >= 0 and not (0 <= nxt < e):
-                stop = e + len(end)
+        # Probe the content and, separately, the tool calls: some templates render only one of them.
+        probes = [{**m, "content": SENTINEL}]
+        if m.get("tool_calls"):
+            probes.append({**m, "tool_calls": [{**c, "function": {**c["function"], "name": SENTINEL}}
+                                               for c in m["tool_calls"]]})
+        diffs = []
+        for k, probe in enumerate(probes):
+            try:
+                diffs.append(_diff(text, _render(tokenizer, messages[:i] + [probe] + messages[i + 1:], tools)))
+            except Exception:
+                if k == 0:
+                    raise
+        diffs = [d for d in diffs if d and d[1] > d[0]] or [d for d in diffs if d]
+        if not diffs:  # the template does not render this turn at all: nothing to train
+            regions.append((0, 0))
+            continue
+        start, stop = min(d[0] for d in diffs), max(d[1] for d in diffs)
+        h = text.rfind(header, cursor, start) if header else -1
+        if h >= 0:  # include what the template writes between the header and the content (e.g. <think></think>)
+            start = h + len(header)
+        e = text.find(end, stop) if end else -1
+        nxt = text.find(header, stop) if header else -1
+        if e >= 0 and not (0 <= nxt < e):
+            stop = e + len(end)
         regions.append((start, stop))
         cursor = max(cursor, stop)
     return regions
 
 
-def render_conversation(tokenizer, messages, tools=None):
+def render_conversation(tokenizer, messages, tools=None, markers=None):
     """-> (text, [(start, end) character region of each assistant turn]). Raises ValueError if the
-    template refuses the conversation."""
+    template refuses the conversation. `markers`: template_markers(tokenizer), when the caller has them."""
     try:
         text = _render(tokenizer, messages, tools)
-        header, end = template_markers(tokenizer)
+        header, end = markers or template_markers(tokenizer)
         regions = _regions_fast(text, messages, header, end)
         if regions is None:
             regions = _regions_exact(tokenizer, text, messages, tools, header, end)
@@ -649,17 +713,21 @@ def render_conversation(tokenizer, messages, tools=None):
     return text, regions
 
 
-def _labels_and_cut(input_ids, offsets, regions, trained, max_length, train_on_prompt):
+def _labels_and_cut(ids, starts, regions, trained, max_length, train_on_prompt):
     """Labels from character regions, then truncation that keeps whole turns where possible.
-    -> (input_ids, labels, status) with status '' | 'truncated' | 'dropped:<reason>'."""
-    ids = np.asarray(input_ids, dtype=np.int64)
-    starts = np.asarray([o[0] for o in offsets], dtype=np.int64)
+    ids, starts: numpy arrays (token ids, first character of each token).
+    -> (input_ids, labels, status) as numpy arrays, status '' | 'truncated' | 'dropped:<reason>'."""
     mask = np.zeros(len(ids), dtype=bool)
     turn_ends = []
+    ascending = bool((starts[1:] >= starts[:-1]).all())
     for (a, b), keep in zip(regions, trained):
         if keep:
-            mask |= (starts >= a) & (starts < b)
-            turn_ends.append(int(np.searchsorted(starts, b)))  # tokens that start before b
+            lo, hi = np.searchsorted(starts, (a, b))  # the tokens starting in [a, b)
+            if ascending:
+                mask[lo:hi] = True
+            else:
+                mask |= (starts >= a) & (starts < b)
+            turn_ends.append(int(hi))  # tokens that start before b
     if train_on_prompt:
         mask[:] = True
     status = ""
@@ -671,36 +739,59 @@ def _labels_and_cut(input_ids, offsets, regions, trained, max_length, train_on_p
         elif first < max_length:
             cut = max_length  # the first trained turn alone is too long: keep what fits of it
         else:
-            return [], [], "dropped:prompt_longer_than_model_max_length"
+            return ids[:0], ids[:0], "dropped:prompt_longer_than_model_max_length"
         ids, mask, status = ids[:cut], mask[:cut], "truncated"
-    labels = np.where(mask, ids, IGNORE_INDEX)
-    if not (labels[1:] != IGNORE_INDEX).any():  # position 0 is never predicted
-        return [], [], "dropped:no_trained_tokens"
-    return ids.tolist(), labels.tolist(), status
+    if not mask[1:].any():  # position 0 is never predicted
+        return ids[:0], ids[:0], "dropped:no_trained_tokens"
+    return ids, np.where(mask, ids, IGNORE_INDEX), status
 
 
-def tokenize_many(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False):
-    """Batch version of tokenize_conversation: [(messages, tools)] -> [dict(input_ids, labels, status)].
-    Renders each conversation once and encodes all of them in one fast-tokenizer call."""
+def _encode(tokenizer, texts):
+    """[(ids, starts)] numpy arrays for each text, exactly as tokenizer(texts, add_special_tokens=False,
+    return_offsets_mapping=True) gives them. When the Rust tokenizer has no truncation/padding set (what
+    that call would switch off), it is called directly: no per-text Python dicts in between."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [(np.asarray(e.ids, dtype=np.int64), np.asarray([o[0] for o in e.offsets], dtype=np.int64))
+                for e in encodings]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [(np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0])
+            for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False):
+    """[(messages, tools)] -> [(input_ids, labels, status)] with numpy arrays; see tokenize_many."""
+    empty = np.zeros(0, dtype=np.int64)
     results, texts, pending = [None] * len(conversations), [], []
+    try:
+        markers = template_markers(tokenizer)  # once per batch; render_conversation reports any failure
+    except Exception:
+        markers = None
     for i, (messages, tools) in enumerate(conversations):
         try:
-            text, regions = render_conversation(tokenizer, messages, tools)
+            text, regions = render_conversation(tokenizer, messages, tools, markers)
         except RecordError as e:
-            results[i] = {"input_ids": [], "labels": [], "status": f"error:{e}"}
+            results[i] = (empty, empty, f"error:{e}")
             continue
-        assistants = [m for m in messages if m["role"] == "assistant"]
-        trained = [is_trained(m) for m in assistants]
+        trained = [is_trained(m) for m in messages if m["role"] == "assistant"]
         if last_turn_only:
             trained = [False] * (len(trained) - 1) + [trained[-1]]
         texts.append(text)
         pending.append((i, regions, trained))
     if texts:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for (i, regions, trained), ids, offsets in zip(pending, enc["input_ids"], enc["offset_mapping"]):
-            ids, labels, status = _labels_and_cut(ids, offsets, regions, trained, max_length, train_on_prompt)
-            results[i] = {"input_ids": ids, "labels": labels, "status": status}
+        for (i, regions, trained), (ids, starts) in zip(pending, _encode(tokenizer, texts)):
+            results[i] = _labels_and_cut(ids, starts, regions, trained, max_length, train_on_prompt)
     return results
+
+
+def tokenize_many(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False):
+    """Batch version of tokenize_conversation: [(messages, tools)] -> [dict(input_ids, labels, status)].
+    Renders each conversation once and encodes all of them in one fast-tokenizer call."""
+    return [{"input_ids": ids.tolist(), "labels": labels.tolist(), "status": status}
+            for ids, labels, status in _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt,
+                                                        last_turn_only)]
 
 
 def tokenize_conversation(tokenizer, messages, max_length, tools=None, train_on_prompt=False):
@@ -742,12 +833,23 @@ class DataError(ValueError):
     pass
 
 
+def invalid_reason(error):
+    """'messages[3].role: unknown role 'x' (expected ...)' -> 'messages[].role: unknown role 'x'': the key
+    under which the report counts invalid records."""
+    return re.sub(r"\[\d+\]", "[]", error.split(" (")[0])
+
+
+def _count(counter, key, n=1):
+    counter[key] = counter.get(key, 0) + n
+
+
 def _normalized_rows(entries, data_format, skip_invalid, stats):
     """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes."""
     errors = []
     for entry_idx, (path, _) in enumerate(entries):
         for file, source in list_data_files(path):
-            fmt, fstats = None if data_format == "auto" else data_format, {"records": 0, "invalid": 0}
+            fmt = None if data_format == "auto" else data_format
+            fstats = {"records": 0, "invalid": 0, "samples": 0, "truncated": 0, "dropped": 0}
             stats["files"][file] = fstats
             for line, record in read_json_records(file):
                 fstats["records"] += 1
@@ -758,16 +860,16 @@ def _normalized_rows(entries, data_format, skip_invalid, stats):
                     if fmt is None:
                         raise RecordError("record", "unknown format: expected messages, conversations, "
                                           "chat_rounds or instruction/output fields")
+                    fstats["format"] = fmt
                     messages, tools = normalize_record(record, fmt)
                 except RecordError as e:
                     fstats["invalid"] += 1
-                    stats["invalid"][e.problem.split(" (")[0]] = stats["invalid"].get(e.problem.split(" (")[0], 0) + 1
+                    _count(stats["invalid"], invalid_reason(str(e)))
                     if not skip_invalid:
                         errors.append(f"{file}:{line}: {e}")
                         if len(errors) >= 20:
                             raise DataError("\n".join(errors + ["(stopping after 20 errors)"]))
                     continue
-                fstats["format"] = fmt
                 yield {"conversation": json.dumps({"messages": messages, "tools": tools}, ensure_ascii=False),
                        "source": str(record.get("source") or source), "origin": f"{file}:{line}",
                        "entry": entry_idx}
@@ -775,17 +877,32 @@ def _normalized_rows(entries, data_format, skip_invalid, stats):
         raise DataError("\n".join(errors))
 
 
-def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_only):
+def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_only, sources=None):
+    """datasets.map function -> an Arrow table: the batch's other columns, then the tokens, which go to
+    Arrow straight from numpy (int32 list arrays), not through per-token Python ints. `sources`
+    ({name: index}) adds the source_idx column."""
+    import pyarrow as pa
+
     convs = [json.loads(c) for c in batch["conversation"]]
-    out = tokenize_many(tokenizer, [(c["messages"], c["tools"]) for c in convs], max_length,
-                        train_on_prompt, last_turn_only)
-    return {
-        "input_ids": [r["input_ids"] for r in out],
-        "labels": [r["labels"] for r in out],
-        "length": [len(r["input_ids"]) for r in out],
-        "n_trained": [sum(1 for x in r["labels"][1:] if x != IGNORE_INDEX) for r in out],
-        "status": [r["status"] for r in out],
-    }
+    out = _tokenize_arrays(tokenizer, [(c["messages"], c["tools"]) for c in convs], max_length,
+                           train_on_prompt, last_turn_only)
+    lengths = np.asarray([len(ids) for ids, _, _ in out], dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+    def tokens(arrays):
+        return pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(arrays).astype(np.int32)))
+
+    columns = {k: batch[k] for k in batch.keys() if k != "conversation"}
+    columns.update({
+        "input_ids": tokens([ids for ids, _, _ in out]),
+        "labels": tokens([labels for _, labels, _ in out]),
+        "length": lengths,
+        "n_trained": np.asarray([int((labels[1:] != IGNORE_INDEX).sum()) for _, labels, _ in out], dtype=np.int64),
+        "status": [status for _, _, status in out],
+    })
+    if sources is not None:
+        columns["source_idx"] = np.asarray([sources[s] for s in batch["source"]], dtype=np.int64)
+    return pa.table(columns)
 
 
 def _cache_key(spec, tokenizer, data_args, training_args):
@@ -797,6 +914,7 @@ def _cache_key(spec, tokenizer, data_args, training_args):
     h = hashlib.sha256(json.dumps({
         "v": CACHE_VERSION, "files": files, "format": data_args.data_format,
         "template": tokenizer.chat_template, "max_len": training_args.model_max_length,
+        "specials": [tokenizer.bos_token, tokenizer.eos_token],
         "prompt": data_args.train_on_prompt, "last": data_args.train_on_last_turn_only,
         "skip": data_args.skip_invalid_records, "seed": training_args.seed,
     }, sort_keys=True).encode())
@@ -818,45 +936,62 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         raw = datasets.Dataset.from_generator(
-            _normalized_rows, gen_kwargs={"entries": entries, "data_format": data_args.data_format,
+            # a tuple, not a list: datasets would shard a list and call the generator once per entry
+            _normalized_rows, gen_kwargs={"entries": tuple(entries), "data_format": data_args.data_format,
                                           "skip_invalid": data_args.skip_invalid_records, "stats": stats},
             cache_dir=os.path.join(tmp, "raw"), keep_in_memory=False,
         )
     except datasets.exceptions.DatasetGenerationError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
         cause = e.__cause__ or e
         raise (cause if isinstance(cause, (DataError, FileNotFoundError)) else DataError(str(cause))) from None
     finally:
         datasets.disable_progress_bars()
     if len(raw) == 0:
-        raise DataError(f"{spec}: no usable records.")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{spec}: no usable records (invalid: {stats['invalid']}).")
+    sources = sorted(raw.unique("source"))
     tokenized = raw.map(
         _tokenize_batch, batched=True, batch_size=256, num_proc=data_args.preprocessing_num_workers,
         fn_kwargs={"tokenizer": tokenizer, "max_length": training_args.model_max_length,
                    "train_on_prompt": data_args.train_on_prompt,
-                   "last_turn_only": data_args.train_on_last_turn_only},
+                   "last_turn_only": data_args.train_on_last_turn_only,
+                   "sources": {s: i for i, s in enumerate(sources)}},
         remove_columns=["conversation"], desc="tokenizing",
     )
-    status = np.asarray(tokenized["status"], dtype=object)
+    status = np.asarray(tokenized["status"][:], dtype=object)
     failed = [i for i, s in enumerate(status) if s.startswith("error:")]
     if failed and not data_args.skip_invalid_records:
+        shutil.rmtree(tmp, ignore_errors=True)
         origins = tokenized.select(failed[:20])["origin"]
         raise DataError("\n".join(f"{o}: {status[i][6:]}" for o, i in zip(origins, failed[:20])))
-    for i in failed:
-        reason = status[i][6:].split(":")[0] + ": chat template refused"
-        stats["invalid"][reason] = stats["invalid"].get(reason, 0) + 1
+    dropped, truncated = {}, 0
+    for origin, s in zip(tokenized["origin"][:], status):  # per file and overall: invalid, dropped, truncated
+        fstats = stats["files"][origin.rsplit(":", 1)[0]]
+        if s.startswith("error:"):
+            fstats["invalid"] += 1
+            _count(stats["invalid"], invalid_reason(s[6:]))
+        elif s.startswith("dropped:"):
+            _count(fstats, "dropped")
+            _count(dropped, s[8:])
+        else:
+            _count(fstats, "samples")
+            _count(fstats, "truncated", s == "truncated")
+            truncated += s == "truncated"
     keep = np.flatnonzero(np.asarray([s in ("", "truncated") for s in status]))
-    dropped = {}
-    for s in status:
-        if s.startswith("dropped:"):
-            dropped[s[8:]] = dropped.get(s[8:], 0) + 1
-    sources = sorted(set(tokenized["source"]))
-    final = tokenized.select(_sample_indices(tokenized["entry"], keep, entries, training_args.seed))
-    final = final.map(lambda b: {"source_idx": [sources.index(s) for s in b["source"]]}, batched=True,
-                      remove_columns=["origin", "status", "entry", "source"])
+    if len(keep) == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{spec}: no sample left to train on (dropped: {dropped}, invalid: {stats['invalid']}).")
+    # Columns are read whole with [:] (iterating a datasets Column goes row by row: minutes at 1M rows).
+    final = tokenized.select(_sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
+    per_source = dict(zip(*np.unique(final["source"][:], return_counts=True)))
+    # source_idx came with the tokens; dropping columns rewrites nothing: save_to_disk is the one pass
+    final = final.remove_columns(["origin", "status", "entry", "source"])
     final.save_to_disk(os.path.join(tmp, "data"))
-    report = {"files": stats["files"], "invalid": stats["invalid"], "dropped": dropped,
-              "truncated": int(sum(s == "truncated" for s in status)), "records_valid": len(raw),
-              "samples_before_ratio": int(len(keep)), "samples": len(final), "sources": sources}
+    report = {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
+              "records_valid": len(raw) - len(failed), "invalid": stats["invalid"], "dropped": dropped,
+              "truncated": truncated, "samples_before_ratio": int(len(keep)), "samples": len(final),
+              "sources": sources, "samples_per_source": {str(k): int(v) for k, v in per_source.items()}}
     with open(os.path.join(tmp, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)
@@ -887,14 +1022,26 @@ def load_datasets(data_args, training_args, tokenizer):
     if training_args.process_index == 0:
         try:
             paths = [build_dataset(s, tokenizer, data_args, training_args, cache_root) for s in specs]
-        except (DataError, FileNotFoundError) as e:
-            error = f"{type(e).__name__}: {e}"
+        except Exception as e:  # any failure, or the other ranks would wait for rank 0 forever
+            error = e
+    # a DataError's lines start with path:line: so that editors and grep can jump to them
+    message = error and (str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}")
     if training_args.world_size > 1 and torch.distributed.is_initialized():
-        box = [paths, error]
+        box = [paths, message]
         torch.distributed.broadcast_object_list(box, src=0)
-        paths, error = box
-    if error:
-        raise DataError(f"invalid data, nothing was trained:\n{error}")
+        paths, message = box
+        if not message:  # multi-node: the cache must be on storage every node sees; all stop if not
+            seen = [None] * training_args.world_size
+            torch.distributed.all_gather_object(seen, all(os.path.isdir(os.path.join(p, "data")) for p in paths))
+            if not all(seen):
+                message = (f"the dataset cache {cache_root} written by rank 0 is missing on ranks "
+                           f"{[r for r, ok in enumerate(seen) if not ok]}: set --dataset_cache_dir to shared storage")
+    if error is not None and not isinstance(error, (DataError, FileNotFoundError)):
+        raise error  # rank 0: not a data problem; keep the traceback
+    if message and training_args.process_index != 0:
+        sys.exit(2)  # rank 0 reports it: the message once, not once per rank
+    if message:
+        raise DataError(f"invalid data, nothing was trained:\n{message}")
     loaded = [datasets.load_from_disk(os.path.join(p, "data")) for p in paths]
     reports = []
     for p in paths:
@@ -1026,12 +1173,14 @@ class FinetuneTrainer(Trainer):
 
     The per-token CE is also summed per source for the `loss_<source>` metrics: no second forward pass."""
 
-    def __init__(self, *args, loss_balance="token", source_names=(), **kwargs):
+    def __init__(self, *args, loss_balance="token", source_names=(), eval_source_names=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_balance, self.source_names = loss_balance, list(source_names) or ["data"]
         self.loss_is_scaled_for_ga = True  # compute_loss already divides by the step-wide weight
-        self._source_sums = {"train": torch.zeros(2, len(self.source_names), dtype=torch.float64),
-                             "eval": torch.zeros(2, len(self.source_names), dtype=torch.float64)}
+        # source_idx indexes each dataset's own sorted source list, and the eval set may have other sources
+        self._names = {"train": self.source_names, "eval": list(eval_source_names or self.source_names)}
+        self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
+                             for split, names in self._names.items()}
 
     def _all_reduce(self, tensor):
         if self.args.world_size > 1:
@@ -1063,6 +1212,13 @@ class FinetuneTrainer(Trainer):
             weights.append(w)
         total = self._all_reduce(sum(w.sum() for w in weights).reshape(1)).sum()
         return weights, total
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        lengths = getattr(sampler, "lengths", None)  # group_by_length: our precomputed `length` column
+        if lengths is not None and not isinstance(lengths, list):
+            sampler.lengths = list(lengths[:])  # a datasets Column answers lengths[i] row by row: read it once
+        return sampler
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches = []
@@ -1106,21 +1262,28 @@ class FinetuneTrainer(Trainer):
         return loss
 
     def _source_metrics(self, split, prefix):
+        """Token-mean CE since the last call, summed over ranks: {prefix}loss overall and
+        {prefix}loss_<source> per source (when there are several sources)."""
         sums = self._all_reduce(self._source_sums[split].clone())
         self._source_sums[split].zero_()
-        if len(self.source_names) < 2:
-            return {}
-        return {f"{prefix}loss_{name}": round(float(s / c), 4)
-                for name, s, c in zip(self.source_names, sums[0], sums[1]) if c > 0}
+        names, (ce, count) = self._names[split], sums
+        metrics = {f"{prefix}loss": float(ce.sum() / count.sum())} if count.sum() > 0 else {}
+        if len(names) > 1:
+            metrics.update({f"{prefix}loss_{n}": float(s / c) for n, s, c in zip(names, ce, count) if c > 0})
+        return metrics
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
-            logs.update(self._source_metrics("train", ""))
+            metrics = self._source_metrics("train", "")
+            metrics.pop("loss", None)  # `loss` stays the optimised (balanced) objective
+            logs.update(metrics)
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        # {prefix}_loss becomes the exact token mean over the eval set (Trainer's is a mean of
+        # per-batch means, which depends on the eval batch size and disagrees with the per-source losses).
         output.metrics.update(self._source_metrics("eval", f"{prefix}_"))
         return output
 
@@ -1141,6 +1304,17 @@ class LossPlotCallback(transformers.TrainerCallback):
             plot_loss(state.log_history, args.output_dir)
 
 
+def smooth(values):
+    """TensorBoard's debiased exponential moving average. The weight grows with the number of points
+    (0 up to 10 points, 0.5 at 20, 0.9 from 100) so a short run is not flattened towards its first value."""
+    weight = min(0.9, max(0.0, 1 - 10 / len(values)))
+    out, ema = [], 0.0
+    for i, value in enumerate(values, 1):
+        ema = weight * ema + (1 - weight) * value
+        out.append(ema / (1 - weight ** i))
+    return out
+
+
 def plot_loss(log_history, output_dir):
     import matplotlib
 
@@ -1155,13 +1329,10 @@ def plot_loss(log_history, output_dir):
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, label="train loss")
-        smoothed, ema = [], losses[0]
-        for value in losses:  # exponential moving average, like TensorBoard's smoothing slider at 0.9
-            ema = 0.9 * ema + 0.1 * value
-            smoothed.append(ema)
-        ax.plot(steps, smoothed, color="tab:blue", label="train loss (smoothed)")
+        ax.plot(steps, smooth(losses), color="tab:blue", label="train loss (smoothed)")
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss")
+    ax.set_title(f"{os.path.basename(os.path.normpath(output_dir))}: loss per step")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -1238,15 +1409,16 @@ def save_model(trainer, tokenizer, output_dir):
 # ---------------------------------------------------------------------------------------------
 
 
-def padding_share(lengths, batch_size, packing, grouped, seed):
-    """Fraction of computed positions that are padding under the chosen batching."""
+def padding_share(lengths, batch_size, packing, grouped, seed, group_size=None):
+    """Fraction of computed positions that are padding under the chosen batching. Grouping mimics
+    Trainer's LengthGroupedSampler, which sorts mega-batches of group_size (= micro batch x accumulation)."""
     lengths = np.asarray(lengths)
     if packing or len(lengths) == 0:
         return 0.0
     if grouped:
         from transformers.trainer_pt_utils import get_length_grouped_indices
 
-        order = np.asarray(get_length_grouped_indices(lengths.tolist(), batch_size,
+        order = np.asarray(get_length_grouped_indices(lengths.tolist(), group_size or batch_size,
                                                       generator=torch.Generator().manual_seed(seed)))
     else:
         order = np.random.default_rng(seed).permutation(len(lengths))
@@ -1255,32 +1427,48 @@ def padding_share(lengths, batch_size, packing, grouped, seed):
     return round(1 - lengths.sum() / padded, 4)
 
 
+_PARAM_COUNTS = {}
+
+
+def _param_counts(config):
+    """(all parameters, parameters in Linear layers except lm_head, sum of in+out features of those layers),
+    counted on a meta-device model: no memory, no weights read."""
+    key = config.to_json_string()
+    if key not in _PARAM_COUNTS:
+        # set_zero3_state: no deepspeed.zero.Init (it would partition, and check batch sizes) under ZeRO-3
+        with torch.device("meta"), transformers.modeling_utils.set_zero3_state():
+            model = AutoModelForCausalLM.from_config(config)
+        linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+        _PARAM_COUNTS[key] = (sum(p.numel() for p in model.parameters()), sum(m.weight.numel() for m in linears),
+                              sum(m.in_features + m.out_features for m in linears))
+    return _PARAM_COUNTS[key]
+
+
 def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, lora_r, grad_ckpt):
-    """Rough peak memory per device (GiB); formula documented in README ("Memory estimate")."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    params = sum(p.numel() for p in model.parameters())
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
-    lora_params = sum(lora_r * (m.in_features + m.out_features) for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    """Peak memory per device in GiB for method full | lora | q-lora under ZeRO `stage` (0 = none) on
+    `world` devices, for a micro-batch of `micro_tokens` tokens. Formula (README, "Memory estimate"):
+    1.1 x (weights + gradients + optimizer states + activations), ZeRO dividing what it partitions."""
+    params, linear, lora_dims = _param_counts(config)
     if method == "full":
         weights, trainable = params * dtype_bytes, params
-    elif method == "lora":
-        weights, trainable = params * dtype_bytes, lora_params
-    else:  # q-lora: 4-bit linear weights (+ double-quant constants), the rest in the compute dtype
-        weights, trainable = linear * 0.5 * 1.03 + (params - linear) * dtype_bytes, lora_params
-    grads = trainable * dtype_bytes
-    optim = trainable * (12 if dtype_bytes == 2 else 8)  # fp32 master + Adam m, v (or m, v in fp32)
+        grads, optim = params * dtype_bytes, params * (12 if dtype_bytes == 2 else 8)  # fp32 master + Adam m, v
+    else:  # adapters on every Linear but lm_head, kept in fp32 by PEFT: fp32 grads + Adam m, v
+        trainable = lora_r * lora_dims
+        # q-lora: 4-bit NF4 linear weights + double-quant constants (~3%), the rest in the compute dtype
+        weights = params * dtype_bytes if method == "lora" else linear * 0.5 * 1.03 + (params - linear) * dtype_bytes
+        weights += trainable * 4
+        grads, optim = trainable * 4, trainable * 8
+    if stage >= 1:
+        optim /= world
     if stage >= 2:
-        grads, optim = grads / world, optim / world
-    elif stage == 1:
-        optim = optim / world
-    if stage == 3:
-        weights = weights / world
+        grads /= world
+    if stage >= 3:
+        weights /= world
     h, layers = config.hidden_size, config.num_hidden_layers
-    per_layer = 2 * h if grad_ckpt else 34 * h  # bytes per token per layer (Korthikanti et al. 2022)
-    acts = micro_tokens * layers * per_layer * dtype_bytes / 2 + micro_tokens * config.vocab_size * 4 * 2
+    # Activations, bytes per token (Korthikanti et al. 2022, flash/sdpa attention): 34h per layer in 16-bit;
+    # with gradient checkpointing each layer keeps only its 2h-byte input and one layer is recomputed at a time.
+    per_token = h * (2 * layers + 34 if grad_ckpt else 34 * layers) * dtype_bytes / 2
+    acts = micro_tokens * (per_token + config.vocab_size * (dtype_bytes + 8))  # + logits, fp32 copy and grad
     gib = 1024 ** 3
     parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts}
     return {"params": params, "trainable_params": trainable,
@@ -1307,21 +1495,31 @@ def data_report(train, evaluation, reports, model_args, data_args, training_args
     grouped = training_args.train_sampling_strategy == "group_by_length"
     report = {
         "train": {**reports[0], "tokens": stats,
-                  "padding_share": padding_share(train["length"], micro, packing, grouped, training_args.seed)},
+                  "padding_share": padding_share(train["length"], micro, packing, grouped, training_args.seed,
+                                                 micro * training_args.gradient_accumulation_steps)},
         "batching": "packing" if packing else ("length-grouped padding" if grouped else "padding"),
         "world_size": world, "global_batch_size": global_batch,
-        "steps_per_epoch": math.ceil(len(train) / global_batch),
+        "steps_per_epoch": math.ceil(len(train) / global_batch),  # = Trainer's ceil(ceil(N/micro/world)/accum)
     }
     if evaluation is not None:
         report["eval"] = {**reports[1], "tokens": token_stats(evaluation)}
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     method = "q-lora" if lora_args.q_lora else "lora" if training_args.use_lora else "full"
-    micro_tokens = micro * (stats.get("p99", 0) if not packing else int(stats.get("mean", 0) * micro))
+    # The peak is set by the largest micro-batch: micro x longest sample when padding, the micro longest
+    # samples end to end when packing.
+    lengths = np.sort(np.asarray(train["length"]))
+    micro_tokens = int(lengths[-micro:].sum()) if packing else micro * int(lengths[-1])
+    stage = zero_stage(training_args)
+    dtype_bytes = 2 if (training_args.bf16 or training_args.fp16 or lora_args.q_lora) else 4
+    estimate = functools.partial(estimate_memory_gb, config, world=world, micro_tokens=micro_tokens,
+                                 dtype_bytes=dtype_bytes, lora_r=lora_args.lora_r,
+                                 grad_ckpt=training_args.gradient_checkpointing)
     report["memory_estimate"] = {
-        "method": method, "zero_stage": zero_stage(training_args), "per_device_micro_batch_tokens": micro_tokens,
-        **estimate_memory_gb(config, method, zero_stage(training_args), world, micro_tokens,
-                             2 if (training_args.bf16 or training_args.fp16 or lora_args.q_lora) else 4,
-                             lora_args.lora_r, training_args.gradient_checkpointing),
+        "method": method, "zero_stage": stage, "world_size": world, "per_device_micro_batch_tokens": micro_tokens,
+        **estimate(method=method, stage=stage),
+        "total_gb_by_method_and_zero_stage": {  # Q-LoRA cannot run under ZeRO-3
+            m: {f"zero{z}": None if (m, z) == ("q-lora", 3) else estimate(method=m, stage=z)["total_gb"]
+                for z in (0, 2, 3)} for m in ("full", "lora", "q-lora")},
     }
     return report
 
@@ -1364,10 +1562,15 @@ def train(argv=None):
     if eval_data is not None and training_args.eval_strategy == "no":
         training_args.eval_strategy = transformers.IntervalStrategy.EPOCH
     if training_args.early_stopping_patience:
+        # The best model is restored at the end from the checkpoint saved at its evaluation: checkpoints
+        # must be written on the evaluation schedule (save_total_limit rotation always keeps the best one).
         training_args.load_best_model_at_end = True
         training_args.metric_for_best_model = training_args.metric_for_best_model or "eval_loss"
         training_args.greater_is_better = False
-        training_args.save_strategy = training_args.eval_strategy
+        if training_args.save_strategy != transformers.trainer_utils.SaveStrategy.BEST:
+            training_args.save_strategy = transformers.trainer_utils.SaveStrategy(training_args.eval_strategy)
+            if training_args.eval_strategy == transformers.IntervalStrategy.STEPS:
+                training_args.save_steps = training_args.eval_steps
     log0(f"method: {report['memory_estimate']['method']}, attention: {attn}, batching: {report['batching']}, "
          f"global batch size {report['global_batch_size']} = {training_args.per_device_train_batch_size} per device "
          f"x {training_args.world_size} processes x {training_args.gradient_accumulation_steps} accumulation")
@@ -1384,6 +1587,7 @@ def train(argv=None):
         model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
         data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
         loss_balance=data_args.loss_balance, source_names=reports[0]["sources"],
+        eval_source_names=reports[1]["sources"] if eval_data is not None else None,
     )
 
     checkpoint = find_resume_checkpoint(training_args)
@@ -1404,6 +1608,10 @@ def train(argv=None):
 
 
 def main():
+    import warnings
+
+    # DeepSpeed calls torch.distributed functions that torch deprecates: a warning per call, rank and step
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     try:
         train()
     except (DataError, FileNotFoundError, ValueError) as e:
