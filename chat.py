@@ -1,0 +1,151 @@
+"""Talk to a fine-tuned model: a full fine-tune, a LoRA/DoRA/Q-LoRA adapter directory, or a merged model.
+
+    python chat.py --model OUTPUT_DIR --prompt "What is the capital of Zubrowka?"    # one answer, then exit
+    python chat.py --model OUTPUT_DIR                                                # interactive
+    echo "Hello" | python chat.py --model OUTPUT_DIR                                 # one answer per stdin line
+
+The prompt is rendered with the model's chat template (the one saved by finetune.py), so the model
+sees exactly the format it was trained on. Decoding is greedy unless --temperature > 0. Only answers
+go to stdout; everything else (loading, warnings) goes to stderr, so `ANSWER=$(python chat.py ...)` works.
+
+Interactive mode keeps the conversation: each line is a user turn. `/reset` starts over, `/exit` (or
+end of input) quits.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def log(*args):
+    print("[chat]", *args, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="finetune.py output directory (full model, adapter or merged).")
+    p.add_argument("--base", default=None,
+                   help="Base model for an adapter directory (default: base_model_name_or_path of "
+                   "adapter_config.json).")
+    p.add_argument("--prompt", default=None, help="Answer this one message and exit (default: read stdin).")
+    p.add_argument("--system", default=None, help="System prompt.")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
+    p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling, used when --temperature > 0.")
+    p.add_argument("--seed", type=int, default=None, help="Seed for sampling.")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available).")
+    p.add_argument("--trust_remote_code", action="store_true")
+    return p.parse_args(argv)
+
+
+def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=False):
+    """-> (model, tokenizer). An adapter directory is loaded on top of its base model (not merged)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(model_dir):
+        raise SystemExit(f"error: --model {model_dir} is not a directory.")
+    torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    adapter_config = os.path.join(model_dir, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        from peft import PeftModel
+
+        with open(adapter_config) as f:
+            base = base or json.load(f).get("base_model_name_or_path")
+        if not base:
+            raise SystemExit("error: adapter_config.json names no base model; pass --base.")
+        log(f"loading base {base} + adapter {model_dir}")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), model_dir)
+    else:
+        log(f"loading {model_dir}")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    has_tokenizer = os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir if has_tokenizer or not base else base,
+                                              trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        from finetune import CHATML_TEMPLATE
+
+        log("WARNING: the tokenizer has no chat template; using ChatML (as finetune.py does).")
+        tokenizer.chat_template = CHATML_TEMPLATE
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def stop_token_ids(model, tokenizer):
+    """EOS ids of the generation config and tokenizer, plus the template's end-of-turn token
+    (<|im_end|>, <|eot_id|>, <end_of_turn>...): a chat model must stop at the end of its turn."""
+    from finetune import template_markers
+
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    _, end_of_turn = template_markers(tokenizer)
+    if end_of_turn:
+        tok = tokenizer.encode(end_of_turn.strip(), add_special_tokens=False)
+        if len(tok) == 1:
+            ids.add(tok[0])
+    return sorted(ids)
+
+
+def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, top_p=1.0):
+    """One assistant reply (text) to `messages`."""
+    import torch
+
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True,
+                             eos_token_id=stop_token_ids(model, tokenizer),
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id, **sampling)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # stdout is for answers; errors still reach stderr
+    if args.seed is not None:
+        transformers.set_seed(args.seed)
+    model, tokenizer = load(args.model, args.base, args.dtype, args.device, args.trust_remote_code)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+
+    if args.prompt is not None:
+        print(generate(model, tokenizer, system + [{"role": "user", "content": args.prompt}], **options), flush=True)
+        return
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        log("type a message and press Enter; /reset starts a new conversation, /exit quits.")
+    history = []
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": text})
+        reply = generate(model, tokenizer, system + history, **options)
+        history.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+
+
+if __name__ == "__main__":
+    main()
