@@ -1575,6 +1575,8 @@ def train(argv=None):
          f"global batch size {report['global_batch_size']} = {training_args.per_device_train_batch_size} per device "
          f"x {training_args.world_size} processes x {training_args.gradient_accumulation_steps} accumulation")
 
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per epoch
     model = load_model(model_args, training_args, lora_args, attn)
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
