@@ -7,12 +7,13 @@
 #   GPUS_PER_NODE [number of visible GPUs; 1 process on a CPU-only machine]
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [6001]
 # Under SLURM (SLURM_JOB_NODELIST set) NNODES, NODE_RANK and MASTER_ADDR are derived from it.
+# FINETUNE_PRINT_CMD=1: print the torchrun command instead of running it (to check the topology).
 set -euo pipefail
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
 
 Options:
@@ -116,8 +117,10 @@ else
 fi
 [[ -n "$DS_CONFIG" ]] && ARGS+=(--deepspeed "$DS_CONFIG")
 
+CMD=("$PYTHON" -m torch.distributed.run
+  --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+  "$DIR/finetune.py" "${ARGS[@]}" "${EXTRA[@]}")
+if [[ -n "${FINETUNE_PRINT_CMD:-}" ]]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
 set -x
-exec "$PYTHON" -m torch.distributed.run \
-  --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  "$DIR/finetune.py" "${ARGS[@]}" "${EXTRA[@]}"
+exec "${CMD[@]}"
