@@ -959,6 +959,8 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
                    "sources": {s: i for i, s in enumerate(sources)}},
         remove_columns=["conversation"], desc="tokenizing",
     )
+    n_raw = len(raw)
+    del raw  # unmap the raw Arrow file: its pages read by map would otherwise stay in this process's RSS
     status = np.asarray(tokenized["status"][:], dtype=object)
     failed = [i for i, s in enumerate(status) if s.startswith("error:")]
     if failed and not data_args.skip_invalid_records:
@@ -989,7 +991,7 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     final = final.remove_columns(["origin", "status", "entry", "source"])
     final.save_to_disk(os.path.join(tmp, "data"))
     report = {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
-              "records_valid": len(raw) - len(failed), "invalid": stats["invalid"], "dropped": dropped,
+              "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
               "truncated": truncated, "samples_before_ratio": int(len(keep)), "samples": len(final),
               "sources": sources, "samples_per_source": {str(k): int(v) for k, v in per_source.items()}}
     with open(os.path.join(tmp, "report.json"), "w") as f:
