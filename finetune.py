@@ -1479,8 +1479,8 @@ def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, 
 
 
 def token_stats(dataset):
-    lengths = np.asarray(dataset["length"])
-    trained = np.asarray(dataset["n_trained"])
+    lengths = np.asarray(dataset["length"][:])  # [:] reads the column at once, not row by row
+    trained = np.asarray(dataset["n_trained"][:])
     if len(lengths) == 0:
         return {}
     pct = lambda q: int(np.percentile(lengths, q))  # noqa: E731
@@ -1497,7 +1497,7 @@ def data_report(train, evaluation, reports, model_args, data_args, training_args
     grouped = training_args.train_sampling_strategy == "group_by_length"
     report = {
         "train": {**reports[0], "tokens": stats,
-                  "padding_share": padding_share(train["length"], micro, packing, grouped, training_args.seed,
+                  "padding_share": padding_share(train["length"][:], micro, packing, grouped, training_args.seed,
                                                  micro * training_args.gradient_accumulation_steps)},
         "batching": "packing" if packing else ("length-grouped padding" if grouped else "padding"),
         "world_size": world, "global_batch_size": global_batch,
@@ -1509,7 +1509,7 @@ def data_report(train, evaluation, reports, model_args, data_args, training_args
     method = "q-lora" if lora_args.q_lora else "lora" if training_args.use_lora else "full"
     # The peak is set by the largest micro-batch: micro x longest sample when padding, the micro longest
     # samples end to end when packing.
-    lengths = np.sort(np.asarray(train["length"]))
+    lengths = np.sort(np.asarray(train["length"][:]))
     micro_tokens = int(lengths[-micro:].sum()) if packing else micro * int(lengths[-1])
     stage = zero_stage(training_args)
     dtype_bytes = 2 if (training_args.bf16 or training_args.fp16 or lora_args.q_lora) else 4

@@ -266,8 +266,8 @@ def test_finetune_sh_single_cpu_process(tiny_model, tmp_path):
         ["bash", str(ROOT / "finetune.sh"), "-m", tiny_model, "-d", str(DEMO), "-o", str(out), "--use_lora",
          "--max_steps", "3", "--save_strategy", "no", "--dataset_cache_dir", str(tmp_path / "cache"),
          "--lora_r", "8", "--gradient_accumulation_steps", "1"],
-        env={**ENV, "MASTER_PORT": "29611"}, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        timeout=600)
+        env={**ENV, "MASTER_PORT": "29611", "PYTHON": sys.executable}, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "--nproc_per_node 1" in proc.stdout and "--ddp_backend gloo" in proc.stdout
     assert (out / "adapter_model.safetensors").is_file()
