@@ -1542,6 +1542,31 @@ def log_data_summary(report):
 # ---------------------------------------------------------------------------------------------
 
 
+def finish_training_args(training_args, has_eval):
+    """Settings that follow from others, applied once the data is known to be good."""
+    if has_eval and training_args.eval_strategy == "no":
+        training_args.eval_strategy = transformers.IntervalStrategy.EPOCH
+    if training_args.early_stopping_patience:
+        # The best model is restored at the end from the checkpoint saved at its evaluation: checkpoints
+        # must be written on the evaluation schedule (save_total_limit rotation always keeps the best one).
+        training_args.load_best_model_at_end = True
+        training_args.metric_for_best_model = training_args.metric_for_best_model or "eval_loss"
+        training_args.greater_is_better = False
+        if training_args.save_strategy != transformers.trainer_utils.SaveStrategy.BEST:
+            training_args.save_strategy = transformers.trainer_utils.SaveStrategy(training_args.eval_strategy)
+            if training_args.eval_strategy == transformers.IntervalStrategy.STEPS:
+                training_args.save_steps = training_args.eval_steps
+    if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per epoch
+
+
+def write_report(report, output_dir):
+    with open(os.path.join(output_dir, "data_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+
 def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_args(argv)
     validate_args(model_args, data_args, training_args, lora_args)
@@ -1556,32 +1581,15 @@ def train(argv=None):
     if data_args.dry_run:
         if training_args.process_index == 0:
             os.makedirs(training_args.output_dir, exist_ok=True)
-            with open(os.path.join(training_args.output_dir, "data_report.json"), "w") as f:
-                json.dump(report, f, indent=2)
+            write_report(report, training_args.output_dir)
             log0(f"dry run: report written to {training_args.output_dir}/data_report.json")
         return report
 
-    if eval_data is not None and training_args.eval_strategy == "no":
-        training_args.eval_strategy = transformers.IntervalStrategy.EPOCH
-    if training_args.early_stopping_patience:
-        # The best model is restored at the end from the checkpoint saved at its evaluation: checkpoints
-        # must be written on the evaluation schedule (save_total_limit rotation always keeps the best one).
-        training_args.load_best_model_at_end = True
-        training_args.metric_for_best_model = training_args.metric_for_best_model or "eval_loss"
-        training_args.greater_is_better = False
-        if training_args.save_strategy != transformers.trainer_utils.SaveStrategy.BEST:
-            training_args.save_strategy = transformers.trainer_utils.SaveStrategy(training_args.eval_strategy)
-            if training_args.eval_strategy == transformers.IntervalStrategy.STEPS:
-                training_args.save_steps = training_args.eval_steps
+    finish_training_args(training_args, eval_data is not None)
     log0(f"method: {report['memory_estimate']['method']}, attention: {attn}, batching: {report['batching']}, "
          f"global batch size {report['global_batch_size']} = {training_args.per_device_train_batch_size} per device "
          f"x {training_args.world_size} processes x {training_args.gradient_accumulation_steps} accumulation")
-
-    if not torch.cuda.is_available():
-        training_args.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per epoch
     model = load_model(model_args, training_args, lora_args, attn)
-    if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     collator = (PackingCollator(flash_attention=attn == "flash_attention_2") if packing
                 else PaddingCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None))
     callbacks = [LossPlotCallback()]
@@ -1605,8 +1613,7 @@ def train(argv=None):
     if eval_data is not None:
         trainer.save_metrics("eval", trainer.evaluate())
     if training_args.process_index == 0:
-        with open(os.path.join(training_args.output_dir, "data_report.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_report(report, training_args.output_dir)
     log0(f"done: model saved to {training_args.output_dir}")
     return trainer
 
@@ -1620,6 +1627,8 @@ def main():
         train()
     except (DataError, FileNotFoundError, ValueError) as e:
         # User errors: one clear message, no traceback, non-zero exit on every rank.
+        if os.environ.get("FINETUNE_TRACEBACK"):
+            raise
         print(f"[finetune] error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
