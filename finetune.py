@@ -1390,6 +1390,7 @@ def save_model(trainer, tokenizer, output_dir):
     """Trainer.save_model gathers ZeRO-3 partitions (stage3_gather_16bit_weights_on_model_save) and
     writes on rank 0 only: a full model, or just the PEFT adapter for LoRA. We then check that no
     tensor came out empty, the classic failure of ZeRO-3 saves."""
+    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True  # off for training; generation wants it
     trainer.save_model(output_dir)
     if trainer.args.should_save:
         tokenizer.save_pretrained(output_dir)
