@@ -225,9 +225,26 @@ def test_find_resume_checkpoint_skips_half_written(tmp_path):
         find_resume_checkpoint(args)
 
 
+def assert_cosine_schedule(out, peak):
+    """The DeepSpeed configs have no scheduler block, so --lr_scheduler_type is what runs (Qwen's configs
+    forced WarmupLR, which holds the rate constant after warmup)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 1, 4)
+    expected = []
+    for _ in range(4):  # Trainer logs the rate each step ran with, i.e. before its scheduler step
+        expected.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = [h["learning_rate"] for h in history if "learning_rate" in h]
+    assert logged == pytest.approx(expected[: len(logged)], rel=1e-6) and len(logged) == 4, (logged, expected)
+
+
 def test_zero3_full_save_layout_and_resume(tiny_model, tmp_path, cache):
     ref, out = tmp_path / "ref", tmp_path / "run"
-    lr = ["--learning_rate", 1e-3]
+    lr = ["--learning_rate", 1e-3, "--lr_scheduler_type", "cosine", "--warmup_steps", 1]
     torchrun(1, train_args(tiny_model, ref, cache, *lr, per_device=4))
     cmd = torchrun_cmd(2, free_port(), train_args(tiny_model, out, cache, *lr))
     kill_after_checkpoint(cmd, out)
@@ -244,6 +261,7 @@ def test_zero3_full_save_layout_and_resume(tiny_model, tmp_path, cache):
     # killed + resumed 2 x 2 == uninterrupted 1 x 4
     assert_same_training(out, ref, saved, load_file(ref / "model.safetensors"), 1e-3,
                          "ZeRO-3 full, 2x2 killed+resumed vs 1x4")
+    assert_cosine_schedule(ref, 1e-3)
 
 
 def test_lora_zero2_zero3_adapters_layout_and_resume(tiny_model, tmp_path, cache):
