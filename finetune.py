@@ -713,21 +713,16 @@ def render_conversation(tokenizer, messages, tools=None, markers=None):
     return text, regions
 
 
-def _labels_and_cut(ids, starts, regions, trained, max_length, train_on_prompt):
-    """Labels from character regions, then truncation that keeps whole turns where possible.
-    ids, starts: numpy arrays (token ids, first character of each token).
-    -> (input_ids, labels, status) as numpy arrays, status '' | 'truncated' | 'dropped:<reason>'."""
+def _labels_and_cut(ids, spans, trained, max_length, train_on_prompt):
+    """Labels from each assistant turn's token span, then truncation that keeps whole turns where possible.
+    ids: numpy token ids; spans: [(lo, hi)] token index range of each turn (the tokens starting in its
+    character region). -> (input_ids, labels, status) as numpy arrays, status '' | 'truncated' | 'dropped:<reason>'."""
     mask = np.zeros(len(ids), dtype=bool)
     turn_ends = []
-    ascending = bool((starts[1:] >= starts[:-1]).all())
-    for (a, b), keep in zip(regions, trained):
+    for (lo, hi), keep in zip(spans, trained):
         if keep:
-            lo, hi = np.searchsorted(starts, (a, b))  # the tokens starting in [a, b)
-            if ascending:
-                mask[lo:hi] = True
-            else:
-                mask |= (starts >= a) & (starts < b)
-            turn_ends.append(int(hi))  # tokens that start before b
+            mask[lo:hi] = True
+            turn_ends.append(hi)
     if train_on_prompt:
         mask[:] = True
     status = ""
@@ -746,19 +741,38 @@ def _labels_and_cut(ids, starts, regions, trained, max_length, train_on_prompt):
     return ids, np.where(mask, ids, IGNORE_INDEX), status
 
 
-def _encode(tokenizer, texts):
-    """[(ids, starts)] numpy arrays for each text, exactly as tokenizer(texts, add_special_tokens=False,
-    return_offsets_mapping=True) gives them. When the Rust tokenizer has no truncation/padding set (what
-    that call would switch off), it is called directly: no per-text Python dicts in between."""
+def _token_spans(starts, regions):
+    """Character regions -> token index ranges, from the first character of every token."""
+    starts = np.maximum.accumulate(starts) if len(starts) else starts  # byte-split characters share a start
+    return [tuple(int(x) for x in np.searchsorted(starts, (a, b))) for a, b in regions]
+
+
+def _encode(tokenizer, texts, regions):
+    """[(ids, spans)] for each text: numpy token ids exactly as tokenizer(texts, add_special_tokens=False)
+    gives them, and the token range of each character region. When the Rust tokenizer has no
+    truncation/padding set (what that call would switch off) it is called directly, and only the region
+    boundaries are looked up (char_to_token) instead of converting every token's offsets."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if (backend is not None and backend.truncation is None and backend.padding is None
             and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        return [(np.asarray(e.ids, dtype=np.int64), np.asarray([o[0] for o in e.offsets], dtype=np.int64))
-                for e in encodings]
+        out = []
+        for e, text, regs in zip(backend.encode_batch(texts, add_special_tokens=False), texts, regions):
+            ids = np.asarray(e.ids, dtype=np.int64)
+
+            def first_token(c):  # index of the first token that starts at or after character c
+                if c >= len(text):
+                    return len(ids)
+                t = e.char_to_token(c)
+                return None if t is None else t if e.token_to_chars(t)[0] >= c else t + 1
+
+            spans = [(first_token(a), first_token(b)) for a, b in regs]
+            if any(x is None for span in spans for x in span):  # a character no token covers: use offsets
+                spans = _token_spans(np.asarray([o[0] for o in e.offsets], dtype=np.int64), regs)
+            out.append((ids, spans))
+        return out
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [(np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0])
-            for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+    return [(np.asarray(ids, dtype=np.int64), _token_spans(np.asarray(o, dtype=np.int64).reshape(-1, 2)[:, 0], r))
+            for ids, o, r in zip(enc["input_ids"], enc["offset_mapping"], regions)]
 
 
 def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False):
@@ -781,8 +795,9 @@ def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False
         texts.append(text)
         pending.append((i, regions, trained))
     if texts:
-        for (i, regions, trained), (ids, starts) in zip(pending, _encode(tokenizer, texts)):
-            results[i] = _labels_and_cut(ids, starts, regions, trained, max_length, train_on_prompt)
+        encoded = _encode(tokenizer, texts, [regions for _, regions, _ in pending])
+        for (i, _, trained), (ids, spans) in zip(pending, encoded):
+            results[i] = _labels_and_cut(ids, spans, trained, max_length, train_on_prompt)
     return results
 
 
