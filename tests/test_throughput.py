@@ -270,3 +270,20 @@ def test_preprocessing_workers_give_the_same_data(tok, tmp_path):
         out.append(datasets.load_from_disk(os.path.join(built, "data")).to_dict())
     assert out[0] == out[1]
     assert json.dumps(out[0]["input_ids"][:3])  # plain ints, JSON-serialisable
+
+
+def test_region_boundary_lookup_matches_token_offsets(tokenizer):
+    """_encode finds each region's tokens from its two boundaries (char_to_token) instead of every token's
+    offsets; at every character position, mid-token and inside byte-split characters included, it must
+    give what the offsets give: the first token that starts at or after that position."""
+    import numpy as np
+
+    texts = ["<|im_start|>assistant\n魑魅魍魉 ok 😀x<|im_end|>\n", "helloworld  tokens\tand   spaces",
+             "<|im_start|>user\nÀ la carte: 1234567890<|im_end|><|im_start|>assistant\nantidisestablishment"]
+    for text in texts:
+        regions = [(a, b) for a in range(len(text) + 1) for b in (a, min(len(text), a + 3), len(text))]
+        (ids, spans), = ft._encode(tokenizer, [text], [regions])
+        starts = np.asarray([o[0] for o in tokenizer.backend_tokenizer.encode(
+            text, add_special_tokens=False).offsets])
+        assert spans == ft._token_spans(starts, regions), text
+        assert ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
