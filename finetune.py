@@ -600,10 +600,10 @@ def template_markers(tokenizer):
     or, for templates without a generation prompt, the special token closing the prompt (Mistral's '[/INST]');
     end_of_turn: what closes an assistant turn up to and including its special token (e.g. '<|im_end|>').
     Either is '' when the template has none we can trust; then every conversation takes the exact path."""
-    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tuple(_special_tokens(tokenizer)))
+    specials = _special_tokens(tokenizer)
+    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tuple(specials))
     if key in _PROBES:
         return _PROBES[key]
-    specials = _special_tokens(tokenizer)
     header = end = ""
     user = [{"role": "user", "content": "Hi"}]
     dummy_tool = [{"type": "function", "function": {"name": "probe", "description": "probe",
@@ -1510,10 +1510,11 @@ def data_report(train, evaluation, reports, model_args, data_args, training_args
     micro = training_args.per_device_train_batch_size
     global_batch = micro * world * training_args.gradient_accumulation_steps
     stats = token_stats(train)
+    lengths = np.asarray(train["length"][:])
     grouped = training_args.train_sampling_strategy == "group_by_length"
     report = {
         "train": {**reports[0], "tokens": stats,
-                  "padding_share": padding_share(train["length"][:], micro, packing, grouped, training_args.seed,
+                  "padding_share": padding_share(lengths, micro, packing, grouped, training_args.seed,
                                                  micro * training_args.gradient_accumulation_steps)},
         "batching": "packing" if packing else ("length-grouped padding" if grouped else "padding"),
         "world_size": world, "global_batch_size": global_batch,
@@ -1525,8 +1526,8 @@ def data_report(train, evaluation, reports, model_args, data_args, training_args
     method = "q-lora" if lora_args.q_lora else "lora" if training_args.use_lora else "full"
     # The peak is set by the largest micro-batch: micro x longest sample when padding, the micro longest
     # samples end to end when packing.
-    lengths = np.sort(np.asarray(train["length"][:]))
-    micro_tokens = int(lengths[-micro:].sum()) if packing else micro * int(lengths[-1])
+    longest = np.sort(lengths)[-micro:]
+    micro_tokens = int(longest.sum()) if packing else micro * int(longest[-1])
     stage = zero_stage(training_args)
     dtype_bytes = 2 if (training_args.bf16 or training_args.fp16 or lora_args.q_lora) else 4
     estimate = functools.partial(estimate_memory_gb, config, world=world, micro_tokens=micro_tokens,
