@@ -77,15 +77,14 @@ def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=Fals
 def stop_token_ids(model, tokenizer):
     """EOS ids of the generation config and tokenizer, plus the template's end-of-turn token
     (<|im_end|>, <|eot_id|>, <end_of_turn>...): a chat model must stop at the end of its turn."""
-    from finetune import template_markers
+    from finetune import end_of_turn_tokens
 
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    _, end_of_turn = template_markers(tokenizer)
-    if end_of_turn:
-        tok = tokenizer.encode(end_of_turn.strip(), add_special_tokens=False)
+    for token in end_of_turn_tokens(tokenizer):
+        tok = tokenizer.encode(token, add_special_tokens=False)
         if len(tok) == 1:
             ids.add(tok[0])
     return sorted(ids)

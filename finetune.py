@@ -33,7 +33,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "2"  # bump when tokenization output changes, to invalidate old caches
+CACHE_VERSION = "3"  # bump when tokenization output changes, to invalidate old caches
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # Used when a tokenizer has no chat template: Qwen's ChatML, tool-aware enough for plain chats.
@@ -542,26 +542,46 @@ def is_trained(message):
 # ---------------------------------------------------------------------------------------------
 # Tokenization: chat template -> input_ids + labels (loss only on what the assistant says)
 # ---------------------------------------------------------------------------------------------
-# The conversation is rendered once by the model's own template and tokenized once, so input_ids
-# are exactly what `apply_chat_template` gives. Trained character regions are then mapped to tokens
-# through the tokenizer's offsets. A region is what the model would have to generate for that turn:
-# from the end of the assistant header (the part the generation prompt already supplies) to the end
-# of the template's end-of-turn marker (<|im_end|>, <|eot_id|>, </s>...), tool calls included.
+# The conversation is rendered once by the model's own template and tokenized once, so input_ids are
+# exactly what `apply_chat_template` gives. What to train is found by one rule, from how the template
+# renders (nothing is searched for in the text, so no template needs to be known in advance):
 #
-# Fast path (one render): find every header, take the text up to the next end-of-turn marker, and
-# check that the turn's content really is there. Templates that move or rewrite text (system prompt
-# in the last user turn, reasoning stripped from earlier turns, tool calls without content) fail that
-# check and take the exact path: render again with this turn's content replaced by a sentinel; the
-# characters that differ are where the template put it.
+#   the trained part of assistant turn i is what render(messages[:i+1]) adds to the generation prompt
+#   render(messages[:i], add_generation_prompt=True): the model's answer, its tool calls and everything
+#   the template writes to close the turn (all of its end tokens).
+#
+# If the generation prompt is not a prefix of the turn (the template renders the turn with other text,
+# e.g. DeepSeek-LLM's prompt 'Assistant:' and the turn 'Assistant: answer'), the turn starts where the two
+# first differ. A template that supplies an empty reasoning block when thinking is off (Qwen3) has that
+# block as part of a prompt: it is not trained when the template inserts it on its own. Text a template
+# appends after every conversation (Command-R's next-turn opener) is not part of the turn.
+# Templates that render a turn differently once later messages follow (Qwen3 strips earlier reasoning,
+# Mistral moves the system prompt into the last user turn) are mapped through the turn's content: the
+# characters of the full text that change when only this turn's content changes are where it is.
+# Tokens are trained if they overlap the trained characters, so a token that carries the separator space
+# and the first word ('▁two', 'Ġtwo') is trained.
 
 SENTINEL = "\ue000\ue001"  # private-use characters: never in real text, never stripped by a template
-_PROBES = {}
+# Passed to the generation prompt to ask for the template's thinking-off prompt (Qwen3, SmolLM3, GLM: enable_thinking;
+# DeepSeek-V3.1, Granite: thinking); templates that do not know them ignore them.
+THINKING_OFF = {"enable_thinking": False, "thinking": False}
+_TEMPLATE_FACTS = {}
 
 
-def _render(tokenizer, messages, tools=None, add_generation_prompt=False):
-    return tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+def _render_all(tokenizer, conversations, tools=None, add_generation_prompt=False, **template_kwargs):
+    """[text] for many conversations, exactly as tokenizer.apply_chat_template(c, tools, tokenize=False) renders
+    each (same template choice, same None-dropping, same special-token variables), in one call."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    conversations = [[{k: v for k, v in m.items() if v is not None} for m in c] for c in conversations]
+    texts, _ = render_jinja_template(
+        conversations=conversations, tools=tools, chat_template=tokenizer.get_chat_template(None, tools),
+        add_generation_prompt=add_generation_prompt, **{**tokenizer.special_tokens_map, **template_kwargs})
+    return texts
+
+
+def _render(tokenizer, messages, tools=None, add_generation_prompt=False, **template_kwargs):
+    return _render_all(tokenizer, [messages], tools, add_generation_prompt, **template_kwargs)[0]
 
 
 def _common_prefix(a, b):
@@ -575,16 +595,8 @@ def _common_prefix(a, b):
     return lo
 
 
-def _token_prefix(a, b, specials):
-    """Common prefix length of a and b that does not end inside a special token ('<|' is shared by
-    '<|im_end|>' and '<|assistant|>', but is no boundary)."""
-    k = _common_prefix(a, b)
-    for text in (a, b):
-        for s in specials:
-            p = text.find(s, max(0, k - len(s) + 1))
-            if 0 <= p < k < p + len(s):
-                k = p
-    return k
+def _common_suffix(a, b):
+    return _common_prefix(a[::-1], b[::-1])
 
 
 def _special_tokens(tokenizer):
@@ -593,68 +605,76 @@ def _special_tokens(tokenizer):
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
-def template_markers(tokenizer):
-    """(header, end_of_turn) strings of this tokenizer's template, found by rendering a probe chat.
+def _snap_out_of_specials(text, k, specials):
+    """k moved back to the start of a special token that text[k-1:k+1] would cut in two ('<|' is shared by
+    '<|im_end|>' and '<|im_start|>' but is no boundary)."""
+    for s in specials:
+        p = text.find(s, max(0, k - len(s) + 1))
+        if 0 <= p < k < p + len(s):
+            k = p
+    return k
 
-    header: the assistant turn opener that the generation prompt supplies (e.g. '<|im_start|>assistant\\n'),
-    or, for templates without a generation prompt, the special token closing the prompt (Mistral's '[/INST]');
-    end_of_turn: what closes an assistant turn up to and including its special token (e.g. '<|im_end|>').
-    Either is '' when the template has none we can trust; then every conversation takes the exact path."""
+
+def _template_facts(tokenizer, tools):
+    """(specials, has a thinking-off prompt) for this tokenizer's template, from one probe chat; cached."""
     specials = _special_tokens(tokenizer)
-    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tuple(specials))
-    if key in _PROBES:
-        return _PROBES[key]
-    header = end = ""
-    user = [{"role": "user", "content": "Hi"}]
-    dummy_tool = [{"type": "function", "function": {"name": "probe", "description": "probe",
-                                                     "parameters": {"type": "object", "properties": {}}}}]
-    full = ""
-    for tools in (None, dummy_tool):  # some templates (Hermes tool use) render only with tools
+    key = (tokenizer.get_chat_template(None, tools), tuple(sorted(tokenizer.special_tokens_map.items(), key=str)),
+           tuple(specials))
+    if key not in _TEMPLATE_FACTS:
+        probe = [{"role": "user", "content": "Hi"}]
         try:
-            plain = _render(tokenizer, user, tools)
-            prompt = _render(tokenizer, user, tools, add_generation_prompt=True)
-            full = _render(tokenizer, user + [{"role": "assistant", "content": SENTINEL}], tools)
-            break
+            thinking_off = _render(tokenizer, probe, tools, True, **THINKING_OFF) != _render(tokenizer, probe, tools, True)
         except Exception:
-            continue
-    at = full.find(SENTINEL)
-    if at >= 0:
-        gen_suffix = prompt[_token_prefix(prompt, plain, specials):]
-        opener = full[_token_prefix(full[:at], plain, specials):at]
-        header = opener[: _token_prefix(opener, gen_suffix, specials)]
-        if not gen_suffix.strip():  # the model writes right after the prompt: its last special token opens the turn
-            header = full[max((full.rfind(s, 0, at) for s in specials), default=at):at]
-        if not any(s in header for s in specials) or "Hi" in header:
-            header = ""
-        after = full[at + len(SENTINEL):]
-        hits = [(after.find(s), s) for s in specials if s in after]
-        if hits:
-            pos, tok = min(hits, key=lambda h: (h[0], -len(h[1])))
-            if not after[:pos].strip():
-                end = after[: pos + len(tok)]
-    _PROBES[key] = (header, end)
-    return header, end
+            thinking_off = False
+        _TEMPLATE_FACTS[key] = (specials, thinking_off)
+    return _TEMPLATE_FACTS[key]
 
 
-def _regions_fast(text, messages, header, end):
-    assistants = [m for m in messages if m["role"] == "assistant"]
-    if not header or not end or text.count(header) != len(assistants):
-        return None
-    regions, cursor = [], 0
-    for m in assistants:
-        start = text.find(header, cursor) + len(header)
-        stop = text.find(end, start)
-        nxt = text.find(header, start)
-        if stop < 0 or (0 <= nxt < stop):
-            return None
-        body, content = text[start:stop], m.get("content") or ""
-        if content.strip() and content.strip() not in body:
-            return None
-        if m.get("tool_calls") and not any(c["function"]["name"] in body for c in m["tool_calls"]):
-            return None
-        regions.append((start, stop + len(end)))
-        cursor = stop + len(end)
-    return regions
+def _prompt_end(tokenizer, messages, i, tools, prompt, turn, specials):
+    """Where the generation prompt of turn i ends in `turn` (= render(messages[:i+1])) when the prompt is not a
+    prefix of it: the template renders the turn's opener differently (DeepSeek-R1's prompt ends in '<think>\\n'),
+    or the history (a system prompt moved into the last user turn, a tool result closed differently when it is
+    last). Both are aligned after the previous message's content, and, if what stands right before the turn's
+    content is the prompt's own ending, the prompt ends there."""
+    start = _snap_out_of_specials(turn, _common_prefix(prompt, turn), specials)
+    if i > 0:
+        before = {**messages[i - 1], "content": SENTINEL}
+        probe = messages[:i - 1] + [before]
+        in_prompt = _diff(prompt, _render(tokenizer, probe, tools, True))
+        in_turn = _diff(turn, _render(tokenizer, probe + [messages[i]], tools))
+        if in_prompt and in_turn:
+            k = in_turn[1] + _common_prefix(prompt[in_prompt[1]:], turn[in_turn[1]:])
+            start = max(start, _snap_out_of_specials(turn, k, specials))
+    c = (_where_content(tokenizer, turn, messages[:i + 1], i, tools) or (None,))[0]
+    if c is not None and c > start and turn[c - _common_suffix(prompt, turn[:c]):c].strip():
+        start = c
+    return start
+
+
+def _generated_part(prompts, turn, specials, eos, prompt_end, history):
+    """(start, end) in `turn` (= render(messages[:i+1])) of what the model generates for its last turn, given
+    the generation prompts the template gives for messages[:i] (default first, then thinking-off).
+    prompt_end(): _prompt_end for the default prompt; history(): render(messages[:i]) (both lazy)."""
+    full = [len(p) for p in prompts if turn.startswith(p)]
+    start = max(full) if full else prompt_end()
+    end = len(turn)
+    # Text the template writes after the last message of any conversation (an unconditional next-turn opener,
+    # Command-R) ends the generation prompt and history() too: it is not part of the turn. It starts at a
+    # special token, and after the EOS token if the shared text has one (nothing after EOS is generated).
+    shared = _common_suffix(prompts[0], turn[start:])
+    if shared:
+        tail = turn[end - shared:]
+        cut = tail.rfind(eos) + len(eos) if eos and eos in tail else \
+            min((p for p in (tail.find(s) for s in specials) if p >= 0), default=None)
+        if cut is not None and cut < len(tail) and history().endswith(tail[cut:]):
+            end -= len(tail) - cut
+    return start, max(start, end)
+
+
+def _trim_after_end_token(text, start, end, specials):
+    """Whitespace after a turn's final special token is never generated: not trained."""
+    body = text[start:end].rstrip()
+    return (start, start + len(body)) if body and any(body.endswith(s) for s in specials) else (start, end)
 
 
 def _diff(text, other):
@@ -665,52 +685,113 @@ def _diff(text, other):
     return a, len(text) - _common_prefix(text[a:][::-1], other[a:][::-1])
 
 
-def _regions_exact(tokenizer, text, messages, tools, header, end):
-    regions, cursor = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        # Probe the content and, separately, the tool calls: some templates render only one of them.
-        probes = [{**m, "content": SENTINEL}]
-        if m.get("tool_calls"):
-            probes.append({**m, "tool_calls": [{**c, "function": {**c["function"], "name": SENTINEL}}
-                                               for c in m["tool_calls"]]})
-        diffs = []
-        for k, probe in enumerate(probes):
-            try:
-                diffs.append(_diff(text, _render(tokenizer, messages[:i] + [probe] + messages[i + 1:], tools)))
-            except Exception:
-                if k == 0:
-                    raise
-        diffs = [d for d in diffs if d and d[1] > d[0]] or [d for d in diffs if d]
-        if not diffs:  # the template does not render this turn at all: nothing to train
-            regions.append((0, 0))
-            continue
-        start, stop = min(d[0] for d in diffs), max(d[1] for d in diffs)
-        h = text.rfind(header, cursor, start) if header else -1
-        if h >= 0:  # include what the template writes between the header and the content (e.g. <think></think>)
-            start = h + len(header)
-        e = text.find(end, stop) if end else -1
-        nxt = text.find(header, stop) if header else -1
-        if e >= 0 and not (0 <= nxt < e):
-            stop = e + len(end)
-        regions.append((start, stop))
-        cursor = max(cursor, stop)
-    return regions
+def _content_probes(message):
+    """Copies of an assistant message with its content, and separately its tool call names, replaced by a
+    sentinel: some templates render only one of the two."""
+    probes = [{**message, "content": SENTINEL}]
+    if message.get("tool_calls"):
+        probes.append({**message, "tool_calls": [{**c, "function": {**c["function"], "name": SENTINEL}}
+                                                 for c in message["tool_calls"]]})
+    return probes
 
 
-def render_conversation(tokenizer, messages, tools=None, markers=None):
-    """-> (text, [(start, end) character region of each assistant turn]). Raises ValueError if the
-    template refuses the conversation. `markers`: template_markers(tokenizer), when the caller has them."""
+def _where_content(tokenizer, text, messages, i, tools):
+    """(start, end) of the characters of `text` (render of messages) that turn i's content and tool calls
+    decide, or None if the template does not render them."""
+    diffs = []
+    for k, probe in enumerate(_content_probes(messages[i])):
+        try:
+            d = _diff(text, _render(tokenizer, messages[:i] + [probe] + messages[i + 1:], tools))
+        except Exception:
+            if k == 0:
+                raise
+            continue
+        if d:
+            diffs.append(d)
+    return (min(d[0] for d in diffs), max(d[1] for d in diffs)) if diffs else None
+
+
+def _map_turn(tokenizer, text, messages, i, tools, turn, start, end, specials):
+    """Turn i's trained region in `text`, when the template renders it there differently from `turn` (its
+    render as the last message): the turn's content is located in both, and what surrounds it in `turn`
+    (reasoning, tool calls, end tokens) is kept where `text` has it too."""
+    in_text = _where_content(tokenizer, text, messages, i, tools)
+    in_turn = _where_content(tokenizer, turn, messages[:i + 1], i, tools)
+    if in_text is None or in_turn is None:
+        return 0, 0  # the template does not render this turn here: nothing to train
+    before, after = turn[start:in_turn[0]], turn[in_turn[1]:end]
+    lead = _common_suffix(before, text[:in_text[0]])
+    if not before[len(before) - lead:].strip():
+        lead = 0  # only whitespace in common: the opener's own newline, not something the model writes
+    trail = _snap_out_of_specials(text, in_text[1] + _common_prefix(after, text[in_text[1]:]), specials)
+    return in_text[0] - lead, max(trail, in_text[1])
+
+
+def _arguments_as_strings(messages):
+    """Tool-call arguments as JSON strings, for templates that print them as they are (functionary)."""
+    return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
+        c["function"]["arguments"], ensure_ascii=False)}} if not isinstance(c["function"].get("arguments"), str)
+        else c for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+
+
+def _with_template_arguments(tokenizer, messages, tools):
+    """Messages as this template renders them right, and their render. Arguments are given as a dict (what
+    HF documents and most templates pass to tojson); a template that cannot render a dict (raises, or prints
+    its Python repr) gets them as a JSON string instead."""
+    calls = [c["function"].get("arguments") for m in messages for c in m.get("tool_calls") or []]
+    dicts = [a for a in calls if isinstance(a, dict) and a]
     try:
         text = _render(tokenizer, messages, tools)
-        header, end = markers or template_markers(tokenizer)
-        regions = _regions_fast(text, messages, header, end)
-        if regions is None:
-            regions = _regions_exact(tokenizer, text, messages, tools, header, end)
+        if not any(repr(a) in text for a in dicts):
+            return messages, text
+    except Exception:
+        if not dicts:
+            raise
+    messages = _arguments_as_strings(messages)
+    return messages, _render(tokenizer, messages, tools)
+
+
+def render_conversation(tokenizer, messages, tools=None):
+    """-> (text, [(start, end) character region to train, for each assistant turn]). Raises RecordError if
+    the template refuses the conversation."""
+    try:
+        messages, text = _with_template_arguments(tokenizer, messages, tools)
+        specials, thinking_off = _template_facts(tokenizer, tools)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        prefixes = [messages[:i] for i in turns]
+        prompts = [_render_all(tokenizer, prefixes, tools, True)]
+        if thinking_off:
+            prompts.append(_render_all(tokenizer, prefixes, tools, True, **THINKING_OFF))
+        middle = [i for i in turns if i + 1 < len(messages)]
+        rendered = dict(zip(middle, _render_all(tokenizer, [messages[:i + 1] for i in middle], tools)))
+        regions = []
+        for n, i in enumerate(turns):
+            turn = rendered.get(i, text)
+            start, end = _generated_part(
+                [p[n] for p in prompts], turn, specials, tokenizer.eos_token,
+                lambda: _prompt_end(tokenizer, messages, i, tools, prompts[0][n], turn, specials),
+                lambda: _render(tokenizer, messages[:i], tools))
+            if not text.startswith(turn[:end]):
+                start, end = _map_turn(tokenizer, text, messages, i, tools, turn, start, end, specials)
+            regions.append(_trim_after_end_token(text, start, end, specials))
     except Exception as e:  # jinja raise_exception, undefined fields, type errors inside the template
         raise RecordError("messages", f"the chat template refuses this conversation: {e}") from None
     return text, regions
+
+
+def end_of_turn_tokens(tokenizer):
+    """The special tokens the template writes to close an assistant text turn (e.g. ['<|im_end|>'],
+    ['<|END_RESPONSE|>', '<|END_OF_TURN_TOKEN|>']): where generation must stop."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
+    text, ((_, end),) = render_conversation(tokenizer, probe)
+    closing = text[text.find(SENTINEL) + len(SENTINEL):end]
+    specials = _special_tokens(tokenizer)
+    found, k = [], 0
+    while k < len(closing):
+        s = next((s for s in specials if closing.startswith(s, k)), None)
+        found += [s] if s else []
+        k += len(s) if s else 1
+    return found
 
 
 def _labels_and_cut(ids, spans, trained, max_length, train_on_prompt):
@@ -741,17 +822,24 @@ def _labels_and_cut(ids, spans, trained, max_length, train_on_prompt):
     return ids, np.where(mask, ids, IGNORE_INDEX), status
 
 
-def _token_spans(starts, regions):
-    """Character regions -> token index ranges, from the first character of every token."""
-    starts = np.maximum.accumulate(starts) if len(starts) else starts  # byte-split characters share a start
-    return [tuple(int(x) for x in np.searchsorted(starts, (a, b))) for a, b in regions]
+def _token_spans(offsets, regions):
+    """Character regions -> token index ranges: the tokens that overlap each region (a token that starts in
+    the prompt and carries the region's first character is in; so is every byte token of a split character)."""
+    offsets = np.maximum.accumulate(offsets, axis=0) if len(offsets) else offsets.reshape(0, 2)
+    spans = []
+    for a, b in regions:
+        lo = int(np.searchsorted(offsets[:, 1], a, side="right"))  # first token ending after a
+        hi = int(np.searchsorted(offsets[:, 0], b, side="left"))  # first token starting at or after b
+        spans.append((lo, max(lo, hi)) if b > a else (lo, lo))
+    return spans
 
 
 def _encode(tokenizer, texts, regions):
     """[(ids, spans)] for each text: numpy token ids exactly as tokenizer(texts, add_special_tokens=False)
-    gives them, and the token range of each character region. When the Rust tokenizer has no
+    gives them, and the range of tokens overlapping each character region. When the Rust tokenizer has no
     truncation/padding set (what that call would switch off) it is called directly, and only the region
-    boundaries are looked up (char_to_token) instead of converting every token's offsets."""
+    boundaries are looked up (char_to_token gives the first token covering a character) instead of
+    converting every token's offsets."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if (backend is not None and backend.truncation is None and backend.padding is None
             and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
@@ -759,19 +847,24 @@ def _encode(tokenizer, texts, regions):
         for e, text, regs in zip(backend.encode_batch(texts, add_special_tokens=False), texts, regions):
             ids = np.asarray(e.ids, dtype=np.int64)
 
-            def first_token(c):  # index of the first token that starts at or after character c
+            def first_starting_at(c):  # index of the first token that starts at or after character c
                 if c >= len(text):
                     return len(ids)
                 t = e.char_to_token(c)
-                return None if t is None else t if e.token_to_chars(t)[0] >= c else t + 1
+                while t is not None and t < len(ids) and e.token_to_chars(t)[0] < c:
+                    t += 1
+                return t
 
-            spans = [(first_token(a), first_token(b)) for a, b in regs]
+            spans = []
+            for a, b in regs:
+                lo = e.char_to_token(a) if a < len(text) else len(ids)
+                spans.append((lo, lo) if b <= a else (lo, first_starting_at(b)))
             if any(x is None for span in spans for x in span):  # a character no token covers: use offsets
-                spans = _token_spans(np.asarray([o[0] for o in e.offsets], dtype=np.int64), regs)
+                spans = _token_spans(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2), regs)
             out.append((ids, spans))
         return out
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [(np.asarray(ids, dtype=np.int64), _token_spans(np.asarray(o, dtype=np.int64).reshape(-1, 2)[:, 0], r))
+    return [(np.asarray(ids, dtype=np.int64), _token_spans(np.asarray(o, dtype=np.int64).reshape(-1, 2), r))
             for ids, o, r in zip(enc["input_ids"], enc["offset_mapping"], regions)]
 
 
@@ -779,13 +872,9 @@ def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False
     """[(messages, tools)] -> [(input_ids, labels, status)] with numpy arrays; see tokenize_many."""
     empty = np.zeros(0, dtype=np.int64)
     results, texts, pending = [None] * len(conversations), [], []
-    try:
-        markers = template_markers(tokenizer)  # once per batch; render_conversation reports any failure
-    except Exception:
-        markers = None
     for i, (messages, tools) in enumerate(conversations):
         try:
-            text, regions = render_conversation(tokenizer, messages, tools, markers)
+            text, regions = render_conversation(tokenizer, messages, tools)
         except RecordError as e:
             results[i] = (empty, empty, f"error:{e}")
             continue

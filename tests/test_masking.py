@@ -6,6 +6,7 @@ exactly one span holding that turn as the template renders it plus its end-of-tu
 system/user/tool turns or role headers."""
 
 import copy
+import re
 
 import pytest
 
@@ -13,20 +14,53 @@ from conftest import SHARED
 from finetune import IGNORE_INDEX, tokenize_conversation, tokenize_many
 
 TEMPLATES = SHARED / "templates"
-# template file -> (bos, eos, end-of-turn marker closing an assistant turn)
+TOKENIZERS = SHARED / "tokenizers"
+_MARKERS = re.compile(r"<\|[A-Za-z_]+\|>|<｜[^｜<>]+｜>|<(?:start|end)_of_turn>|\[/?[A-Z_]+\]")
+# template file -> (bos, eos, what closes an assistant turn, marker strings that are plain text for this model)
 FAMILY = {
-    "Qwen-Qwen2.5-7B-Instruct.jinja": (None, "<|im_end|>", "<|im_end|>"),
-    "Qwen-Qwen3-0.6B.jinja": (None, "<|im_end|>", "<|im_end|>"),
-    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja": ("<|begin_of_text|>", "<|im_end|>", "<|im_end|>"),
+    "Qwen-Qwen2.5-7B-Instruct.jinja": (None, "<|im_end|>", "<|im_end|>", ()),
+    "Qwen-Qwen3-0.6B.jinja": (None, "<|im_end|>", "<|im_end|>", ()),
+    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja": ("<|begin_of_text|>", "<|im_end|>", "<|im_end|>", ()),
     "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja":
-        ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
-    "google-gemma-2-2b-it.jinja": ("<bos>", "<eos>", "<end_of_turn>"),
-    "ibm-granite-granite-3.3-2B-Instruct.jinja": (None, "<|end_of_text|>", "<|end_of_text|>"),
-    "meta-llama-Llama-3.1-8B-Instruct.jinja": ("<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
-    "meta-llama-Llama-3.2-3B-Instruct.jinja": ("<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
-    "microsoft-Phi-3.5-mini-instruct.jinja": ("<s>", "<|endoftext|>", "<|end|>"),
-    "mistralai-Mistral-Nemo-Instruct-2407.jinja": ("<s>", "</s>", "</s>"),
+        ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ()),
+    "google-gemma-2-2b-it.jinja": ("<bos>", "<eos>", "<end_of_turn>", ()),
+    "ibm-granite-granite-3.3-2B-Instruct.jinja": (None, "<|end_of_text|>", "<|end_of_text|>", ()),
+    "meta-llama-Llama-3.1-8B-Instruct.jinja": ("<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", ()),
+    "meta-llama-Llama-3.2-3B-Instruct.jinja": ("<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", ()),
+    "microsoft-Phi-3.5-mini-instruct.jinja": ("<s>", "<|endoftext|>", "<|end|>", ()),
+    "mistralai-Mistral-Nemo-Instruct-2407.jinja": ("<s>", "</s>", "</s>", ()),
+    "llama-2-chat.jinja": ("<s>", "</s>", "</s>", ("[INST]", "[/INST]")),  # plain text for Llama-2
+    "vicuna.jinja": ("<s>", "</s>", "</s>", ()),
+    "deepseek-llm-chat.jinja": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ()),
+    "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja":
+        ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>", ("[]",)),
+    "meetkai-functionary-medium-v3.1.jinja": ("<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", ()),
 }
+# What closes a tool-call turn where it is not what closes a text turn
+TOOL_CLOSING = {"meetkai-functionary-medium-v3.1.jinja": "<|eom_id|>",
+                "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja": "<|END_ACTION|><|END_OF_TURN_TOKEN|>"}
+
+
+def template_specials(name):
+    """The template's marker strings, as the real model has them: single special tokens."""
+    bos, eos, _, plain = FAMILY[name]
+    found = set(_MARKERS.findall((TEMPLATES / name).read_text(encoding="utf-8"))) - set(plain)
+    found |= {"<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"}
+    return sorted(found | {t for t in (bos, eos) if t})
+
+
+def with_template(tokenizer, name):
+    """A copy of `tokenizer` set up as a model of this template's family would be."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (TEMPLATES / name).read_text(encoding="utf-8")
+    bos, eos, _, _ = FAMILY[name]
+    tok.add_special_tokens({"additional_special_tokens": template_specials(name)})
+    if bos:
+        tok.bos_token = bos
+    tok.eos_token = eos
+    return tok
+
+
 # Text that must never be trained: role headers and turn openers of every family.
 HEADERS = ["<|im_start|>", "<|start_header_id|>", "<start_of_turn>", "[INST]", "[/INST]", "<|user|>",
            "<|assistant|>", "<|system|>", "<|start_of_role|>", "<｜User｜>", "<｜Assistant｜>", "<tool_response>",
@@ -39,16 +73,6 @@ TOOLS = [{"type": "function", "function": {
 
 def test_every_shared_template_is_covered():
     assert sorted(p.name for p in TEMPLATES.glob("*.jinja")) == sorted(FAMILY)
-
-
-def with_template(tokenizer, name):
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = (TEMPLATES / name).read_text(encoding="utf-8")
-    bos, eos, _ = FAMILY[name]
-    if bos:
-        tok.bos_token = bos
-    tok.eos_token = eos
-    return tok
 
 
 def spans(out, tok):
@@ -98,15 +122,17 @@ def conversations(name):
 @pytest.mark.parametrize("name", sorted(FAMILY))
 def test_only_assistant_turns_are_trained(tokenizer, name):
     tok = with_template(tokenizer, name)
-    eot = FAMILY[name][2]
+    _, eos, eot, _ = FAMILY[name]
     tools = TOOLS if "Hermes" in name else None  # Hermes' tool-use template renders only with tools
     for label, messages in conversations(name).items():
         got = mask(tok, messages, tools)
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
         assert len(got) == len(answers), (label, got)
         for span, answer in zip(got, answers):
+            if not eot.endswith(eos):  # a template may end the conversation with EOS after the turn
+                span = span.removesuffix(eos).rstrip()
             assert span.endswith(eot), (label, span)
-            body = span[: -len(eot)]
+            body = span[: -len(eot)].replace("<|START_RESPONSE|>", "", 1)  # Command-R: the model writes it
             final = answer.split("</think>")[-1].strip()  # reasoning may be stripped by the template
             assert final in body, (label, span)
             # nothing else: at most template-written reasoning/think tags around the (possibly trimmed) answer
@@ -125,12 +151,21 @@ def test_only_assistant_turns_are_trained(tokenizer, name):
     # trims content, injects a date in the system turn
     ("meta-llama-Llama-3.1-8B-Instruct.jinja",
      ["Hi! How can I help?<|eot_id|>", "The answer is 4.<|eot_id|>", "You are welcome.<|eot_id|>"]),
-    # only the turn after the last user query gets the (empty) think block
+    # only the turn after the last user query gets an empty think block, written by the template: not trained
     ("Qwen-Qwen3-0.6B.jinja",
-     ["Hi! How can I help?<|im_end|>", "The answer is 4.<|im_end|>",
-      "<think>\n\n</think>\n\nYou are welcome.<|im_end|>"]),
+     ["Hi! How can I help?<|im_end|>", "The answer is 4.<|im_end|>", "You are welcome.<|im_end|>"]),
+    # the conversation ends with EOS after the last turn: the model generates it
     ("microsoft-Phi-3.5-mini-instruct.jinja",
-     ["Hi! How can I help?<|end|>", "The answer is 4.<|end|>", "You are welcome.<|end|>"]),
+     ["Hi! How can I help?<|end|>", "The answer is 4.<|end|>", "You are welcome.<|end|>\n<|endoftext|>"]),
+    # two end tokens; the template's trailing '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' is not the turn's
+    ("CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja",
+     ["<|START_RESPONSE|>Hi! How can I help?<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+      "<|START_RESPONSE|>The answer is 4.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+      "<|START_RESPONSE|>You are welcome.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"]),
+    # a space between the prompt and the answer: trained with the answer
+    ("llama-2-chat.jinja", [" Hi! How can I help? </s>", " The answer is 4. </s>", " You are welcome. </s>"]),
+    ("deepseek-llm-chat.jinja", [" Hi! How can I help?<｜end▁of▁sentence｜>", " The answer is 4.<｜end▁of▁sentence｜>",
+                                 " You are welcome.<｜end▁of▁sentence｜>"]),
 ])
 def test_exact_spans_multi_turn(tokenizer, name, expected):
     assert mask(with_template(tokenizer, name), conversations(name)["multi_turn"]) == expected
@@ -171,12 +206,11 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</
 def test_tool_calls_are_trained_tool_results_are_not(tokenizer, name):
     tok = with_template(tokenizer, name)
     got = mask(tok, tool_chat(), TOOLS)
-    think = "<think>\n\n</think>\n\n" if "Qwen3" in name else ""
-    assert got == [CALL + "<|im_end|>", think + "It is 21 degrees in Paris.<|im_end|>"]
+    assert got == [CALL + "<|im_end|>", "It is 21 degrees in Paris.<|im_end|>"]
     # content next to a tool call: Qwen renders both, Hermes only the call (its template drops the text)
     got = mask(tok, tool_chat("Let me check."), TOOLS)
     first = CALL if "Hermes" in name else "Let me check.\n" + CALL
-    assert got == [first + "<|im_end|>", think + "It is 21 degrees in Paris.<|im_end|>"]
+    assert got == [first + "<|im_end|>", "It is 21 degrees in Paris.<|im_end|>"]
 
 
 def test_tool_calls_llama_and_mistral(tokenizer):
