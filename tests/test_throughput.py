@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import finetune as ft
-from conftest import write_jsonl
+from conftest import SHARED, write_jsonl
 
 LENGTHS = (3, 9, 20, 2)  # words per answer: samples of different lengths and trained-token counts
 
@@ -272,18 +272,32 @@ def test_preprocessing_workers_give_the_same_data(tok, tmp_path):
     assert json.dumps(out[0]["input_ids"][:3])  # plain ints, JSON-serialisable
 
 
-def test_region_boundary_lookup_matches_token_offsets(tokenizer):
+def overlapping_tokens(offsets, a, b):
+    """Reference: the (first, last + 1) token indices whose characters overlap [a, b); (k, k) when none do."""
+    hit = [t for t, (s, e) in enumerate(offsets) if s < b and e > a and b > a]
+    return (hit[0], hit[-1] + 1) if hit else None
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt-2", "llama-spm"])
+def test_region_boundary_lookup_matches_token_offsets(tokenizer, name):
     """_encode finds each region's tokens from its two boundaries (char_to_token) instead of every token's
     offsets; at every character position, mid-token and inside byte-split characters included, it must
-    give what the offsets give: the first token that starts at or after that position."""
+    give the tokens that overlap the region, as a brute-force look at every token's offsets does; and the
+    offsets-only path (_token_spans) must give the same."""
     import numpy as np
+    from transformers import AutoTokenizer
 
+    tok = tokenizer if name == "tiny" else AutoTokenizer.from_pretrained(SHARED / "tokenizers" / name)
     texts = ["<|im_start|>assistant\n魑魅魍魉 ok 😀x<|im_end|>\n", "helloworld  tokens\tand   spaces",
-             "<|im_start|>user\nÀ la carte: 1234567890<|im_end|><|im_start|>assistant\nantidisestablishment"]
+             "<|im_start|>user\nÀ la carte: 1234567890<|im_end|><|im_start|>assistant\nantidisestablishment",
+             "[/INST] 😀 two</s>\r\n\r\nB"]
     for text in texts:
-        regions = [(a, b) for a in range(len(text) + 1) for b in (a, min(len(text), a + 3), len(text))]
-        (ids, spans), = ft._encode(tokenizer, [text], [regions])
-        starts = np.asarray([o[0] for o in tokenizer.backend_tokenizer.encode(
-            text, add_special_tokens=False).offsets])
-        assert spans == ft._token_spans(starts, regions), text
-        assert ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+        regions = [(a, b) for a in range(len(text) + 1) for b in (a, min(len(text), a + 1), min(len(text), a + 3),
+                                                                   len(text))]
+        (ids, spans), = ft._encode(tok, [text], [regions])
+        offsets = tok.backend_tokenizer.encode(text, add_special_tokens=False).offsets
+        assert spans == ft._token_spans(np.asarray(offsets).reshape(-1, 2), regions), text
+        for (a, b), span in zip(regions, spans):
+            expected = overlapping_tokens(offsets, a, b)
+            assert (span if expected else span[1] - span[0]) == (expected or 0), (text, a, b)
+        assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,219 @@
+"""Label masking on real tokenizers: every shared template x every real tokenizer in ../shared/tokenizers,
+with awkward conversations. Judged by characters, not by decoding:
+
+- every non-space character of each assistant reply (its content, its tool calls) and of what closes its turn
+  is covered by trained tokens;
+- no character of any other message (system, user, tool result) and no role header is.
+
+Where each message's characters are is found independently of finetune's rule: the characters of
+apply_chat_template's text that change when only that message's content (or tool call) changes."""
+
+import copy
+import functools
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import SHARED
+from finetune import IGNORE_INDEX, _with_template_arguments, tokenize_conversation
+from test_masking import FAMILY, TEMPLATES, TOOL_CLOSING, with_template
+
+REAL = ["llama-spm", "gpt-2", "deepseek-llm"]
+MARK = "\ue00a"  # private use: never in the conversations below
+# Role headers: never trained, wherever they stand
+HEADERS = ["<|im_start|>", "<|start_header_id|>", "<start_of_turn>", "[INST]", "<|user|>", "<|assistant|>",
+           "<|system|>", "<|start_of_role|>", "<｜User｜>", "<｜Assistant｜>", "<|START_OF_TURN_TOKEN|>",
+           "<|USER_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|CHATBOT_TOKEN|>", "USER:", "ASSISTANT:", "User:", "Assistant:"]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+SYSTEM = {"role": "system", "content": "Format: ### Response: then User: and Assistant: lines, [/INST] and "
+                                       "<|START_RESPONSE|> are just text here."}
+
+
+def call(args):
+    return {"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": args}}
+
+
+def chat(*answers, system=False):
+    msgs = [SYSTEM] if system else []
+    for k, a in enumerate(answers):
+        msgs += [{"role": "user", "content": f"question {k}?"}, {"role": "assistant", "content": a}]
+    return msgs
+
+
+CONVERSATIONS = {
+    "one_word": chat("two", "No"),
+    "emoji": chat("😀", " 🎉 party"),
+    "leading_space_digit_punct": chat(" leading space", "42 is it", "...well, yes."),
+    "code_fence": chat("```python\nprint('hi')\n```"),
+    "echo": [{"role": "user", "content": "Paris is the capital"},
+             {"role": "assistant", "content": "Paris is the capital"}],
+    "header_like": [SYSTEM, {"role": "user", "content": "### Response:\nUser: hi\nAssistant: ok\n[/INST] ASSISTANT: "
+                                                        "<|START_RESPONSE|> <|im_start|>assistant"},
+                    {"role": "assistant", "content": "### Response: fine\nUser: no"}],
+    "blank_lines_crlf": chat("line one\r\n\r\nline two\n\n\nline three"),
+    "reasoning": [{"role": "user", "content": "q1"},
+                  {"role": "assistant", "content": "<think>\nstep one\n</think>\n\nanswer one"},
+                  {"role": "user", "content": "q2"},
+                  {"role": "assistant", "content": "answer two", "reasoning_content": "step two"}],
+    "tool_dict_args": [SYSTEM, {"role": "user", "content": "weather in Paris?"},
+                       {"role": "assistant", "content": "", "tool_calls": [call({"city": "Paris"})]},
+                       {"role": "tool", "tool_call_id": "call00001", "content": '{"temp": 21}'},
+                       {"role": "assistant", "content": "It is 21 degrees."}],
+    "tool_string_args": [{"role": "user", "content": "weather in Rome?"},
+                         {"role": "assistant", "content": "Let me check.",
+                          "tool_calls": [call('{"city": "Rome"}')]},
+                         {"role": "tool", "tool_call_id": "call00001", "content": "sunny"},
+                         {"role": "assistant", "content": "Sunny."}],
+    "multi_turn_system": chat("Hi! How can I help?", "The answer is 4.", "You are welcome.", system=True),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def real_tokenizer(name):
+    return AutoTokenizer.from_pretrained(SHARED / "tokenizers" / name)
+
+
+@functools.lru_cache(maxsize=None)
+def family_tokenizer(real, template):
+    return with_template(real_tokenizer(real), template)
+
+
+def where(text, render, messages, j):
+    """Characters of `text` that message j's content and tool calls decide (None where it has no effect)."""
+    m = messages[j]
+    changed = [{**m, "content": MARK + "x" + MARK}]
+    if m.get("tool_calls"):
+        args = [{"q": "zz"} if isinstance(c["function"]["arguments"], dict) else '{"q": "zz"}' for c in m["tool_calls"]]
+        changed.append({**m, "tool_calls": [{**c, "function": {"name": "zz_other", "arguments": a}}
+                                            for c, a in zip(m["tool_calls"], args)]})
+    chars = set()
+    for probe in changed:
+        other = render(messages[:j] + [probe] + messages[j + 1:])
+        a = 0
+        while a < min(len(text), len(other)) and text[a] == other[a]:
+            a += 1
+        b, o = len(text), len(other)
+        while b > a and o > a and text[b - 1] == other[o - 1]:
+            b, o = b - 1, o - 1
+        chars.update(range(a, b))
+    return chars
+
+
+def covered_characters(tok, text, labels):
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    covered = np.zeros(len(text) + 1, dtype=bool)
+    for (s, e), lab in zip(enc["offset_mapping"], labels):
+        if lab != IGNORE_INDEX:
+            covered[s:max(e, s + 1)] = True
+    return covered, enc["input_ids"]
+
+
+def check(tok, name, messages):
+    tools = TOOLS if any(m.get("tool_calls") or m["role"] == "tool" for m in messages) or "Hermes" in name else None
+    try:
+        messages, text = _with_template_arguments(tok, messages, tools)  # the argument form this template renders
+        assert text == tok.apply_chat_template(messages, tools=tools, tokenize=False)
+    except Exception as e:  # the template itself refuses (Gemma: system; Llama-2: roles must alternate)
+        with pytest.raises(ValueError):
+            tokenize_conversation(tok, messages, 100000, tools=tools)
+        return f"refused: {e}"
+    out = tokenize_conversation(tok, messages, 100000, tools=tools)
+    covered, ids = covered_characters(tok, text, out["labels"])
+    assert ids == out["input_ids"]
+    render = functools.partial(tok.apply_chat_template, tools=tools, tokenize=False)
+    closing = FAMILY[name][2]
+    owned = np.zeros(len(text), dtype=bool)
+    for j, m in enumerate(messages):
+        chars = sorted(where(text, render, messages, j))
+        if m["role"] != "assistant":
+            bad = [c for c in chars if covered[c]]
+            assert not bad, (m["role"], repr(text[bad[0]:bad[-1] + 1]), text)
+            continue
+        owned[chars] = True
+        missing = [c for c in chars if not covered[c] and not text[c].isspace()]
+        assert not missing, ("reply not trained", repr("".join(text[c] for c in missing)), text)
+        if chars:  # what closes the turn comes right after it (after whitespace) and is trained too
+            end = chars[-1] + 1
+            end += len(text[end:]) - len(text[end:].lstrip())
+            close = TOOL_CLOSING.get(name, closing) if m.get("tool_calls") else closing
+            if text.startswith(close, end):
+                assert covered[end:end + len(close)].all(), ("end of turn not trained", close, text)
+                owned[end:end + len(close)] = True
+    for header in HEADERS:
+        at = text.find(header)
+        while at >= 0:
+            if not owned[at:at + len(header)].any():
+                assert not covered[at:at + len(header)].any(), ("header trained", header, text)
+            at = text.find(header, at + 1)
+    return "ok"
+
+
+@pytest.mark.parametrize("real", REAL)
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_character_coverage_on_real_tokenizers(name, real):
+    tok = family_tokenizer(real, name)
+    results = {label: check(tok, name, copy.deepcopy(msgs)) for label, msgs in CONVERSATIONS.items()}
+    assert sum(r == "ok" for r in results.values()) >= 5, results  # refusals are the template's own, and few
+
+
+def test_first_word_after_a_separator_space_is_trained():
+    """Llama-2 '[/INST] two </s>', Vicuna 'ASSISTANT: two</s>', DeepSeek 'Assistant: two<eos>': real tokenizers
+    merge the space and the word ('▁two', 'Ġtwo'); a one-word answer must still be trained."""
+    for real in REAL:
+        for name in ("llama-2-chat.jinja", "vicuna.jinja", "deepseek-llm-chat.jinja"):
+            tok = family_tokenizer(real, name)
+            out = tokenize_conversation(tok, chat("two"), 1000)
+            trained = [i for i, lab in zip(out["input_ids"], out["labels"]) if lab != IGNORE_INDEX]
+            assert "two" in tok.decode(trained), (real, name, tok.decode(trained))
+
+
+# A template whose generation prompt ends with the separator space ('ASSISTANT: '), as many hand-written ones do:
+# real tokenizers still encode the turn as 'ASSISTANT:' + '▁two', a token that straddles the prompt's end.
+SPACE_IN_PROMPT = ("{% for m in messages %}{% if m.role == 'user' %}USER: {{ m.content }} {% else %}"
+                   "ASSISTANT: {{ m.content }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT: "
+                   "{% endif %}")
+
+
+@pytest.mark.parametrize("real", REAL)
+def test_token_straddling_the_prompt_end_is_trained(real):
+    tok = copy.deepcopy(real_tokenizer(real))
+    tok.chat_template, tok.eos_token = SPACE_IN_PROMPT, "</s>" if real == "llama-spm" else tok.eos_token
+    tok.add_special_tokens({"additional_special_tokens": ["</s>"]})
+    for answer in ("two", "No", "😀 ok", "42"):
+        out = tokenize_conversation(tok, chat(answer), 1000)
+        covered, _ = covered_characters(tok, tok.apply_chat_template(chat(answer), tokenize=False), out["labels"])
+        text = tok.apply_chat_template(chat(answer), tokenize=False)
+        at = text.rindex("ASSISTANT: ") + len("ASSISTANT: ")
+        assert covered[at:at + len(answer)].all(), (real, answer)
+        assert not covered[:at - 1].any(), (real, answer)  # 'ASSISTANT:' itself is not trained
+
+
+def test_every_end_token_and_no_trailer_command_r():
+    tok = family_tokenizer("gpt-2", "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja")
+    msgs = CONVERSATIONS["tool_dict_args"]
+    out = tokenize_conversation(tok, msgs, 100000, tools=TOOLS)
+    trained = tok.decode([i for i, lab in zip(out["input_ids"], out["labels"]) if lab != IGNORE_INDEX])
+    # the real tool call is trained although the system preamble mentions <|START_RESPONSE|> in its text
+    assert trained.count('"tool_name": "get_weather"') == 1 and "Paris" in trained
+    assert trained.endswith("<|END_RESPONSE|><|END_OF_TURN_TOKEN|>")
+    assert "<|CHATBOT_TOKEN|>" not in trained and "Format:" not in trained
+
+
+def test_tool_call_turn_ends_with_its_own_token_functionary():
+    tok = family_tokenizer("llama-spm", "meetkai-functionary-medium-v3.1.jinja")
+    out = tokenize_conversation(tok, CONVERSATIONS["tool_dict_args"], 100000, tools=TOOLS)
+    ids, labels = out["input_ids"], out["labels"]
+    runs, cur = [], []
+    for i, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            cur.append(i)
+        elif cur:
+            runs, cur = runs + [cur], []
+    runs += [cur] if cur else []
+    texts = [tok.decode(r) for r in runs]
+    assert texts[0].endswith("</function><|eom_id|>") and "ipython" not in texts[0], texts
+    assert texts[1].strip() == "It is 21 degrees.<|eot_id|>", texts
