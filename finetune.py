@@ -119,6 +119,11 @@ class DataArguments:
         default=False,
         metadata={"help": "Load only the tokenizer, process all data, write OUTPUT_DIR/data_report.json, exit."},
     )
+    show_masking: int = field(
+        default=0,
+        metadata={"help": "Print the first N training samples as rendered text with the trained tokens in [[...]], "
+                  "then exit (loads the tokenizer only): see at a glance what is trained with this template."},
+    )
     dry_run_world_size: Optional[int] = field(
         default=None, metadata={"help": "World size assumed by --dry_run's estimates (default: this launch's)."}
     )
@@ -910,6 +915,29 @@ def tokenize_conversation(tokenizer, messages, max_length, tools=None, train_on_
     return {"input_ids": result["input_ids"], "labels": result["labels"]}
 
 
+def marked_text(tokenizer, input_ids, labels, mark=("[[", "]]")):
+    """The sample's text with every run of trained tokens between [[ and ]]. Each piece is decoded as part of
+    everything before it, so separator spaces ('▁two') show where they are."""
+    ids = list(input_ids)
+    trained = [lab != IGNORE_INDEX for lab in labels]
+    cuts = [0] + [k for k in range(1, len(ids)) if trained[k] != trained[k - 1]] + [len(ids)]
+    decoded = [tokenizer.decode(ids[:k], skip_special_tokens=False) for k in cuts]
+    pieces = []
+    for a, b, before, upto in zip(cuts, cuts[1:], decoded, decoded[1:]):
+        piece = upto[len(before):]
+        pieces.append(f"{mark[0]}{piece}{mark[1]}" if trained[a] else piece)
+    return "".join(pieces)
+
+
+def show_masking(tokenizer, dataset, n):
+    """--show_masking N: print N samples with their trained parts marked."""
+    for k in range(min(n, len(dataset))):
+        row = dataset[k]
+        print(f"----- sample {k} ({row['length']} tokens, {row['n_trained']} trained; [[trained]]) -----")
+        print(marked_text(tokenizer, row["input_ids"], row["labels"]), flush=True)
+    return None
+
+
 def load_tokenizer(model_args, training_args):
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, cache_dir=training_args.cache_dir,
@@ -1594,7 +1622,8 @@ def token_stats(dataset):
             "max": int(lengths.max())}
 
 
-def data_report(train, evaluation, reports, model_args, data_args, training_args, lora_args, packing):
+def data_report(train, evaluation, reports, tokenizer, model_args, data_args, training_args, lora_args,
+                packing):
     world = data_args.dry_run_world_size or training_args.world_size
     micro = training_args.per_device_train_batch_size
     global_batch = micro * world * training_args.gradient_accumulation_steps
@@ -1609,6 +1638,8 @@ def data_report(train, evaluation, reports, model_args, data_args, training_args
         "world_size": world, "global_batch_size": global_batch,
         "steps_per_epoch": math.ceil(len(train) / global_batch),  # = Trainer's ceil(ceil(N/micro/world)/accum)
     }
+    first = train[0]
+    report["first_sample_marked"] = marked_text(tokenizer, first["input_ids"], first["labels"])
     if evaluation is not None:
         report["eval"] = {**reports[1], "tokens": token_stats(evaluation)}
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
@@ -1682,9 +1713,14 @@ def train(argv=None):
 
     tokenizer = load_tokenizer(model_args, training_args)
     train_data, eval_data, reports = load_datasets(data_args, training_args, tokenizer)
-    report = data_report(train_data, eval_data, reports, model_args, data_args, training_args, lora_args, packing)
+    if data_args.show_masking:
+        return show_masking(tokenizer, train_data, data_args.show_masking)
+    report = data_report(train_data, eval_data, reports, tokenizer, model_args, data_args, training_args, lora_args,
+                         packing)
     log_data_summary(report)
     if data_args.dry_run:
+        sample = report["first_sample_marked"]
+        log0("first sample, trained parts in [[...]]:\n" + (sample if len(sample) < 4000 else sample[:4000] + " ..."))
         if training_args.process_index == 0:
             os.makedirs(training_args.output_dir, exist_ok=True)
             write_report(report, training_args.output_dir)

@@ -217,3 +217,29 @@ def test_tool_call_turn_ends_with_its_own_token_functionary():
     texts = [tok.decode(r) for r in runs]
     assert texts[0].endswith("</function><|eom_id|>") and "ipython" not in texts[0], texts
     assert texts[1].strip() == "It is 21 degrees.<|eot_id|>", texts
+
+
+def test_show_masking_and_dry_run_mark_trained_parts(tmp_path):
+    """--show_masking N prints N samples with [[trained]] parts and exits; --dry_run logs the first one and
+    writes it to data_report.json. The real Llama-2 tokenizer: the separator space is trained with the answer."""
+    from conftest import run_finetune, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": chat("two")}, {"messages": chat("No", "yes")}])
+    common = ["--model_name_or_path", SHARED / "tokenizers" / "llama-spm", "--data_path", data,
+              "--chat_template", TEMPLATES / "llama-2-chat.jinja", "--dataset_cache_dir", tmp_path / "cache",
+              "--output_dir", tmp_path / "out", "--train_sampling_strategy", "random"]
+    out = run_finetune(common + ["--show_masking", "2"]).stdout
+    assert "<s>[INST] question 0? [/INST][[ two </s>]]" in out, out
+    assert "[/INST][[ No </s>]]<s>[INST] question 1? [/INST][[ yes </s>]]" in out, out
+    assert not (tmp_path / "out").exists()  # nothing written: it only shows
+    # --dry_run needs the model's config.json for its memory estimate: the tokenizer folder plus a tiny config
+    from make_tiny_model import make_tiny_model
+
+    model = make_tiny_model(str(tmp_path / "model"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "model" / f).write_bytes((SHARED / "tokenizers" / "llama-spm" / f).read_bytes())
+    common[1] = model
+    log = run_finetune(common + ["--dry_run"]).stdout
+    assert "first sample, trained parts in [[...]]" in log and "[[ two </s>]]" in log, log
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["first_sample_marked"] == "<s>[INST] question 0? [/INST][[ two </s>]]"
