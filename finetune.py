@@ -573,20 +573,41 @@ THINKING_OFF = {"enable_thinking": False, "thinking": False}
 _TEMPLATE_FACTS = {}
 
 
-def _render_all(tokenizer, conversations, tools=None, add_generation_prompt=False, **template_kwargs):
-    """[text] for many conversations, exactly as tokenizer.apply_chat_template(c, tools, tokenize=False) renders
-    each (same template choice, same None-dropping, same special-token variables), in one call."""
-    from transformers.utils.chat_template_utils import render_jinja_template
+class ChatRenderer:
+    """render(messages, add_generation_prompt=False, **template_kwargs) -> text, exactly as
+    tokenizer.apply_chat_template(messages, tools=tools, tokenize=False) renders it (the same compiled template,
+    None-valued keys dropped, reasoning fields aliased, tools as plain data, the special tokens as variables).
+    It is called several times per conversation, so what apply_chat_template redoes on every call is done once:
+    each message is prepared once (our messages are JSON data already: no defensive deep copy), and the Jinja
+    context is built from a plain dict of the template's globals."""
 
-    conversations = [[{k: v for k, v in m.items() if v is not None} for m in c] for c in conversations]
-    texts, _ = render_jinja_template(
-        conversations=conversations, tools=tools, chat_template=tokenizer.get_chat_template(None, tools),
-        add_generation_prompt=add_generation_prompt, **{**tokenizer.special_tokens_map, **template_kwargs})
-    return texts
+    def __init__(self, tokenizer, tools=None):
+        from transformers.utils import chat_template_utils as ctu
 
+        self.template = ctu._compile_jinja_template(tokenizer.get_chat_template(None, tools))
+        self.alias, self.plain = ctu._alias_reasoning_fields, ctu._plain_template_data
+        self.globals = dict(self.template.globals)
+        self.variables = {**self.globals, **self.plain(dict(tokenizer.special_tokens_map)), "tools": self.plain(tools),
+                          "documents": None}
+        self.prepared = {}  # id(message) -> (message, prepared); the message is kept so its id stays unique
 
-def _render(tokenizer, messages, tools=None, add_generation_prompt=False, **template_kwargs):
-    return _render_all(tokenizer, [messages], tools, add_generation_prompt, **template_kwargs)[0]
+    def _prepare(self, message):
+        hit = self.prepared.get(id(message))
+        if hit is None or hit[0] is not message:
+            hit = self.prepared[id(message)] = (message, self.alias([{k: v for k, v in message.items()
+                                                                       if v is not None}])[0])
+        return hit[1]
+
+    def __call__(self, messages, add_generation_prompt=False, **template_kwargs):
+        env = self.template.environment
+        context = env.context_class(env, {**self.variables, **self.plain(template_kwargs),
+                                          "messages": [self._prepare(m) for m in messages],
+                                          "add_generation_prompt": add_generation_prompt},
+                                    self.template.name, self.template.blocks, globals=self.globals)
+        try:
+            return env.concat(self.template.root_render_func(context))
+        except Exception:
+            env.handle_exception()
 
 
 def _common_prefix(a, b):
@@ -620,22 +641,20 @@ def _snap_out_of_specials(text, k, specials):
     return k
 
 
-def _template_facts(tokenizer, tools):
-    """(specials, has a thinking-off prompt) for this tokenizer's template, from one probe chat; cached."""
-    specials = _special_tokens(tokenizer)
-    key = (tokenizer.get_chat_template(None, tools), tuple(sorted(tokenizer.special_tokens_map.items(), key=str)),
-           tuple(specials))
+def _template_facts(tokenizer, render):
+    """(specials, has a thinking-off prompt) for this tokenizer and template, from one probe chat; cached."""
+    key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map))
     if key not in _TEMPLATE_FACTS:
         probe = [{"role": "user", "content": "Hi"}]
         try:
-            thinking_off = _render(tokenizer, probe, tools, True, **THINKING_OFF) != _render(tokenizer, probe, tools, True)
+            thinking_off = render(probe, True, **THINKING_OFF) != render(probe, True)
         except Exception:
             thinking_off = False
-        _TEMPLATE_FACTS[key] = (specials, thinking_off)
+        _TEMPLATE_FACTS[key] = (tuple(_special_tokens(tokenizer)), thinking_off)
     return _TEMPLATE_FACTS[key]
 
 
-def _prompt_end(tokenizer, messages, i, tools, prompt, turn, specials):
+def _prompt_end(render, messages, i, prompt, turn, specials):
     """Where the generation prompt of turn i ends in `turn` (= render(messages[:i+1])) when the prompt is not a
     prefix of it: the template renders the turn's opener differently (DeepSeek-R1's prompt ends in '<think>\\n'),
     or the history (a system prompt moved into the last user turn, a tool result closed differently when it is
@@ -645,12 +664,12 @@ def _prompt_end(tokenizer, messages, i, tools, prompt, turn, specials):
     if i > 0:
         before = {**messages[i - 1], "content": SENTINEL}
         probe = messages[:i - 1] + [before]
-        in_prompt = _diff(prompt, _render(tokenizer, probe, tools, True))
-        in_turn = _diff(turn, _render(tokenizer, probe + [messages[i]], tools))
+        in_prompt = _diff(prompt, render(probe, True))
+        in_turn = _diff(turn, render(probe + [messages[i]]))
         if in_prompt and in_turn:
             k = in_turn[1] + _common_prefix(prompt[in_prompt[1]:], turn[in_turn[1]:])
             start = max(start, _snap_out_of_specials(turn, k, specials))
-    c = (_where_content(tokenizer, turn, messages[:i + 1], i, tools) or (None,))[0]
+    c = (_where_content(render, turn, messages[:i + 1], i) or (None,))[0]
     if c is not None and c > start and turn[c - _common_suffix(prompt, turn[:c]):c].strip():
         start = c
     return start
@@ -666,8 +685,8 @@ def _generated_part(prompts, turn, specials, eos, prompt_end, history):
     # Text the template writes after the last message of any conversation (an unconditional next-turn opener,
     # Command-R) ends the generation prompt and history() too: it is not part of the turn. It starts at a
     # special token, and after the EOS token if the shared text has one (nothing after EOS is generated).
-    shared = _common_suffix(prompts[0], turn[start:])
-    if shared:
+    shared = _common_suffix(prompts[0], turn[start:]) if prompts[0][-1:] == turn[-1:] else 0
+    if shared and turn[end - shared:].strip():
         tail = turn[end - shared:]
         cut = tail.rfind(eos) + len(eos) if eos and eos in tail else \
             min((p for p in (tail.find(s) for s in specials) if p >= 0), default=None)
@@ -676,10 +695,20 @@ def _generated_part(prompts, turn, specials, eos, prompt_end, history):
     return start, max(start, end)
 
 
+@functools.lru_cache(maxsize=64)
+def _ends_with_special(specials):
+    """A test of whether a text ends with one of `specials` (a tuple), reading only the text's last characters."""
+    pattern = re.compile("(?:" + "|".join(map(re.escape, specials)) + r")\Z") if specials else re.compile(r"(?!)")
+    longest = max(map(len, specials), default=0)
+    return lambda text: pattern.search(text, max(0, len(text) - longest)) is not None
+
+
 def _trim_after_end_token(text, start, end, specials):
     """Whitespace after a turn's final special token is never generated: not trained."""
     body = text[start:end].rstrip()
-    return (start, start + len(body)) if body and any(body.endswith(s) for s in specials) else (start, end)
+    if len(body) == end - start or not body:
+        return start, end
+    return (start, start + len(body)) if _ends_with_special(specials)(body) else (start, end)
 
 
 def _diff(text, other):
@@ -700,13 +729,13 @@ def _content_probes(message):
     return probes
 
 
-def _where_content(tokenizer, text, messages, i, tools):
+def _where_content(render, text, messages, i):
     """(start, end) of the characters of `text` (render of messages) that turn i's content and tool calls
     decide, or None if the template does not render them."""
     diffs = []
     for k, probe in enumerate(_content_probes(messages[i])):
         try:
-            d = _diff(text, _render(tokenizer, messages[:i] + [probe] + messages[i + 1:], tools))
+            d = _diff(text, render(messages[:i] + [probe] + messages[i + 1:]))
         except Exception:
             if k == 0:
                 raise
@@ -716,12 +745,12 @@ def _where_content(tokenizer, text, messages, i, tools):
     return (min(d[0] for d in diffs), max(d[1] for d in diffs)) if diffs else None
 
 
-def _map_turn(tokenizer, text, messages, i, tools, turn, start, end, specials):
+def _map_turn(render, text, messages, i, turn, start, end, specials):
     """Turn i's trained region in `text`, when the template renders it there differently from `turn` (its
     render as the last message): the turn's content is located in both, and what surrounds it in `turn`
     (reasoning, tool calls, end tokens) is kept where `text` has it too."""
-    in_text = _where_content(tokenizer, text, messages, i, tools)
-    in_turn = _where_content(tokenizer, turn, messages[:i + 1], i, tools)
+    in_text = _where_content(render, text, messages, i)
+    in_turn = _where_content(render, turn, messages[:i + 1], i)
     if in_text is None or in_turn is None:
         return 0, 0  # the template does not render this turn here: nothing to train
     before, after = turn[start:in_turn[0]], turn[in_turn[1]:end]
@@ -729,6 +758,12 @@ def _map_turn(tokenizer, text, messages, i, tools, turn, start, end, specials):
     if not before[len(before) - lead:].strip():
         lead = 0  # only whitespace in common: the opener's own newline, not something the model writes
     trail = _snap_out_of_specials(text, in_text[1] + _common_prefix(after, text[in_text[1]:]), specials)
+    rest = text[trail:]
+    if trail == in_text[1] and any(after.lstrip().startswith(s) for s in specials):
+        # nothing of the closing matches: the template closes the turn with another end token once more
+        # messages follow (gpt-oss: <|end|> where the last turn has <|return|>); that token is the closing
+        closing = next((s for s in specials if rest.lstrip().startswith(s)), None)
+        trail += len(rest) - len(rest.lstrip()) + len(closing) if closing else 0
     return in_text[0] - lead, max(trail, in_text[1])
 
 
@@ -739,45 +774,39 @@ def _arguments_as_strings(messages):
         else c for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
 
 
-def _with_template_arguments(tokenizer, messages, tools):
+def _with_template_arguments(render, messages):
     """Messages as this template renders them right, and their render. Arguments are given as a dict (what
     HF documents and most templates pass to tojson); a template that cannot render a dict (raises, or prints
     its Python repr) gets them as a JSON string instead."""
     calls = [c["function"].get("arguments") for m in messages for c in m.get("tool_calls") or []]
     dicts = [a for a in calls if isinstance(a, dict) and a]
     try:
-        text = _render(tokenizer, messages, tools)
+        text = render(messages)
         if not any(repr(a) in text for a in dicts):
             return messages, text
     except Exception:
         if not dicts:
             raise
     messages = _arguments_as_strings(messages)
-    return messages, _render(tokenizer, messages, tools)
+    return messages, render(messages)
 
 
 def render_conversation(tokenizer, messages, tools=None):
     """-> (text, [(start, end) character region to train, for each assistant turn]). Raises RecordError if
     the template refuses the conversation."""
     try:
-        messages, text = _with_template_arguments(tokenizer, messages, tools)
-        specials, thinking_off = _template_facts(tokenizer, tools)
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        prefixes = [messages[:i] for i in turns]
-        prompts = [_render_all(tokenizer, prefixes, tools, True)]
-        if thinking_off:
-            prompts.append(_render_all(tokenizer, prefixes, tools, True, **THINKING_OFF))
-        middle = [i for i in turns if i + 1 < len(messages)]
-        rendered = dict(zip(middle, _render_all(tokenizer, [messages[:i + 1] for i in middle], tools)))
+        render = ChatRenderer(tokenizer, tools)
+        messages, text = _with_template_arguments(render, messages)
+        specials, thinking_off = _template_facts(tokenizer, render)
         regions = []
-        for n, i in enumerate(turns):
-            turn = rendered.get(i, text)
-            start, end = _generated_part(
-                [p[n] for p in prompts], turn, specials, tokenizer.eos_token,
-                lambda: _prompt_end(tokenizer, messages, i, tools, prompts[0][n], turn, specials),
-                lambda: _render(tokenizer, messages[:i], tools))
+        for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+            prompts = [render(messages[:i], True)] + ([render(messages[:i], True, **THINKING_OFF)] if thinking_off else [])
+            turn = render(messages[:i + 1]) if i + 1 < len(messages) else text
+            start, end = _generated_part(prompts, turn, specials, tokenizer.eos_token,
+                                         lambda: _prompt_end(render, messages, i, prompts[0], turn, specials),
+                                         lambda: render(messages[:i]))
             if not text.startswith(turn[:end]):
-                start, end = _map_turn(tokenizer, text, messages, i, tools, turn, start, end, specials)
+                start, end = _map_turn(render, text, messages, i, turn, start, end, specials)
             regions.append(_trim_after_end_token(text, start, end, specials))
     except Exception as e:  # jinja raise_exception, undefined fields, type errors inside the template
         raise RecordError("messages", f"the chat template refuses this conversation: {e}") from None

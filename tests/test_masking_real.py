@@ -17,7 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import SHARED
-from finetune import IGNORE_INDEX, _with_template_arguments, tokenize_conversation
+from finetune import IGNORE_INDEX, ChatRenderer, _with_template_arguments, tokenize_conversation
 from test_masking import FAMILY, TEMPLATES, TOOL_CLOSING, with_template
 
 REAL = ["llama-spm", "gpt-2", "deepseek-llm"]
@@ -115,7 +115,7 @@ def covered_characters(tok, text, labels):
 def check(tok, name, messages):
     tools = TOOLS if any(m.get("tool_calls") or m["role"] == "tool" for m in messages) or "Hermes" in name else None
     try:
-        messages, text = _with_template_arguments(tok, messages, tools)  # the argument form this template renders
+        messages, text = _with_template_arguments(ChatRenderer(tok, tools), messages)  # the form it renders
         assert text == tok.apply_chat_template(messages, tools=tools, tokenize=False)
     except Exception as e:  # the template itself refuses (Gemma: system; Llama-2: roles must alternate)
         with pytest.raises(ValueError):
@@ -243,3 +243,26 @@ def test_show_masking_and_dry_run_mark_trained_parts(tmp_path):
     assert "first sample, trained parts in [[...]]" in log and "[[ two </s>]]" in log, log
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert report["first_sample_marked"] == "<s>[INST] question 0? [/INST][[ two </s>]]"
+
+
+# gpt-oss "harmony" shape: the final reply ends with <|return|>, a reply followed by more messages with <|end|>
+HARMONY = ("{% for m in messages %}<|start|>{{ m.role }}{% if m.role == 'assistant' %}<|channel|>final{% endif %}"
+           "<|message|>{{ m.content }}{% if m.role == 'assistant' and loop.last %}<|return|>{% else %}<|end|>{% endif %}"
+           "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+
+def test_earlier_turn_closed_with_another_end_token_is_trained():
+    tok = copy.deepcopy(real_tokenizer("gpt-2"))
+    tok.chat_template = HARMONY
+    tok.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|channel|>", "<|message|>", "<|end|>",
+                                                          "<|return|>"]})
+    out = tokenize_conversation(tok, chat("two", "three"), 1000)
+    runs, cur = [], []
+    for i, lab in zip(out["input_ids"], out["labels"]):
+        if lab != IGNORE_INDEX:
+            cur.append(i)
+        elif cur:
+            runs, cur = runs + [cur], []
+    runs += [cur] if cur else []
+    assert [tok.decode(r) for r in runs] == ["<|channel|>final<|message|>two<|end|>",
+                                             "<|channel|>final<|message|>three<|return|>"]
