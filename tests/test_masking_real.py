@@ -266,3 +266,18 @@ def test_earlier_turn_closed_with_another_end_token_is_trained():
     runs += [cur] if cur else []
     assert [tok.decode(r) for r in runs] == ["<|channel|>final<|message|>two<|end|>",
                                              "<|channel|>final<|message|>three<|return|>"]
+
+
+# functionary v3.2 shape: the generation prompt ends with '>>>'; the model writes the recipient ('all\n') itself
+FUNCTIONARY_V32 = ("{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+                   "{% if m.role == 'assistant' %}>>>all\n{% endif %}{{ m.content }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n>>>{% endif %}")
+
+
+def test_text_the_prompt_leaves_to_the_model_is_trained():
+    tok = copy.deepcopy(real_tokenizer("deepseek-llm"))
+    tok.chat_template = FUNCTIONARY_V32
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    out = tokenize_conversation(tok, chat("two"), 1000)
+    trained = tok.decode([i for i, lab in zip(out["input_ids"], out["labels"]) if lab != IGNORE_INDEX])
+    assert trained == "all\ntwo<|eot_id|>"
