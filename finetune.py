@@ -582,14 +582,19 @@ class ChatRenderer:
     context is built from a plain dict of the template's globals."""
 
     def __init__(self, tokenizer, tools=None):
-        from transformers.utils import chat_template_utils as ctu
+        self.tokenizer, self.tools = tokenizer, tools
+        self.prepared = {}  # id(message) -> (message, prepared); the message is kept so its id stays unique
+        try:
+            from transformers.utils import chat_template_utils as ctu
 
-        self.template = ctu._compile_jinja_template(tokenizer.get_chat_template(None, tools))
-        self.alias, self.plain = ctu._alias_reasoning_fields, ctu._plain_template_data
+            self.template = ctu._compile_jinja_template(tokenizer.get_chat_template(None, tools))
+            self.alias, self.plain = ctu._alias_reasoning_fields, ctu._plain_template_data
+        except (ImportError, AttributeError):  # another transformers: its public API, one call per render
+            self.template = None
+            return
         self.globals = dict(self.template.globals)
         self.variables = {**self.globals, **self.plain(dict(tokenizer.special_tokens_map)), "tools": self.plain(tools),
                           "documents": None}
-        self.prepared = {}  # id(message) -> (message, prepared); the message is kept so its id stays unique
 
     def _prepare(self, message):
         hit = self.prepared.get(id(message))
@@ -599,6 +604,9 @@ class ChatRenderer:
         return hit[1]
 
     def __call__(self, messages, add_generation_prompt=False, **template_kwargs):
+        if self.template is None:
+            return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **template_kwargs)
         env = self.template.environment
         context = env.context_class(env, {**self.variables, **self.plain(template_kwargs),
                                           "messages": [self._prepare(m) for m in messages],
@@ -642,15 +650,17 @@ def _snap_out_of_specials(text, k, specials):
 
 
 def _template_facts(tokenizer, render):
-    """(specials, has a thinking-off prompt) for this tokenizer and template, from one probe chat; cached."""
+    """(specials, has a thinking-off prompt, renders like apply_chat_template) for this tokenizer and template,
+    from one probe chat; cached."""
     key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map))
     if key not in _TEMPLATE_FACTS:
-        probe = [{"role": "user", "content": "Hi"}]
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
         try:
-            thinking_off = render(probe, True, **THINKING_OFF) != render(probe, True)
+            same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False)
+            thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
         except Exception:
-            thinking_off = False
-        _TEMPLATE_FACTS[key] = (tuple(_special_tokens(tokenizer)), thinking_off)
+            same, thinking_off = True, False  # the template refuses the probe; real conversations will say why
+        _TEMPLATE_FACTS[key] = (tuple(_special_tokens(tokenizer)), thinking_off, same)
     return _TEMPLATE_FACTS[key]
 
 
@@ -796,8 +806,10 @@ def render_conversation(tokenizer, messages, tools=None):
     the template refuses the conversation."""
     try:
         render = ChatRenderer(tokenizer, tools)
+        specials, thinking_off, same = _template_facts(tokenizer, render)
+        if not same:  # this transformers renders differently from what ChatRenderer mirrors: use its own API
+            render.template = None
         messages, text = _with_template_arguments(render, messages)
-        specials, thinking_off = _template_facts(tokenizer, render)
         regions = []
         for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
             prompts = [render(messages[:i], True)] + ([render(messages[:i], True, **THINKING_OFF)] if thinking_off else [])

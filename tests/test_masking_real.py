@@ -281,3 +281,25 @@ def test_text_the_prompt_leaves_to_the_model_is_trained():
     out = tokenize_conversation(tok, chat("two"), 1000)
     trained = tok.decode([i for i, lab in zip(out["input_ids"], out["labels"]) if lab != IGNORE_INDEX])
     assert trained == "all\ntwo<|eot_id|>"
+
+
+def test_public_api_fallback_gives_the_same_labels(monkeypatch):
+    """ChatRenderer mirrors apply_chat_template with transformers internals; without them (another transformers
+    version) it renders through apply_chat_template itself, with the same result."""
+    names = ["Qwen-Qwen3-0.6B.jinja", "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+             "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja"]
+    cases = [(n, label) for n in names for label in ("reasoning", "tool_dict_args", "multi_turn_system")]
+
+    def labels():
+        return [tokenize_conversation(family_tokenizer("gpt-2", n), CONVERSATIONS[label], 100000,
+                                      tools=TOOLS if "tool" in label else None)["labels"] for n, label in cases]
+
+    fast = labels()
+    init = ChatRenderer.__init__
+
+    def without_internals(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.template = None  # what __init__ sets when the internals are missing
+
+    monkeypatch.setattr(ChatRenderer, "__init__", without_internals)
+    assert labels() == fast
