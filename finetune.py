@@ -685,11 +685,32 @@ def _prompt_end(render, messages, i, prompt, turn, specials):
     return start
 
 
+def _after_prompt(prompt, turn):
+    """Where `prompt` ends in `turn` if the turn starts with it, whitespace aside (hand-written templates often
+    indent the generation prompt, or end it with another newline, than the turn they render), else None."""
+    if turn.startswith(prompt):
+        return len(prompt)
+    i = j = _common_prefix(prompt, turn)
+    while i < len(prompt):
+        if prompt[i].isspace():
+            i += 1
+            continue
+        while j < len(turn) and turn[j].isspace():
+            j += 1
+        if j == len(turn) or turn[j] != prompt[i]:
+            return None
+        i, j = i + 1, j + 1
+    if prompt[-1:].isspace():  # the prompt ends with whitespace: so does what it supplies of the turn
+        while j < len(turn) and turn[j].isspace():
+            j += 1
+    return j
+
+
 def _generated_part(prompts, turn, specials, eos, prompt_end, history):
     """(start, end) in `turn` (= render(messages[:i+1])) of what the model generates for its last turn, given
     the generation prompts the template gives for messages[:i] (default first, then thinking-off).
     prompt_end(): _prompt_end for the default prompt; history(): render(messages[:i]) (both lazy)."""
-    full = [len(p) for p in prompts if turn.startswith(p)]
+    full = [k for k in (_after_prompt(p, turn) for p in prompts) if k is not None]
     start = max(full) if full else prompt_end()
     end = len(turn)
     # Text the template writes after the last message of any conversation (an unconditional next-turn opener,

@@ -303,3 +303,30 @@ def test_public_api_fallback_gives_the_same_labels(monkeypatch):
 
     monkeypatch.setattr(ChatRenderer, "__init__", without_internals)
     assert labels() == fast
+
+
+# A hand-written multi-line template (as many published ones): Jinja's whitespace makes the generation prompt
+# '    ### Response:\n\n' where the turn reads '        ### Response:\ntwo</s>'.
+INDENTED = """{{ bos_token }}
+{% for message in messages %}
+    {% if message['role'] == 'user' %}
+        {{ '### Instruction:\\n' + message['content'] | trim + '\\n\\n' }}
+    {% elif message['role'] == 'assistant' %}
+        {{ '### Response:\\n' + message['content'] | trim + eos_token + '\\n\\n' }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+    {{ '### Response:\\n' }}
+{% endif %}"""
+
+
+@pytest.mark.parametrize("real", REAL)
+def test_prompt_that_differs_from_the_turn_only_in_whitespace(real):
+    tok = copy.deepcopy(real_tokenizer(real))
+    tok.chat_template = INDENTED
+    tok.add_special_tokens({"additional_special_tokens": ["<s>", "</s>"]})
+    tok.bos_token, tok.eos_token = "<s>", "</s>"
+    out = tokenize_conversation(tok, chat("two", "### Response: No"), 1000)
+    marked = __import__("finetune").marked_text(tok, out["input_ids"], out["labels"])
+    assert marked.count("[[") == 2 and "### Response:\n[[two</s>]]" in marked, marked
+    assert "### Response:\n[[### Response: No</s>]]" in marked, marked
