@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from conftest import SHARED
 from finetune import IGNORE_INDEX, ChatRenderer, _with_template_arguments, tokenize_conversation
-from test_masking import FAMILY, TEMPLATES, TOOL_CLOSING, with_template
+from test_masking import FAMILY, TEMPLATES, TOOL_CLOSING, spans, with_template
 
 REAL = ["llama-spm", "gpt-2", "deepseek-llm"]
 MARK = "\ue00a"  # private use: never in the conversations below
@@ -205,16 +205,7 @@ def test_every_end_token_and_no_trailer_command_r():
 
 def test_tool_call_turn_ends_with_its_own_token_functionary():
     tok = family_tokenizer("llama-spm", "meetkai-functionary-medium-v3.1.jinja")
-    out = tokenize_conversation(tok, CONVERSATIONS["tool_dict_args"], 100000, tools=TOOLS)
-    ids, labels = out["input_ids"], out["labels"]
-    runs, cur = [], []
-    for i, lab in zip(ids, labels):
-        if lab != IGNORE_INDEX:
-            cur.append(i)
-        elif cur:
-            runs, cur = runs + [cur], []
-    runs += [cur] if cur else []
-    texts = [tok.decode(r) for r in runs]
+    texts = spans(tokenize_conversation(tok, CONVERSATIONS["tool_dict_args"], 100000, tools=TOOLS), tok)
     assert texts[0].endswith("</function><|eom_id|>") and "ipython" not in texts[0], texts
     assert texts[1].strip() == "It is 21 degrees.<|eot_id|>", texts
 
@@ -256,16 +247,8 @@ def test_earlier_turn_closed_with_another_end_token_is_trained():
     tok.chat_template = HARMONY
     tok.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|channel|>", "<|message|>", "<|end|>",
                                                           "<|return|>"]})
-    out = tokenize_conversation(tok, chat("two", "three"), 1000)
-    runs, cur = [], []
-    for i, lab in zip(out["input_ids"], out["labels"]):
-        if lab != IGNORE_INDEX:
-            cur.append(i)
-        elif cur:
-            runs, cur = runs + [cur], []
-    runs += [cur] if cur else []
-    assert [tok.decode(r) for r in runs] == ["<|channel|>final<|message|>two<|end|>",
-                                             "<|channel|>final<|message|>three<|return|>"]
+    assert spans(tokenize_conversation(tok, chat("two", "three"), 1000), tok) == [
+        "<|channel|>final<|message|>two<|end|>", "<|channel|>final<|message|>three<|return|>"]
 
 
 # functionary v3.2 shape: the generation prompt ends with '>>>'; the model writes the recipient ('all\n') itself
