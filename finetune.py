@@ -224,8 +224,7 @@ def parse_args(argv=None):
         argv = _read_config(argv.pop(0), known) + argv
 
     def error(message):  # argparse would print usage and exit; make it one `[finetune] error:` line
-        raise ValueError(f"{message}{_suggest(message.split()[-1].lstrip('-'), known) if 'unrecognized' in message else ''}"
-                         " (see python finetune.py --help)")
+        raise ValueError(f"{message} (see python finetune.py --help)")
 
     parser.error = error
     try:
@@ -383,9 +382,9 @@ def parse_data_spec(spec):
                 raise FileNotFoundError(
                     f"--data_path: {head} exists, but {tail!r} after ':' is not a ratio (ENTRY:RATIO, e.g. "
                     f"{head}:0.5)" if os.path.exists(head) else
-                    f"--data_path: no such file or folder: {item} (a ',' inside a name is written '\\,')") from None
+                    f"--data_path: {item} does not exist (a ',' inside a name is written '\\,')") from None
         if not os.path.exists(path):
-            raise FileNotFoundError(f"--data_path: no such file or folder: {path} "
+            raise FileNotFoundError(f"--data_path: {path} does not exist "
                                     "(entries are separated by ','; a ',' inside a name is written '\\,')")
         if not (math.isfinite(ratio) and ratio > 0):
             raise ValueError(f"--data_path: ratio of {path} must be a finite number > 0, got {tail!r}.")
@@ -576,7 +575,7 @@ def _whole_file_value(path, f):
     try:
         value = json.loads(f.read().decode("utf-8-sig"))
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":
+        if e.msg == "Extra data" and e.lineno > 1:  # the first value is complete and spans lines
             raise DataError(f"{path}:{e.lineno}: several JSON values over several lines, one after another: "
                             "neither JSONL (one record per line) nor a JSON array; write one of those.") from None
         value = None
@@ -617,7 +616,7 @@ def _array_records(path, data):
         try:
             record, end = decoder.raw_decode(text, pos)
         except (json.JSONDecodeError, RecursionError) as e:
-            where = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            where = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
             nxt = record_start.search(text, pos + 1) if record_start else None
             if record_start is None:
                 raise DataError(f"{path}:{getattr(e, 'lineno', line)}: invalid JSON ({where}) in an array whose records "
