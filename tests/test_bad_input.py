@@ -104,7 +104,7 @@ class TestNothingLostOrDoubled:
         assert skipped == {"hidden": [str(tmp_path / "d" / ".hidden.jsonl"), str(tmp_path / "d" / ".ipynb_checkpoints")],
                            "ignored": [str(tmp_path / "d" / "notes.txt")]}
         os.symlink(tmp_path / "d", tmp_path / "d" / "task" / "back")
-        with pytest.raises(ValueError, match="a loop"):
+        with pytest.raises(ValueError, match="a folder that contains the link: a loop"):
             ft.list_data_files(str(tmp_path / "d"))
         os.remove(tmp_path / "d" / "task" / "back")
         os.symlink(tmp_path / "nowhere", tmp_path / "d" / "dangling.jsonl")
