@@ -79,9 +79,9 @@ class ModelArguments:
 class DataArguments:
     data_path: str = field(
         default=None,
-        metadata={"help": "Training data: files (.jsonl/.json, optionally .gz) or folders, comma-separated. "
-                  "A folder means all data files below it; append :RATIO to sample an entry "
-                  "(e.g. a.jsonl:0.5,b/:2)."},
+        metadata={"help": "Training data: files (.jsonl/.json, optionally .gz) or folders, comma-separated "
+                  "(a comma inside a name is written \\,). A folder means all data files below it (hidden ones "
+                  "skipped); append :RATIO to sample an entry (e.g. a.jsonl:0.5,b/:2)."},
     )
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same syntax."})
     lazy_preprocess: bool = field(
