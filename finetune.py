@@ -229,6 +229,15 @@ def parse_args(argv=None):
     parser.error = error
     try:
         return parser.parse_args_into_dataclasses(args=argv)
+    except json.JSONDecodeError as e:  # transformers reads --deepspeed (and other JSON file flags) itself
+        for flag, value in zip(argv, argv[1:]):
+            if flag.startswith("--") and value.endswith(".json") and os.path.isfile(value):
+                try:
+                    with open(value) as f:
+                        json.load(f)
+                except ValueError:
+                    raise ValueError(f"{flag} {value} is not valid JSON: {e}") from None
+        raise
     except ValueError as e:
         unused = re.search(r"not used by the HfArgumentParser: \[(.*)\]", str(e))
         if unused:
@@ -254,7 +263,7 @@ FLAG_RANGES = [
 def _check_ranges(*arg_groups):
     for name, low, high, inclusive in FLAG_RANGES:
         value = next((getattr(g, name) for g in arg_groups if hasattr(g, name)), None)
-        if value is None or isinstance(value, str):
+        if value is None or isinstance(value, str) or (name == "num_train_epochs" and arg_groups[0].max_steps > 0):
             continue
         ok = math.isfinite(value) and (value >= low if inclusive else value > low) and (high is None or value <= high)
         if not ok:
@@ -274,22 +283,23 @@ def check_model_path(name):
                                 "(owner/name, e.g. Qwen/Qwen2.5-7B-Instruct). Check the path.")
 
 
-def check_output_dir(path):
-    """--output_dir must be a folder we can create and write, found out now, not after hours of preprocessing.
+def check_writable_dir(path, flag="--output_dir"):
+    """A folder we must create and write is checked now, not after hours of preprocessing or a model load.
     Probed with a temporary file in the nearest existing folder, removed at once: nothing is left behind."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output_dir {path} is a file, not a folder; choose another path.")
+        raise ValueError(f"{flag} {path} is a file, not a folder; choose another path.")
     parent = os.path.abspath(path)
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ValueError(f"--output_dir {path}: {parent} is a file, so the folder cannot be created.")
+        raise ValueError(f"{flag} {path}: {parent} is {'a broken link' if os.path.islink(parent) else 'a file'}, "
+                         "so the folder cannot be created.")
     try:
         fd, probe = tempfile.mkstemp(dir=parent, prefix=".finetune-write-test-")
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"--output_dir {path}: cannot write in {parent} ({e.strerror}); "
+        raise ValueError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
                          "choose a writable folder.") from None
 
 
@@ -302,7 +312,9 @@ def validate_args(model_args, data_args, training_args, lora_args):
     _check_ranges(training_args, lora_args, data_args)
     check_model_path(model_args.model_name_or_path)
     if int(os.environ.get("RANK", "0")) == 0:
-        check_output_dir(training_args.output_dir)
+        check_writable_dir(training_args.output_dir)
+        check_writable_dir(data_args.dataset_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "finetune"),
+                           "--dataset_cache_dir")
     for spec in (data_args.data_path, data_args.eval_data_path):
         if spec:
             resolve_data_spec(spec)  # missing entries, bad ratios, folder problems, the same file twice
@@ -332,8 +344,11 @@ def zero_stage(training_args):
     if isinstance(ds, str):
         if not os.path.isfile(ds):
             raise FileNotFoundError(f"--deepspeed {ds} does not exist.")
-        with open(ds) as f:
-            ds = json.load(f)
+        try:
+            with open(ds) as f:
+                ds = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"--deepspeed {training_args.deepspeed} is not valid JSON: {e}") from None
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
@@ -436,7 +451,7 @@ def list_data_files(path):
                 raise ValueError(f"--data_path: {full} is "
                                  f"{'a broken symbolic link (or a loop of links)' if os.path.islink(full) else 'not a regular file'}"
                                  "; remove it or fix the link.")
-            elif name.endswith(DATA_SUFFIXES):
+            elif name.lower().endswith(DATA_SUFFIXES):
                 rel = os.path.relpath(folder, root)
                 files.append((full, os.path.basename(root) if rel == "." else rel.split(os.sep)[0]))
             else:
@@ -483,10 +498,10 @@ def _open_json_text(path):
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
     f = gzip.GzipFile(fileobj=raw) if raw.read(2) == b"\x1f\x8b" else None
     raw.seek(0)
-    if f is None and path.endswith(".gz"):
+    if f is None and path.lower().endswith(".gz"):
         raw.close()
         raise DataError(f"{path}: named .gz but not gzip data; rename it (drop .gz) or re-create it.")
-    if f is not None and not path.endswith(".gz"):
+    if f is not None and not path.lower().endswith(".gz"):
         log0(f"{path}: gzip-compressed although not named .gz; reading it decompressed.")
     f = f or raw
     head = f.read(4096)

@@ -96,10 +96,12 @@ class TestNothingLostOrDoubled:
         write_jsonl(tmp_path / "d" / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [chat()])
         (tmp_path / "d" / ".hidden.jsonl").write_text(json.dumps(chat()))
         (tmp_path / "d" / "notes.txt").write_text("x")
+        write_jsonl(tmp_path / "d" / "task" / "UPPER.JSONL", [chat()])
         write_jsonl(tmp_path / "elsewhere" / "b.jsonl", [chat()])
         os.symlink(tmp_path / "elsewhere", tmp_path / "d" / "linked")
         files, skipped = ft.list_data_files(str(tmp_path / "d"))
         assert files == [(str(tmp_path / "d" / "linked" / "b.jsonl"), "linked"),
+                         (str(tmp_path / "d" / "task" / "UPPER.JSONL"), "task"),
                          (str(tmp_path / "d" / "task" / "a.jsonl"), "task")]
         assert skipped == {"hidden": [str(tmp_path / "d" / ".hidden.jsonl"), str(tmp_path / "d" / ".ipynb_checkpoints")],
                            "ignored": [str(tmp_path / "d" / "notes.txt")]}
@@ -214,6 +216,8 @@ class TestUserErrorsExit2:
             (["--output_dir", tmp_path / "afile"], "--output_dir " + str(tmp_path / "afile") + " is a file"),
             (["--output_dir", tmp_path / "afile" / "sub"], "is a file, so the folder cannot be created"),
             (["--output_dir", "/proc/finetune-out"], "--output_dir /proc/finetune-out: cannot write in /proc"),
+            (["--dataset_cache_dir", tmp_path / "afile"], "--dataset_cache_dir " + str(tmp_path / "afile") + " is a file"),
+            (["--deepspeed", tmp_path / "bad.json"], "--deepspeed " + str(tmp_path / "bad.json") + " is not valid JSON"),
             (["--data_path", f"{good}:inf"], "ratio of " + good + " must be a finite number > 0, got 'inf'"),
             (["--data_path", f"{good}:nan"], "must be a finite number > 0, got 'nan'"),
             (["--data_path", f"{good}:0"], "must be a finite number > 0, got '0'"),
@@ -221,6 +225,7 @@ class TestUserErrorsExit2:
             (["--data_path", tmp_path / "a.csv"], "CSV files are not supported; give .jsonl/.json"),
         ]
         (tmp_path / "a.csv").write_text("instruction,output\nhi,there\n")
+        (tmp_path / "bad.json").write_text("a,b")
         for args, expected in cases:
             argv = dry_run_args(tiny_model, good, tmp_path) + [str(a) for a in args]  # the last flag wins
             msg = user_error(argv, monkeypatch, capsys)
