@@ -187,7 +187,7 @@ def _suggest(name, known):
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _read_config(path, known):
+def _read_config(path, actions):
     """A JSON/YAML config file -> flags; its keys are flag names without '--', checked here so that a
     typo names the file and the key (not 'unused arguments')."""
     if not os.path.isfile(path):
@@ -207,21 +207,46 @@ def _read_config(path, known):
         raise ValueError(f"config file {path}: expected a mapping of flag: value, got {type(config).__name__}")
     flags = []
     for key, value in (config or {}).items():
-        if str(key) not in known:
-            raise ValueError(f"config file {path}: unknown key {key!r}{_suggest(str(key), known)}; "
+        if str(key) not in actions:
+            raise ValueError(f"config file {path}: unknown key {key!r}{_suggest(str(key), list(actions))}; "
                              "keys are the command-line flags without '--' (see --help)")
+        if value is None:  # YAML null: the flag's default
+            continue
+        if isinstance(value, list) and actions[key].nargs is None:  # data_path: [a.jsonl, b/] -> "a.jsonl,b/"
+            value = ",".join(str(v).replace(",", "\\,") for v in value)
         values = value if isinstance(value, list) else [value]
         flags += [f"--{key}"] + [json.dumps(v) if isinstance(v, dict) else str(v) for v in values]
     return flags
+
+
+def _join_repeated(argv, names=("data_path", "eval_data_path")):
+    """A repeated --data_path adds its entries (argparse would silently keep only the last one)."""
+    out, seen = [], {}
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if name in names and (eq or i + 1 < len(argv)):
+            value, i = (value, i + 1) if eq else (argv[i + 1], i + 2)
+            if name in seen:
+                out[seen[name]] += "," + value
+            else:
+                seen[name] = len(out) + 1
+                out += [f"--{name}", value]
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
 
 
 def parse_args(argv=None):
     """Flags, or a JSON/YAML file as first argument whose keys are flags (later flags override it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
-    known = [a.dest for a in parser._actions]
-    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
-        argv = _read_config(argv.pop(0), known) + argv
+    actions = {a.dest: a for a in parser._actions}
+    known = list(actions)
+    config = _read_config(argv.pop(0), actions) if argv and argv[0].endswith((".json", ".yaml", ".yml")) else []
+    argv = config + _join_repeated(argv)  # flags after the config file override it
 
     def error(message):  # argparse would print usage and exit; make it one `[finetune] error:` line
         raise ValueError(f"{message} (see python finetune.py --help)")

@@ -291,6 +291,15 @@ class TestFileKinds:
             ft.parse_data_spec(f"{tmp_path}/a,b.jsonl")
         with pytest.raises(FileNotFoundError, match="x.jsonl:abc does not exist"):
             ft.parse_data_spec(f"{tmp_path}/x.jsonl:abc")
+        # repeating --data_path adds entries; a YAML list is joined the same way (commas escaped)
+        flags = ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "out")]
+        _, dargs, _, _ = ft.parse_args(flags + ["--data_path", "a", "--data-path=b", "--data_path", "c"])
+        assert dargs.data_path == "a,b,c"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"data_path:\n  - {tmp_path}/a,b.jsonl\n  - {tmp_path}/d.jsonl\neval_data_path: null\n")
+        _, dargs, _, _ = ft.parse_args([str(cfg), *flags])
+        assert ft.parse_data_spec(dargs.data_path) == [(f"{tmp_path}/a,b.jsonl", 1.0), (f"{tmp_path}/d.jsonl", 1.0)]
+        assert dargs.eval_data_path is None
 
 
 class TestErrorTotals:
