@@ -296,14 +296,18 @@ def _check_ranges(*arg_groups):
             raise ValueError(f"--{name} {value}: must be a finite number {bound}.")
 
 
-def check_model_path(name):
-    """A local model folder must exist and hold config.json; anything else must look like a hub id."""
+def check_model_path(name, need_weights=True):
+    """A local model folder must exist and hold config.json (and weights, unless only the tokenizer and
+    config are read: --dry_run); anything else must look like a hub id."""
     if os.path.exists(name):
         if not os.path.isdir(name):
             raise ValueError(f"--model_name_or_path {name} is a file; give the model's folder (with config.json).")
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise FileNotFoundError(f"--model_name_or_path {name} has no config.json: not a saved model folder.")
-    elif name.startswith(("/", ".", "~")) or name.count("/") != 1 or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        if need_weights and not any(glob.glob(os.path.join(name, f"*.{ext}")) for ext in ("safetensors", "bin")):
+            raise FileNotFoundError(f"--model_name_or_path {name} has no weights (*.safetensors or *.bin); "
+                                    "copy them there, or point to the full model folder.")
+    elif name.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise FileNotFoundError(f"--model_name_or_path {name}: no such local folder, and not a hub id "
                                 "(owner/name, e.g. Qwen/Qwen2.5-7B-Instruct). Check the path.")
 
@@ -335,7 +339,7 @@ def validate_args(model_args, data_args, training_args, lora_args):
     if not data_args.data_path:
         raise ValueError("--data_path is required (a .jsonl/.json file, a folder, or a comma-separated list).")
     _check_ranges(training_args, lora_args, data_args)
-    check_model_path(model_args.model_name_or_path)
+    check_model_path(model_args.model_name_or_path, need_weights=not data_args.dry_run)
     if int(os.environ.get("RANK", "0")) == 0:
         check_writable_dir(training_args.output_dir)
         check_writable_dir(data_args.dataset_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "finetune"),
@@ -1171,8 +1175,9 @@ def load_tokenizer(model_args, training_args):
             trust_remote_code=model_args.trust_remote_code, model_max_length=training_args.model_max_length,
         )
     except OSError as e:  # not a local folder: the hub could not give it (no such repo, offline, gated)
-        raise FileNotFoundError(f"--model_name_or_path {model_args.model_name_or_path}: no tokenizer could be "
-                                f"loaded ({str(e).splitlines()[0]}). Check the path or hub id.") from None
+        raise FileNotFoundError(f"--model_name_or_path {model_args.model_name_or_path}: not a local folder, and no "
+                                f"tokenizer could be loaded from the hub ({str(e).splitlines()[0]}). Check the path "
+                                "or hub id.") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("A fast tokenizer (tokenizer.json) is needed for exact label masking.")
     if model_args.chat_template:

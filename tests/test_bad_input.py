@@ -231,6 +231,11 @@ class TestUserErrorsExit2:
             msg = user_error(argv, monkeypatch, capsys)
             assert expected in msg, msg
         assert not (tmp_path / "out").exists()
+        (tmp_path / "no_weights").mkdir()
+        (tmp_path / "no_weights" / "config.json").write_text("{}")
+        argv = dry_run_args(tmp_path / "no_weights", good, tmp_path)
+        argv.remove("--dry_run"), argv.remove("True")
+        assert "has no weights (*.safetensors or *.bin)" in user_error(argv, monkeypatch, capsys)
         cfg = tmp_path / "run.yaml"
         cfg.write_text(f"model_name_or_path: {tiny_model}\ndata_path: {good}\nlerning_rate: 1e-4\n")
         msg = user_error([cfg], monkeypatch, capsys)
@@ -252,7 +257,7 @@ class TestUserErrorsExit2:
         # a plausible hub id that cannot be loaded (offline here): one line, not OSError's traceback
         proc = run_finetune(dry_run_args("models/qwen-7b", good, tmp_path), check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stdout
-        assert "[finetune] error: --model_name_or_path models/qwen-7b: no tokenizer could be loaded" in proc.stdout
+        assert "[finetune] error: --model_name_or_path models/qwen-7b: not a local folder, and no tokenizer could be loaded" in proc.stdout
 
 
 class TestFileKinds:
