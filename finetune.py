@@ -344,9 +344,13 @@ def validate_args(model_args, data_args, training_args, lora_args):
         check_writable_dir(training_args.output_dir)
         check_writable_dir(data_args.dataset_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "finetune"),
                            "--dataset_cache_dir")
-    for spec in (data_args.data_path, data_args.eval_data_path):
-        if spec:
-            resolve_data_spec(spec)  # missing entries, bad ratios, folder problems, the same file twice
+    # missing entries, bad ratios, folder problems, the same file twice; eval files that are also trained on
+    # are said (an overfitting check may want that; a held-out set must not)
+    train_files = {_file_id(f) for _, _, files in resolve_data_spec(data_args.data_path)[0] for f, _ in files}
+    for _, _, files in resolve_data_spec(data_args.eval_data_path)[0] if data_args.eval_data_path else []:
+        shared = [file for file, _ in files if _file_id(file) in train_files]
+        if shared:
+            log0(f"note: --eval_data_path files also in --data_path (evaluated on training data): {', '.join(shared)}")
     if model_args.chat_template and not os.path.isfile(model_args.chat_template):
         raise FileNotFoundError(f"--chat_template {model_args.chat_template} does not exist.")
     if lora_args.q_lora:

@@ -91,7 +91,7 @@ class TestNothingLostOrDoubled:
         (tmp_path / "c.json").write_text(json.dumps([chat(1), chat(2), chat(3)]).replace('"q2"', '"q2" x'))
         assert "cannot be told apart or counted" in data_error(tmp_path / "c.json")
 
-    def test_folders_skip_hidden_follow_links_detect_loops_and_doubles(self, tmp_path):
+    def test_folders_skip_hidden_follow_links_detect_loops_and_doubles(self, tmp_path, capsys):
         write_jsonl(tmp_path / "d" / "task" / "a.jsonl", [chat()])
         write_jsonl(tmp_path / "d" / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [chat()])
         (tmp_path / "d" / ".hidden.jsonl").write_text(json.dumps(chat()))
@@ -118,6 +118,10 @@ class TestNothingLostOrDoubled:
             with pytest.raises(ValueError, match="would be read twice"):
                 ft.resolve_data_spec(spec)
         assert len(ft.resolve_data_spec(f"{a}:2")[0]) == 1  # repetition is what ratios are for
+        margs, dargs, targs, largs = ft.parse_args(["--model_name_or_path", "m", "--data_path", str(tmp_path / "d"),
+                                                    "--eval_data_path", str(b), "--output_dir", str(tmp_path / "o")])
+        ft.validate_args(margs, dargs, targs, largs)
+        assert f"also in --data_path (evaluated on training data): {b}" in capsys.readouterr().out
 
     def test_dry_run_report_counts_equal_the_files(self, tiny_model, tmp_path):
         """End to end in a real process: hidden folder not read, linked task read, other files listed once,
