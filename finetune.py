@@ -418,7 +418,7 @@ def parse_data_spec(spec):
     trailing ':RATIO' is a ratio only if the entry as written is not an existing path (so 'run:3/' works)."""
     entries = []
     for item in re.split(r"(?<!\\),", spec):
-        item = item.replace("\\,", ",").strip()
+        item = os.path.expanduser(item.replace("\\,", ",").strip())
         if not item:
             continue
         path, ratio = item, 1.0
@@ -434,8 +434,8 @@ def parse_data_spec(spec):
         if not os.path.exists(path):
             raise FileNotFoundError(f"--data_path: {path} does not exist "
                                     "(entries are separated by ','; a ',' inside a name is written '\\,')")
-        if not (math.isfinite(ratio) and ratio > 0):
-            raise ValueError(f"--data_path: ratio of {path} must be a finite number > 0, got {tail!r}.")
+        if not (math.isfinite(ratio) and 0 < ratio <= 1000):
+            raise ValueError(f"--data_path: ratio of {path} must be a number > 0 and <= 1000, got {tail!r}.")
         entries.append((path, ratio))
     if not entries:
         raise ValueError(f"--data_path '{spec}' names no file.")

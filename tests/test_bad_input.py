@@ -222,9 +222,10 @@ class TestUserErrorsExit2:
             (["--output_dir", "/proc/finetune-out"], "--output_dir /proc/finetune-out: cannot write in /proc"),
             (["--dataset_cache_dir", tmp_path / "afile"], "--dataset_cache_dir " + str(tmp_path / "afile") + " is a file"),
             (["--deepspeed", tmp_path / "bad.json"], "--deepspeed " + str(tmp_path / "bad.json") + " is not valid JSON"),
-            (["--data_path", f"{good}:inf"], "ratio of " + good + " must be a finite number > 0, got 'inf'"),
-            (["--data_path", f"{good}:nan"], "must be a finite number > 0, got 'nan'"),
-            (["--data_path", f"{good}:0"], "must be a finite number > 0, got '0'"),
+            (["--data_path", f"{good}:inf"], "ratio of " + good + " must be a number > 0 and <= 1000, got 'inf'"),
+            (["--data_path", f"{good}:nan"], "must be a number > 0 and <= 1000, got 'nan'"),
+            (["--data_path", f"{good}:0"], "must be a number > 0 and <= 1000, got '0'"),
+            (["--data_path", f"{good}:1e6"], "must be a number > 0 and <= 1000, got '1e6'"),
             (["--data_path", f"{good}:abc"], f"{good} exists, but 'abc' after ':' is not a ratio"),
             (["--data_path", tmp_path / "a.csv"], "CSV files are not supported; give .jsonl/.json"),
         ]
