@@ -276,7 +276,7 @@ FLAG_RANGES = [
     ("lora_r", 1, None, True), ("lora_alpha", 0, None, False), ("lora_dropout", 0, 1, True),
     ("per_device_train_batch_size", 1, None, True), ("per_device_eval_batch_size", 1, None, True),
     ("gradient_accumulation_steps", 1, None, True), ("model_max_length", 16, None, True),
-    ("learning_rate", 0, None, False), ("num_train_epochs", 0, None, False), ("weight_decay", 0, None, True),
+    ("learning_rate", 0, None, True), ("num_train_epochs", 0, None, False), ("weight_decay", 0, None, True),
     ("max_grad_norm", 0, None, True), ("warmup_steps", 0, None, True), ("warmup_ratio", 0, 1, True),
     ("logging_steps", 0, None, False), ("save_steps", 0, None, False), ("eval_steps", 0, None, False),
     ("save_total_limit", 1, None, True), ("seed", 0, 2**32 - 1, True), ("dataloader_num_workers", 0, None, True),

@@ -198,7 +198,7 @@ class TestUserErrorsExit2:
     def test_flag_ranges_before_any_data(self, tiny_model, tmp_path, monkeypatch, capsys):
         missing = write_jsonl(tmp_path / "data.jsonl", [chat()])  # never read: no cache dir is made
         for flag, value in [("--lora_r", 0), ("--lora_alpha", -1), ("--per_device_train_batch_size", 0),
-                            ("--gradient_accumulation_steps", 0), ("--learning_rate", "nan"),
+                            ("--gradient_accumulation_steps", 0), ("--learning_rate", "nan"), ("--learning_rate", -1),
                             ("--num_train_epochs", -1), ("--model_max_length", 8), ("--logging_steps", 0),
                             ("--save_steps", 0), ("--lora_dropout", 1.5), ("--seed", -1),
                             ("--per_device_eval_batch_size", 0), ("--warmup_ratio", 2)]:
