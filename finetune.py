@@ -11,6 +11,7 @@ packing) -> Trainer (step-wide token-normalised loss, per-source metrics) -> sav
 """
 
 import dataclasses
+import difflib
 import functools
 import glob
 import gzip
@@ -21,7 +22,9 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
@@ -76,9 +79,9 @@ class ModelArguments:
 class DataArguments:
     data_path: str = field(
         default=None,
-        metadata={"help": "Training data: files (.jsonl/.json, optionally .gz) or folders, comma-separated. "
-                  "A folder means all data files below it; append :RATIO to sample an entry "
-                  "(e.g. a.jsonl:0.5,b/:2)."},
+        metadata={"help": "Training data: files (.jsonl/.json, optionally .gz) or folders, comma-separated "
+                  "(a comma inside a name is written \\,). A folder means all data files below it (hidden ones "
+                  "skipped); append :RATIO to sample an entry (e.g. a.jsonl:0.5,b/:2)."},
     )
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same syntax."})
     lazy_preprocess: bool = field(
@@ -184,13 +187,17 @@ class LoraArguments:
     use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
 
 
-def parse_args(argv=None):
-    """Flags, or a JSON/YAML file as first argument whose keys are flags (later flags override it)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = argv.pop(0)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} does not exist")
+def _suggest(name, known):
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_config(path, actions):
+    """A JSON/YAML config file -> flags; its keys are flag names without '--', checked here so that a
+    typo names the file and the key (not 'unused arguments')."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
         with open(path, encoding="utf-8") as f:
             if path.endswith(".json"):
                 config = json.load(f)
@@ -198,24 +205,157 @@ def parse_args(argv=None):
                 import yaml
 
                 config = yaml.safe_load(f)
-        flags = []
-        for key, value in (config or {}).items():
-            values = value if isinstance(value, list) else [value]
-            flags += [f"--{key}"] + [json.dumps(v) if isinstance(v, dict) else str(v) for v in values]
-        argv = flags + argv
+    except Exception as e:  # JSONDecodeError, yaml.YAMLError, UnicodeDecodeError: all the user's file
+        raise ValueError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                         f"{' '.join(str(e).split())}") from None
+    if not isinstance(config, (dict, type(None))):
+        raise ValueError(f"config file {path}: expected a mapping of flag: value, got {type(config).__name__}")
+    flags = []
+    for key, value in (config or {}).items():
+        if str(key) not in actions:
+            raise ValueError(f"config file {path}: unknown key {key!r}{_suggest(str(key), list(actions))}; "
+                             "keys are the command-line flags without '--' (see --help)")
+        if value is None:  # YAML null: the flag's default
+            continue
+        if isinstance(value, list) and actions[key].nargs is None:  # data_path: [a.jsonl, b/] -> "a.jsonl,b/"
+            value = ",".join(str(v).replace(",", "\\,") for v in value)
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{key}"] + [json.dumps(v) if isinstance(v, dict) else str(v) for v in values]
+    return flags
+
+
+def _join_repeated(argv, names=("data_path", "eval_data_path")):
+    """A repeated --data_path adds its entries (argparse would silently keep only the last one)."""
+    out, seen = [], {}
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if name in names and (eq or i + 1 < len(argv)):
+            value, i = (value, i + 1) if eq else (argv[i + 1], i + 2)
+            if name in seen:
+                out[seen[name]] += "," + value
+            else:
+                seen[name] = len(out) + 1
+                out += [f"--{name}", value]
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def parse_args(argv=None):
+    """Flags, or a JSON/YAML file as first argument whose keys are flags (later flags override it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    actions = {a.dest: a for a in parser._actions}
+    known = list(actions)
+    config = _read_config(argv.pop(0), actions) if argv and argv[0].endswith((".json", ".yaml", ".yml")) else []
+    argv = config + _join_repeated(argv)  # flags after the config file override it
+
+    def error(message):  # argparse would print usage and exit; make it one `[finetune] error:` line
+        raise ValueError(f"{message} (see python finetune.py --help)")
+
+    parser.error = error
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except json.JSONDecodeError as e:  # transformers reads --deepspeed (and other JSON file flags) itself
+        for flag, value in zip(argv, argv[1:]):
+            if flag.startswith("--") and value.endswith(".json") and os.path.isfile(value):
+                try:
+                    with open(value) as f:
+                        json.load(f)
+                except ValueError:
+                    raise ValueError(f"{flag} {value} is not valid JSON: {e}") from None
+        raise
+    except ValueError as e:
+        unused = re.search(r"not used by the HfArgumentParser: \[(.*)\]", str(e))
+        if unused:
+            flag = unused.group(1).split(",")[0].strip(" '")
+            raise ValueError(f"unknown flag {flag}{_suggest(flag.lstrip('-'), known)} (see python finetune.py --help)")
+        raise
+
+
+# Ranges checked before anything is read: (flag, lowest, highest, lowest allowed itself?); None = open.
+FLAG_RANGES = [
+    ("lora_r", 1, None, True), ("lora_alpha", 0, None, False), ("lora_dropout", 0, 1, True),
+    ("per_device_train_batch_size", 1, None, True), ("per_device_eval_batch_size", 1, None, True),
+    ("gradient_accumulation_steps", 1, None, True), ("model_max_length", 16, None, True),
+    ("learning_rate", 0, None, True), ("num_train_epochs", 0, None, False), ("weight_decay", 0, None, True),
+    ("max_grad_norm", 0, None, True), ("warmup_steps", 0, None, True), ("warmup_ratio", 0, 1, True),
+    ("logging_steps", 0, None, False), ("save_steps", 0, None, False), ("eval_steps", 0, None, False),
+    ("save_total_limit", 1, None, True), ("seed", 0, 2**32 - 1, True), ("dataloader_num_workers", 0, None, True),
+    ("preprocessing_num_workers", 1, None, True), ("dry_run_world_size", 1, None, True),
+    ("early_stopping_patience", 1, None, True),
+]
+
+
+def _check_ranges(*arg_groups):
+    for name, low, high, inclusive in FLAG_RANGES:
+        value = next((getattr(g, name) for g in arg_groups if hasattr(g, name)), None)
+        if value is None or isinstance(value, str) or (name == "num_train_epochs" and arg_groups[0].max_steps > 0):
+            continue
+        ok = math.isfinite(value) and (value >= low if inclusive else value > low) and (high is None or value <= high)
+        if not ok:
+            bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise ValueError(f"--{name} {value}: must be a finite number {bound}.")
+
+
+def check_model_path(name, need_weights=True):
+    """A local model folder must exist and hold config.json (and weights, unless only the tokenizer and
+    config are read: --dry_run); anything else must look like a hub id."""
+    if os.path.exists(name):
+        if not os.path.isdir(name):
+            raise ValueError(f"--model_name_or_path {name} is a file; give the model's folder (with config.json).")
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise FileNotFoundError(f"--model_name_or_path {name} has no config.json: not a saved model folder.")
+        if need_weights and not any(glob.glob(os.path.join(name, f"*.{ext}")) for ext in ("safetensors", "bin")):
+            raise FileNotFoundError(f"--model_name_or_path {name} has no weights (*.safetensors or *.bin); "
+                                    "copy them there, or point to the full model folder.")
+    elif name.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise FileNotFoundError(f"--model_name_or_path {name}: no such local folder, and not a hub id "
+                                "(owner/name, e.g. Qwen/Qwen2.5-7B-Instruct). Check the path.")
+
+
+def check_writable_dir(path, flag="--output_dir"):
+    """A folder we must create and write is checked now, not after hours of preprocessing or a model load.
+    Probed with a temporary file in the nearest existing folder, removed at once: nothing is left behind."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a folder; choose another path.")
+    parent = os.path.abspath(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is {'a broken link' if os.path.islink(parent) else 'a file'}, "
+                         "so the folder cannot be created.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".finetune-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
+                         "choose a writable folder.") from None
 
 
 def validate_args(model_args, data_args, training_args, lora_args):
-    """Fail fast, before any model, process group or output directory is touched."""
+    """Fail fast, before any data is read or any model, process group or output directory is touched."""
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a model directory or hub id).")
     if not data_args.data_path:
         raise ValueError("--data_path is required (a .jsonl/.json file, a folder, or a comma-separated list).")
-    for spec in (data_args.data_path, data_args.eval_data_path):
-        if spec:
-            parse_data_spec(spec)  # raises FileNotFoundError naming the missing entry
+    _check_ranges(training_args, lora_args, data_args)
+    check_model_path(model_args.model_name_or_path, need_weights=not data_args.dry_run)
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_writable_dir(training_args.output_dir)
+        check_writable_dir(data_args.dataset_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "finetune"),
+                           "--dataset_cache_dir")
+    # missing entries, bad ratios, folder problems, the same file twice; eval files that are also trained on
+    # are said (an overfitting check may want that; a held-out set must not)
+    train_files = {_file_id(f) for _, _, files in resolve_data_spec(data_args.data_path)[0] for f, _ in files}
+    for _, _, files in resolve_data_spec(data_args.eval_data_path)[0] if data_args.eval_data_path else []:
+        shared = [file for file, _ in files if _file_id(file) in train_files]
+        if shared:
+            log0(f"note: --eval_data_path files also in --data_path (evaluated on training data): {', '.join(shared)}")
     if model_args.chat_template and not os.path.isfile(model_args.chat_template):
         raise FileNotFoundError(f"--chat_template {model_args.chat_template} does not exist.")
     if lora_args.q_lora:
@@ -229,8 +369,6 @@ def validate_args(model_args, data_args, training_args, lora_args):
             raise ValueError("--fp16 needs a GPU; drop it on CPU.")
     if training_args.warmup_ratio is not None:
         training_args.warmup_steps = training_args.warmup_ratio  # v5 reads a float < 1 as a ratio
-    if training_args.model_max_length < 16:
-        raise ValueError("--model_max_length must be at least 16 tokens.")
     if data_args.train_on_prompt and data_args.train_on_last_turn_only:
         raise ValueError("--train_on_prompt and --train_on_last_turn_only exclude each other; pick one.")
     if training_args.early_stopping_patience and not data_args.eval_data_path:
@@ -244,8 +382,11 @@ def zero_stage(training_args):
     if isinstance(ds, str):
         if not os.path.isfile(ds):
             raise FileNotFoundError(f"--deepspeed {ds} does not exist.")
-        with open(ds) as f:
-            ds = json.load(f)
+        try:
+            with open(ds) as f:
+                ds = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"--deepspeed {training_args.deepspeed} is not valid JSON: {e}") from None
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
@@ -254,6 +395,7 @@ def zero_stage(training_args):
 # ---------------------------------------------------------------------------------------------
 
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".xlsx", ".xls")  # refused with the fix
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT (`from`) and MFTCoder (`role`) speaker names -> our roles.
 SPEAKER_ROLES = {
@@ -261,6 +403,11 @@ SPEAKER_ROLES = {
     "assistant": "assistant", "model": "assistant", "function_call": "assistant", "observation": "tool",
     "function": "tool", "tool": "tool",
 }
+
+
+# Keys a message/turn may carry (messages, sharegpt, chat_rounds); a near-miss of one is a typo, an error.
+MESSAGE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id", "reasoning_content", "train",
+                "loss_weight", "weight", "from", "value", "function_call")
 
 
 class RecordError(ValueError):
@@ -272,94 +419,277 @@ class RecordError(ValueError):
 
 
 def parse_data_spec(spec):
-    """'a.jsonl:0.5,dir/' -> [(path, ratio)], checking every path exists."""
+    """'a.jsonl:0.5,dir/' -> [(path, ratio)]. Commas separate entries ('\\,' is a comma inside a name); a
+    trailing ':RATIO' is a ratio only if the entry as written is not an existing path (so 'run:3/' works)."""
     entries = []
-    for item in (s.strip() for s in spec.split(",")):
+    for item in re.split(r"(?<!\\),", spec):
+        item = os.path.expanduser(item.replace("\\,", ",").strip())
         if not item:
             continue
         path, ratio = item, 1.0
         head, sep, tail = item.rpartition(":")
-        if sep and head:
+        if sep and head and not os.path.exists(item):
             try:
                 path, ratio = head, float(tail)
             except ValueError:
-                pass
+                raise FileNotFoundError(
+                    f"--data_path: {head} exists, but {tail!r} after ':' is not a ratio (ENTRY:RATIO, e.g. "
+                    f"{head}:0.5)" if os.path.exists(head) else
+                    f"--data_path: {item} does not exist (a ',' inside a name is written '\\,')") from None
         if not os.path.exists(path):
-            raise FileNotFoundError(f"--data_path: {path} does not exist.")
-        if ratio <= 0:
-            raise ValueError(f"--data_path: ratio for {path} must be > 0, got {ratio}.")
+            raise FileNotFoundError(f"--data_path: {path} does not exist "
+                                    "(entries are separated by ','; a ',' inside a name is written '\\,')")
+        if not (math.isfinite(ratio) and 0 < ratio <= 1000):
+            raise ValueError(f"--data_path: ratio of {path} must be a number > 0 and <= 1000, got {tail!r}.")
         entries.append((path, ratio))
     if not entries:
         raise ValueError(f"--data_path '{spec}' names no file.")
     return entries
 
 
+def _file_id(path):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def list_data_files(path):
-    """A file -> [(file, source)]; a folder -> its data files, source = top sub-folder (one per task) or itself."""
-    if os.path.isfile(path):
+    """A file -> [(file, source)]; a folder -> its data files, recursively, following symbolic links to
+    folders (a link to a folder that contains it is an error); source = the first-level sub-folder (one per
+    task) or the folder's own name. Also returns what was not read, to be said once in the log and report:
+    hidden files and folders (.ipynb_checkpoints/, .git/, ...) and files of other types."""
+    skipped = {"hidden": [], "ignored": []}
+    if not os.path.isdir(path):
+        suffix = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()
+        if suffix in TABLE_SUFFIXES:
+            raise ValueError(f"--data_path: {path}: {suffix[1:].upper()} files are not supported; give "
+                             f"{'/'.join(DATA_SUFFIXES)} (e.g. pandas: pd.read_{'csv' if suffix in ('.csv', '.tsv') else suffix[1:]}"
+                             f"(...).to_json('data.jsonl', orient='records', lines=True)).")
         name = os.path.basename(path)
         for suffix in DATA_SUFFIXES:
             name = name[: -len(suffix)] if name.endswith(suffix) else name
-        return [(path, name)]
+        return [(path, name)], skipped
     root = os.path.normpath(path)
     files = []
-    for dirpath, _, names in sorted(os.walk(root)):
-        for name in sorted(names):
-            if name.endswith(DATA_SUFFIXES):
-                rel = os.path.relpath(dirpath, root)
-                source = os.path.basename(root) if rel == "." else rel.split(os.sep)[0]
-                files.append((os.path.join(dirpath, name), source))
+
+    def walk(folder, ancestors):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as e:
+            raise ValueError(f"--data_path: cannot read folder {folder}: {e.strerror}") from None
+        for name in names:
+            full = os.path.join(folder, name)
+            if name.startswith("."):
+                skipped["hidden"].append(full)
+            elif os.path.isdir(full):
+                if _file_id(full) in ancestors:
+                    raise ValueError(f"--data_path: {full} links to {os.path.realpath(full)}, a folder that "
+                                     "contains the link: a loop. Remove or fix the link.")
+                walk(full, ancestors | {_file_id(full)})
+            elif not os.path.isfile(full):
+                raise ValueError(f"--data_path: {full} is "
+                                 f"{'a broken symbolic link (or a loop of links)' if os.path.islink(full) else 'not a regular file'}"
+                                 "; remove it or fix the link.")
+            elif name.lower().endswith(DATA_SUFFIXES):
+                rel = os.path.relpath(folder, root)
+                files.append((full, os.path.basename(root) if rel == "." else rel.split(os.sep)[0]))
+            else:
+                skipped["ignored"].append(full)
+
+    walk(root, {_file_id(root)})
     if not files:
-        raise FileNotFoundError(f"--data_path: folder {path} has no {'/'.join(DATA_SUFFIXES)} files.")
-    return files
+        raise FileNotFoundError(f"--data_path: folder {path} has no {'/'.join(DATA_SUFFIXES)} files"
+                                + (f" (skipped hidden: {', '.join(skipped['hidden'][:3])})" if skipped["hidden"] else "")
+                                + (f" (ignored: {', '.join(skipped['ignored'][:3])})" if skipped["ignored"] else "") + ".")
+    return files, skipped
+
+
+def resolve_data_spec(spec):
+    """--data_path -> ([(entry, ratio, [(file, source)])], skipped). A file reached twice (named twice, via
+    a folder and by name, or through a link) is an error: it would silently double its data."""
+    entries, skipped, seen = [], {"hidden": [], "ignored": []}, {}
+    for i, (path, ratio) in enumerate(parse_data_spec(spec)):
+        files, skip = list_data_files(path)
+        for kind in skipped:
+            skipped[kind] += skip[kind]
+        for file, _ in files:
+            other = seen.setdefault(_file_id(file), (file, path, i))
+            if other != (file, path, i):
+                raise ValueError(f"--data_path: {file} would be read twice (entries {other[1]!r} and {path!r}"
+                                 + (f", as {other[0]}" if other[0] != file else "") + "); give each file once, "
+                                 f"and use a ratio to repeat data (e.g. {path}:2).")
+        entries.append((path, ratio, files))
+    return entries, skipped
+
+
+# Leading bytes of files that are not JSON text -> what they are.
+MAGIC = {b"PAR1": "a Parquet file", b"PK\x03\x04": "a ZIP archive", b"BZh": "bzip2-compressed",
+         b"\xfd7zXZ": "xz-compressed", b"\x28\xb5\x2f\xfd": "zstd-compressed", b"ARROW1": "an Arrow file"}
+ENCODINGS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def _open_json_text(path):
+    """The file as a binary stream of UTF-8 JSON text, or DataError saying in one line what it is instead.
+    gzip is recognised by its content, not its name."""
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    f = gzip.GzipFile(fileobj=raw) if raw.read(2) == b"\x1f\x8b" else None
+    raw.seek(0)
+    if f is None and path.lower().endswith(".gz"):
+        raw.close()
+        raise DataError(f"{path}: named .gz but not gzip data; rename it (drop .gz) or re-create it.")
+    if f is not None and not path.lower().endswith(".gz"):
+        log0(f"{path}: gzip-compressed although not named .gz; reading it decompressed.")
+    f = f or raw
+    head = f.read(4096)
+    f.seek(0)
+    kind = next((what for magic, what in MAGIC.items() if head.startswith(magic)), None)
+    encoding = next((enc for bom, enc in ENCODINGS.items() if head.startswith(bom)), None)
+    if encoding or (not kind and b"\x00" in head):
+        f.close()
+        raise DataError(f"{path}: text encoded as {encoding or 'UTF-16/UTF-32 (NUL bytes)'}, not UTF-8; convert "
+                        f"it, e.g. iconv -f {encoding or 'UTF-16'} -t UTF-8 {path} > {path}.utf8")
+    if kind:
+        f.close()
+        raise DataError(f"{path}: {kind}, not JSON text; give {'/'.join(DATA_SUFFIXES)} files.")
+    return f
+
+
+def _wrapper_key(value):
+    """The key of a JSON object that holds the records as a list (e.g. {"version": 1, "data": [...]})."""
+    if isinstance(value, dict) and detect_format(value) is None:
+        for key, items in value.items():
+            if isinstance(items, list) and items and isinstance(items[0], dict):
+                return key
+    return None
+
+
+def _not_records(path, value, line):
+    key = _wrapper_key(value)
+    if key is not None:
+        raise DataError(f"{path}:{line}: the top level is a JSON object, not records; the records seem to be the "
+                        f"list under {key!r}: give that list as a JSON array or as JSONL (e.g. jq -c '.{key}[]' "
+                        f"{path} > data.jsonl).")
 
 
 def read_json_records(path):
     """Yield (line, record-or-RecordError) from a JSONL file or a JSON array (BOM, CRLF, blank lines ok).
-    JSONL is streamed line by line; line numbers count '\\n' like editors do."""
+    JSONL is streamed line by line; line numbers count '\\n' like editors do. A problem with the file as a
+    whole (not JSON text, truncated gzip, data after the array, ...) raises DataError naming the file."""
     bom = b"\xef\xbb\xbf"
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        head = b""
-        while not head.strip():  # peek past leading whitespace: '[' means a JSON array
-            chunk = f.read(65536)
-            if not chunk:
-                break
-            head += chunk
-        f.seek(0)
-        if head.removeprefix(bom).lstrip()[:1] != b"[":
+    try:
+        f = _open_json_text(path)
+        with f:
+            head = b""
+            while not head.strip():  # peek past leading whitespace: '[' means a JSON array
+                chunk = f.read(65536)
+                if not chunk:
+                    break
+                head += chunk
+            f.seek(0)
+            first = head.removeprefix(bom).lstrip()[:1]
+            if not first:
+                raise DataError(f"{path}: {'empty file' if not head else 'only blank lines'}: no records.")
+            if first == b"[":
+                yield from _array_records(path, f.read())
+                return
+            first_line = True
             for line_no, raw in enumerate(f, 1):
                 raw = raw.removeprefix(bom)
-                if raw.strip():
-                    try:
-                        yield line_no, json.loads(raw.decode("utf-8"))
-                    except UnicodeDecodeError:
-                        yield line_no, RecordError("json", "not valid UTF-8")
-                    except json.JSONDecodeError as e:
-                        yield line_no, RecordError("json", f"invalid JSON ({e.msg} at column {e.colno})")
-            return
-        data = f.read()
+                if not raw.strip():
+                    continue
+                was_first, first_line = first_line, False
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    yield line_no, RecordError("json", "not valid UTF-8")
+                    continue
+                except RecursionError:
+                    yield line_no, RecordError("json", "nested too deeply")
+                    continue
+                except json.JSONDecodeError as e:
+                    if was_first:
+                        _whole_file_value(path, f)  # a pretty-printed object spans lines: say what it is
+                    yield line_no, RecordError("json", f"invalid JSON ({e.msg} at column {e.colno})")
+                    continue
+                if was_first:
+                    _not_records(path, record, line_no)
+                yield line_no, record
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip data ({e}); re-create or re-download it.") from None
+
+
+def _whole_file_value(path, f):
+    """Called when the first line of a non-array file is not JSON: a JSON object over several lines is
+    either a wrapper of the records, or several pretty-printed objects (not JSONL); both get one line."""
+    pos = f.tell()
+    f.seek(0)
+    try:
+        value = json.loads(f.read().decode("utf-8-sig"))
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and e.lineno > 1:  # the first value is complete and spans lines
+            raise DataError(f"{path}:{e.lineno}: several JSON values over several lines, one after another: "
+                            "neither JSONL (one record per line) nor a JSON array; write one of those.") from None
+        value = None
+    except (UnicodeDecodeError, RecursionError):
+        value = None
+    f.seek(pos)
+    _not_records(path, value, 1)
+    if isinstance(value, dict):
+        raise DataError(f"{path}: one JSON object over several lines, not JSONL (one record per line) or an "
+                        "array of records; put it on one line or inside [ ].")
+
+
+NEWLINE = b"\n"
+
+
+def _array_records(path, data):
+    """Records of a JSON array, one by one, with the line each starts on. A syntax error inside a record
+    makes that record invalid; reading resumes at the next record, found as the next line that starts
+    like the records do (same indentation, '{'), so the broken stretch is exactly one record. If records
+    do not start lines (an array on one line), the file cannot be split and is refused."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        yield data.count(b"\n", 0, e.start) + 1, RecordError("json", "not valid UTF-8")
-        return
+        raise DataError(f"{path}:{data.count(NEWLINE, 0, e.start) + 1}: not valid UTF-8.") from None
     decoder, pos = json.JSONDecoder(), text.index("[") + 1
-    line = text.count("\n", 0, pos) + 1
+    line, record_start = text.count("\n", 0, pos) + 1, None
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             line += text[pos] == "\n"
             pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
+        if pos >= len(text):
+            raise DataError(f"{path}:{line}: the JSON array is not closed with ']' (truncated file?).")
+        if text[pos] == "]":
+            break
+        indent = text[text.rfind("\n", 0, pos) + 1:pos]
+        if record_start is None and not indent.strip():
+            record_start = re.compile(r"\n" + re.escape(indent) + r"\{")
         try:
             record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            yield e.lineno, RecordError("json", f"invalid JSON ({e.msg} at column {e.colno}); "
-                                        "the rest of this array is unreadable")
-            return
+        except (json.JSONDecodeError, RecursionError) as e:
+            where = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            nxt = record_start.search(text, pos + 1) if record_start else None
+            if record_start is None:
+                raise DataError(f"{path}:{getattr(e, 'lineno', line)}: invalid JSON ({where}) in an array whose records "
+                                "do not start lines, so the records after it cannot be told apart or counted. "
+                                "Fix the file, or write JSONL (one record per line).") from None
+            yield getattr(e, "lineno", line), RecordError("json", f"invalid JSON ({where})")
+            if nxt is None:
+                return  # the broken record was the last one: nothing after it is a record
+            line += text.count("\n", pos, nxt.start() + 1)
+            pos = nxt.start() + 1
+            continue
         yield line, record
         line += text.count("\n", pos, end)
         pos = end
+    rest = text[pos + 1:]
+    if rest.strip():
+        extra = line + rest[:len(rest) - len(rest.lstrip())].count("\n")
+        raise DataError(f"{path}:{extra}: more data after the JSON array that ends on line {line}; a file holds "
+                        "one array (files joined with cat? merge them: jq -s add a.json b.json > all.json). "
+                        "JSONL needs one record object per line, not a list.")
 
 
 def detect_format(record):
@@ -397,11 +727,19 @@ def _tools(tools):
             tools = json.loads(tools)
         except json.JSONDecodeError:
             raise RecordError("tools", "not valid JSON")
+    if isinstance(tools, dict) and not {"name", "function"} & tools.keys():
+        example = next(iter(tools), "")
+        raise RecordError("tools", f"an object keyed by function name ({example!r}, ...); write a list of "
+                          f'function schemas: [{{"name": "{example}", "description": ..., "parameters": ...}}, ...]')
     if isinstance(tools, dict):
         tools = [tools]
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RecordError("tools", "must be a list of function schemas")
-    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+    tools = [t if "function" in t else {"type": "function", "function": t} for t in tools]
+    for i, t in enumerate(tools):
+        if not isinstance(t["function"], dict) or not isinstance(t["function"].get("name"), str):
+            raise RecordError(f"tools[{i}]", "a function schema needs a name (and description, parameters)")
+    return tools
 
 
 def _tool_calls(calls, where):
@@ -421,8 +759,12 @@ def _tool_calls(calls, where):
         if isinstance(args, str):  # templates render arguments with tojson: a dict, not a JSON string
             try:
                 args = json.loads(args)
-            except json.JSONDecodeError:
-                pass
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{where}.arguments", f"not valid JSON ({e.msg} at column {e.colno}): "
+                                  f"{fn['arguments'][:60]!r}") from None
+        if not isinstance(args, dict):
+            raise RecordError(f"{where}.arguments", f"must be a JSON object (or a string holding one), got "
+                              f"{type(args).__name__}")
         item = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
         if isinstance(call, dict) and "id" in call:
             item["id"] = call["id"]
@@ -443,14 +785,18 @@ def _message(role, content, field_name, item=None, tool_calls=None):
     else:
         msg = {"role": role, "content": content}
     prefix = field_name.rsplit(".", 1)[0]
-    for key in ("name", "tool_call_id", "reasoning_content", "train", "loss_weight"):
+    for key in item or {}:
+        if key not in MESSAGE_KEYS and difflib.get_close_matches(key, MESSAGE_KEYS, n=1, cutoff=0.75):
+            raise RecordError(f"{prefix}.{key}", f"unknown key{_suggest(key, MESSAGE_KEYS)}")
+    for key in ("name", "tool_call_id", "reasoning_content", "train", "loss_weight", "weight"):
         if key in (item or {}):
-            msg[key] = item[key]
+            msg["loss_weight" if key == "weight" else key] = item[key]  # weight: OpenAI fine-tuning's 0/1
     if not isinstance(msg.get("train", True), bool):
         raise RecordError(f"{prefix}.train", "must be true or false")
     weight = msg.get("loss_weight", 1)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-        raise RecordError(f"{prefix}.loss_weight", "must be a number >= 0")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise RecordError(f"{prefix}.{'weight' if 'weight' in (item or {}) else 'loss_weight'}",
+                          f"must be a finite number >= 0, got {weight!r}")
     return msg
 
 
@@ -521,6 +867,8 @@ def _from_alpaca(record):
 
 ADAPTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
             "chat_rounds": _from_chat_rounds}
+RECORD_KEYS = ("messages", "conversations", "chat_rounds", "tools", "system", "source", "instruction", "input",
+               "output", "history")
 REQUIRED_KEY = {"messages": "messages", "sharegpt": "conversations", "chat_rounds": "chat_rounds",
                 "alpaca": "instruction"}
 
@@ -529,6 +877,9 @@ def normalize_record(record, fmt):
     """Any supported record -> (messages, tools), or RecordError naming the field and the problem."""
     if not isinstance(record, dict):
         raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
+    for key in record:
+        if key not in RECORD_KEYS and difflib.get_close_matches(key, RECORD_KEYS, n=1, cutoff=0.75):
+            raise RecordError(key, f"unknown key{_suggest(key, RECORD_KEYS)}")
     if REQUIRED_KEY[fmt] not in record:
         raise RecordError(REQUIRED_KEY[fmt], f"missing (file read as {fmt} format)")
     messages, tools = ADAPTERS[fmt](record)
@@ -1001,10 +1352,15 @@ def show_masking(tokenizer, dataset, n):
 
 
 def load_tokenizer(model_args, training_args):
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, cache_dir=training_args.cache_dir,
-        trust_remote_code=model_args.trust_remote_code, model_max_length=training_args.model_max_length,
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path, cache_dir=training_args.cache_dir,
+            trust_remote_code=model_args.trust_remote_code, model_max_length=training_args.model_max_length,
+        )
+    except OSError as e:  # not a local folder: the hub could not give it (no such repo, offline, gated)
+        raise FileNotFoundError(f"--model_name_or_path {model_args.model_name_or_path}: not a local folder, and no "
+                                f"tokenizer could be loaded from the hub ({str(e).splitlines()[0]}). Check the path "
+                                "or hub id.") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("A fast tokenizer (tokenizer.json) is needed for exact label masking.")
     if model_args.chat_template:
@@ -1038,37 +1394,58 @@ def _count(counter, key, n=1):
 
 
 def _normalized_rows(entries, data_format, skip_invalid, stats):
-    """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes."""
-    errors = []
-    for entry_idx, (path, _) in enumerate(entries):
-        for file, source in list_data_files(path):
+    """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes. Without
+    --skip_invalid_records the first invalid record stops the output but not the reading: every file is
+    still validated so that the error names the total count."""
+    errors, n_invalid = [], 0
+
+    def fail(last=None, stopped=False):
+        lines = errors + ([last] if last else [])
+        if stopped and n_invalid:
+            lines.append(f"(reading stopped there: at least {n_invalid} invalid records in all)")
+        elif n_invalid > len(errors):
+            lines.append(f"({n_invalid} invalid records in all; the first {len(errors)} are shown)")
+        raise DataError("\n".join(lines))
+
+    for entry_idx, (_, _, files) in enumerate(entries):
+        for file, source in files:
             fmt = None if data_format == "auto" else data_format
             fstats = {"records": 0, "invalid": 0, "samples": 0, "truncated": 0, "dropped": 0}
             stats["files"][file] = fstats
-            for line, record in read_json_records(file):
-                fstats["records"] += 1
-                try:
-                    if isinstance(record, RecordError):
-                        raise record
-                    fmt = fmt or detect_format(record)
-                    if fmt is None:
-                        raise RecordError("record", "unknown format: expected messages, conversations, "
-                                          "chat_rounds or instruction/output fields")
-                    fstats["format"] = fmt
-                    messages, tools = normalize_record(record, fmt)
-                except RecordError as e:
-                    fstats["invalid"] += 1
-                    _count(stats["invalid"], invalid_reason(str(e)))
-                    if not skip_invalid:
-                        errors.append(f"{file}:{line}: {e}")
-                        if len(errors) >= 20:
-                            raise DataError("\n".join(errors + ["(stopping after 20 errors)"]))
-                    continue
-                yield {"conversation": json.dumps({"messages": messages, "tools": tools}, ensure_ascii=False),
-                       "source": str(record.get("source") or source), "origin": f"{file}:{line}",
-                       "entry": entry_idx}
+            try:
+                for line, record in read_json_records(file):
+                    fstats["records"] += 1
+                    try:
+                        if isinstance(record, RecordError):
+                            raise record
+                        if not isinstance(record, dict):
+                            raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
+                        fmt = fmt or detect_format(record)
+                        if fmt is None:
+                            near = [k for k in record if _suggest(k, list(REQUIRED_KEY.values()))]
+                            raise RecordError("record", "unknown format: expected messages, conversations, "
+                                              "chat_rounds or instruction/output fields"
+                                              + (f"; {near[0]!r}{_suggest(near[0], list(REQUIRED_KEY.values()))}" if near else ""))
+                        fstats["format"] = fmt
+                        messages, tools = normalize_record(record, fmt)
+                    except RecordError as e:
+                        fstats["invalid"] += 1
+                        n_invalid += 1
+                        _count(stats["invalid"], invalid_reason(str(e)))
+                        if not skip_invalid and len(errors) < 20:
+                            errors.append(f"{file}:{line}: {e}")
+                        continue
+                    if not errors:
+                        stats["rows"] += 1
+                        yield {"conversation": json.dumps({"messages": messages, "tools": tools}, ensure_ascii=False),
+                               "source": str(record.get("source") or source), "origin": f"{file}:{line}",
+                               "entry": entry_idx}
+            except DataError as e:  # the file as a whole: reading stops, so the count is a lower bound
+                fail(str(e), stopped=True)
+            if fstats["records"] == 0:
+                fail(f"{file}: no records (an empty JSON array).", stopped=True)
     if errors:
-        raise DataError("\n".join(errors))
+        fail()
 
 
 def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_only, sources=None):
@@ -1099,12 +1476,15 @@ def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_onl
     return pa.table(columns)
 
 
-def _cache_key(spec, tokenizer, data_args, training_args):
+def _cache_key(entries, tokenizer, data_args, training_args):
+    """Every file's path, size, mtime, inode and ctime (an in-place edit that restores size and mtime
+    still changes ctime; a file replaced by another one changes the inode), the ratios, the tokenizer,
+    the template and every setting that changes the tokens."""
     files = []
-    for path, ratio in parse_data_spec(spec):
-        for file, _ in list_data_files(path):
+    for path, ratio, entry_files in entries:
+        for file, _ in entry_files:
             st = os.stat(file)
-            files.append([os.path.abspath(file), st.st_size, st.st_mtime_ns, ratio])
+            files.append([os.path.abspath(file), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, ratio])
     h = hashlib.sha256(json.dumps({
         "v": CACHE_VERSION, "files": files, "format": data_args.data_format,
         "template": tokenizer.chat_template, "max_len": training_args.model_max_length,
@@ -1121,11 +1501,14 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     A second run with the same files, tokenizer and settings just loads it."""
     import datasets
 
-    path = os.path.join(cache_root, _cache_key(spec, tokenizer, data_args, training_args))
+    entries, skipped = resolve_data_spec(spec)
+    for kind, why in (("hidden", "hidden, skipped"), ("ignored", "not .jsonl/.json(.gz), ignored")):
+        if skipped[kind]:
+            log0(f"data: {len(skipped[kind])} {why}: {', '.join(skipped[kind][:5])}{' ...' if len(skipped[kind]) > 5 else ''}")
+    path = os.path.join(cache_root, _cache_key(entries, tokenizer, data_args, training_args))
     if os.path.isfile(os.path.join(path, "report.json")):
         return path
-    entries = parse_data_spec(spec)
-    stats = {"files": {}, "invalid": {}}
+    stats = {"files": {}, "invalid": {}, "rows": 0}
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -1138,12 +1521,14 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     except datasets.exceptions.DatasetGenerationError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         cause = e.__cause__ or e
-        raise (cause if isinstance(cause, (DataError, FileNotFoundError)) else DataError(str(cause))) from None
+        if isinstance(cause, (DataError, FileNotFoundError)):
+            raise cause from None
+        if type(cause).__name__ == "SchemaInferenceError":  # datasets cannot build a table from zero rows
+            raise DataError(f"{spec}: no valid record in {len(stats['files'])} files, all "
+                            f"{sum(f['records'] for f in stats['files'].values())} records invalid: {stats['invalid']}") from None
+        raise
     finally:
         datasets.disable_progress_bars()
-    if len(raw) == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{spec}: no usable records (invalid: {stats['invalid']}).")
     sources = sorted(raw.unique("source"))
     tokenized = raw.map(
         _tokenize_batch, batched=True, batch_size=256, num_proc=data_args.preprocessing_num_workers,
@@ -1160,7 +1545,8 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     if failed and not data_args.skip_invalid_records:
         shutil.rmtree(tmp, ignore_errors=True)
         origins = tokenized.select(failed[:20])["origin"]
-        raise DataError("\n".join(f"{o}: {status[i][6:]}" for o, i in zip(origins, failed[:20])))
+        more = [f"({len(failed)} invalid records in all; the first 20 are shown)"] if len(failed) > 20 else []
+        raise DataError("\n".join([f"{o}: {status[i][6:]}" for o, i in zip(origins, failed[:20])] + more))
     dropped, truncated = {}, 0
     for origin, s in zip(tokenized["origin"][:], status):  # per file and overall: invalid, dropped, truncated
         fstats = stats["files"][origin.rsplit(":", 1)[0]]
@@ -1177,9 +1563,15 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     keep = np.flatnonzero(np.asarray([s in ("", "truncated") for s in status]))
     if len(keep) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{spec}: no sample left to train on (dropped: {dropped}, invalid: {stats['invalid']}).")
+        hint = (f"; every prompt is longer than --model_max_length {training_args.model_max_length}: raise it"
+                if "prompt_longer_than_model_max_length" in dropped else "")
+        raise DataError(f"{spec}: no sample left to train on (dropped: {dropped}, invalid: {stats['invalid']}){hint}.")
     # Columns are read whole with [:] (iterating a datasets Column goes row by row: minutes at 1M rows).
-    final = tokenized.select(_sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
+    try:
+        final = tokenized.select(_sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     per_source = dict(zip(*np.unique(final["source"][:], return_counts=True)))
     # source_idx came with the tokens; dropping columns rewrites nothing: save_to_disk is the one pass
     final = final.remove_columns(["origin", "status", "entry", "source"])
@@ -1187,7 +1579,8 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     report = {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
               "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
               "truncated": truncated, "samples_before_ratio": int(len(keep)), "samples": len(final),
-              "sources": sources, "samples_per_source": {str(k): int(v) for k, v in per_source.items()}}
+              "sources": sources, "samples_per_source": {str(k): int(v) for k, v in per_source.items()},
+              "skipped_files": skipped}
     with open(os.path.join(tmp, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)
@@ -1197,13 +1590,18 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
 
 
 def _sample_indices(entry_col, keep, entries, seed):
-    """Per-entry sampling ratios: <1 takes a random subset, >1 repeats (whole copies + a random rest)."""
+    """Per-entry sampling ratios: <1 takes a random subset, >1 repeats (whole copies + a random rest).
+    An entry left with no sample is an error: a source must not vanish without a word."""
     entry_col = np.asarray(entry_col)[keep]
     rng, out = np.random.default_rng(seed), []
-    for e, (_, ratio) in enumerate(entries):
+    for e, (path, ratio, _) in enumerate(entries):
         idx = keep[entry_col == e]
         whole, frac = int(ratio), ratio - int(ratio)
         out += [idx] * whole + [rng.permutation(idx)[: int(round(len(idx) * frac))]]
+        if sum(len(i) for i in out[-whole - 1:]) == 0:
+            raise DataError(f"--data_path entry {path}:{ratio:g} keeps no sample of its {len(idx)}"
+                            + (f"; use a ratio of at least {1 / len(idx):.3g}" if len(idx) else
+                               " (all its records are invalid or dropped)") + ".")
     return np.sort(np.concatenate(out)) if out else keep
 
 
