@@ -286,7 +286,7 @@ FLAG_RANGES = [
     ("logging_steps", 0, None, False), ("save_steps", 0, None, False), ("eval_steps", 0, None, False),
     ("save_total_limit", 1, None, True), ("seed", 0, 2**32 - 1, True), ("dataloader_num_workers", 0, None, True),
     ("preprocessing_num_workers", 1, None, True), ("dry_run_world_size", 1, None, True),
-    ("early_stopping_patience", 1, None, True),
+    ("early_stopping_patience", 1, None, True), ("show_masking", 0, None, True),
 ]
 
 
