@@ -1293,13 +1293,32 @@ class SameLengthInGroup:
             yield pad_batch(batch, int(length), self.pad_token_id)
 
 
+class SequenceParallelLoader:
+    """What the Trainer iterates: DeepSpeed's adapter, with the set_epoch it hides (each epoch would repeat
+    the first one's order) and a clear refusal where the Trainer would fast-forward it (it cannot)."""
+
+    def __init__(self, adapted, loader):
+        self.adapted, self.set_epoch = adapted, loader.set_epoch
+
+    def __len__(self):
+        return len(self.adapted)
+
+    def __iter__(self):
+        return iter(self.adapted)
+
+    @property
+    def dataset(self):  # read by accelerate's skip_first_batches, only when resuming mid-epoch
+        raise ValueError("resuming a --sequence_parallel_size run in the middle of an epoch is not supported: "
+                         "the Trainer cannot fast-forward DeepSpeed's sequence-parallel data loader. Resume from "
+                         "a checkpoint at an epoch boundary, or add --ignore_data_skip True (the epoch restarts "
+                         "from its first batches).")
+
+
 def sequence_parallel_loader(adapt, pad_token_id, loader, model):
     """accelerate's Ulysses adapter (`adapt`) around the train loader, equal lengths first on gloo."""
     if torch.distributed.get_backend() == "gloo":
         loader = SameLengthInGroup(loader, pad_token_id)
-    adapted = adapt(loader, model)
-    adapted.set_epoch = loader.set_epoch  # the adapter hides it: each epoch would repeat the first one's order
-    return adapted
+    return SequenceParallelLoader(adapt(loader, model), loader)
 
 
 def data_parallel_size(training_args, world=None):
