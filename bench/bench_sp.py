@@ -6,8 +6,10 @@
 Builds a tiny random Qwen2 (examples/make_tiny_model.py, --hidden_size 256, --num_layers 4, RoPE positions
 up to 32k) and one conversation of about --tokens tokens (a short question, a long answer: almost every
 token trained). Then runs finetune.py as a user would, fp32, sdpa, batch 1, no gradient checkpointing:
-  N=1   one process, no DeepSpeed (the whole sample on one rank)
-  N=2   torchrun --nproc_per_node 2, --deepspeed ds_config_zero2.json --sequence_parallel_size 2
+  N=1, 1 process      no DeepSpeed: the whole sample on one rank
+  N=1, 2 processes    torchrun --nproc_per_node 2 --deepspeed ds_config_zero2.json: data parallel, a whole
+                      sample per rank (the memory to compare with: same DeepSpeed buffers as N=2)
+  N=2, 2 processes    the same + --sequence_parallel_size 2: each rank holds half of the sample
 Peak memory: the largest resident set of each training process, sampled every 50 ms (it includes the
 ~0.5 GB that python + torch + the model take before any token is seen: the "idle" column). tokens/s:
 trained tokens of all steps / train_runtime (the first step included). The machine is shared and has 2
@@ -91,22 +93,23 @@ def main():
               "--model_max_length", str(length + 8), "--per_device_train_batch_size", "1", "--max_steps",
               str(args.steps), "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
               "--learning_rate", "1e-4", "--attn_implementation", "sdpa", "--packing", "false"]
-    runs = {
-        "N=1 (1 process)": [sys.executable, "finetune.py", *common, "--output_dir", os.path.join(work, "sp1")],
-        "N=2 (2 processes, ZeRO-2)": [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-            "finetune.py", *common, "--output_dir", os.path.join(work, "sp2"), "--deepspeed", "ds_config_zero2.json",
-            "--ddp_backend", "gloo", "--sequence_parallel_size", "2"],
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           "finetune.py", *common, "--deepspeed", "ds_config_zero2.json", "--ddp_backend", "gloo"]
+    runs = {  # name: (command, output dir, samples per optimizer step)
+        "N=1, 1 process": ([sys.executable, "finetune.py", *common, "--output_dir", os.path.join(work, "a")], "a", 1),
+        "N=1, 2 processes, ZeRO-2 (data parallel: a whole sample per rank)": (
+            [*two, "--output_dir", os.path.join(work, "b")], "b", 2),
+        "N=2, 2 processes, ZeRO-2 (the sample split across both)": (
+            [*two, "--output_dir", os.path.join(work, "c"), "--sequence_parallel_size", "2"], "c", 1),
     }
     idle_cmd = [sys.executable, "-c", "import finetune, torch, transformers; from transformers import "
                 f"AutoModelForCausalLM as A; m = A.from_pretrained({model!r}); import time; time.sleep(1)  # finetune.py"]
     _, idle = run(idle_cmd, env)
     results = []
-    for name, cmd in runs.items():
+    for name, (cmd, sub, samples) in runs.items():
         out, peaks = run(cmd, env)
-        sub = "sp1" if name.startswith("N=1") else "sp2"
         metrics = json.load(open(os.path.join(work, sub, "train_results.json")))
-        tokens_per_s = args.steps * length / metrics["train_runtime"]
+        tokens_per_s = args.steps * samples * length / metrics["train_runtime"]
         losses = [h["loss"] for h in json.load(open(os.path.join(work, sub, "trainer_state.json")))["log_history"]
                   if "loss" in h and "grad_norm" in h]
         results.append({"run": name, "peak_rss_mb_per_rank": [round(p / 2**20) for p in peaks],
