@@ -1294,17 +1294,18 @@ class SameLengthInGroup:
 
 
 class SequenceParallelLoader:
-    """What the Trainer iterates: DeepSpeed's adapter, with the set_epoch it hides (each epoch would repeat
-    the first one's order) and a clear refusal where the Trainer would fast-forward it (it cannot)."""
+    """What the Trainer iterates: a fresh DeepSpeed adapter per epoch (one adapter would carry the last
+    epoch's unfinished iterator into the next: one update lost and the next epoch's order taken from the
+    wrong epoch), the set_epoch it hides, and a clear refusal where the Trainer would fast-forward it."""
 
-    def __init__(self, adapted, loader):
-        self.adapted, self.set_epoch = adapted, loader.set_epoch
+    def __init__(self, new_adapter, loader):
+        self.new_adapter, self.set_epoch = new_adapter, loader.set_epoch
 
     def __len__(self):
-        return len(self.adapted)
+        return len(self.new_adapter())
 
     def __iter__(self):
-        return iter(self.adapted)
+        return iter(self.new_adapter())
 
     @property
     def dataset(self):  # read by accelerate's skip_first_batches, only when resuming mid-epoch
@@ -1318,7 +1319,22 @@ def sequence_parallel_loader(adapt, pad_token_id, loader, model):
     """accelerate's Ulysses adapter (`adapt`) around the train loader, equal lengths first on gloo."""
     if torch.distributed.get_backend() == "gloo":
         loader = SameLengthInGroup(loader, pad_token_id)
-    return SequenceParallelLoader(adapt(loader, model), loader)
+    return SequenceParallelLoader(functools.partial(adapt, loader, model), loader)
+
+
+def gradient_divisor(training_args, sp):
+    """What DDP/DeepSpeed divide the gradients summed over all ranks by: the data-parallel size, world / N.
+    Except DeepSpeed 0.19's ZeRO-3 reduce-scatter (on by default), which divides by the world size even under
+    sequence parallelism (stage3 __avg_scatter_grads; its all-reduce path and ZeRO-1/2 divide by world / N).
+    tests/test_sequence_parallel.py checks the gradient norms of both stages against one process."""
+    ds = training_args.deepspeed
+    if isinstance(ds, str):
+        with open(ds) as f:
+            ds = json.load(f)
+    zero = (ds or {}).get("zero_optimization", {})
+    if sp > 1 and int(zero.get("stage", 0)) == 3 and zero.get("reduce_scatter", True):
+        return training_args.world_size
+    return training_args.world_size // sp
 
 
 def data_parallel_size(training_args, world=None):
@@ -1356,6 +1372,7 @@ class FinetuneTrainer(Trainer):
         self._names = {"train": self.source_names, "eval": list(eval_source_names or self.source_names)}
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
                              for split, names in self._names.items()}
+        self._gradient_divisor = gradient_divisor(self.args, self.get_sp_size())
         if self.get_sp_size() > 1:
             self.accelerator.deepspeed_ulysses_dl_adapter = functools.partial(
                 sequence_parallel_loader, self.accelerator.deepspeed_ulysses_dl_adapter,
@@ -1427,8 +1444,7 @@ class FinetuneTrainer(Trainer):
             num_items_in_batch = weights.sum()
         loss = (ce * weights.to(ce.device)).sum() / torch.as_tensor(num_items_in_batch, device=ce.device).clamp(min=1e-8)
         if model.training and self.args.world_size > 1:
-            # DDP/DeepSpeed sum gradients over all ranks and divide by the data-parallel size
-            loss = loss * (self.args.world_size // self.get_sp_size())
+            loss = loss * self._gradient_divisor  # DDP/DeepSpeed sum gradients over ranks and divide by it
         with torch.no_grad():
             src = source[mask].cpu()
             sums = self._source_sums["train" if model.training else "eval"]
@@ -1441,8 +1457,8 @@ class FinetuneTrainer(Trainer):
 
     def training_step(self, *args, **kwargs):
         # What this returns is only logged, as the mean over all ranks: the N ranks of a sequence-parallel
-        # group each hold a share of their replica's loss (scaled by world / N above), so the mean needs x N.
-        return super().training_step(*args, **kwargs) * self.get_sp_size()
+        # group each hold a share of their replica's loss, scaled by the gradient divisor above.
+        return super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
 
     def _source_metrics(self, split, prefix):
         """Token-mean CE since the last call, summed over ranks: {prefix}loss overall and

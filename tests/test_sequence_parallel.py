@@ -3,7 +3,7 @@
 Real torchrun processes on CPU (gloo), long samples (hundreds to ~1,500 tokens, some whose first shard holds
 no trained token at all), compared with ONE process without sequence parallelism on the same data:
 
-  ZeRO-2, full, --loss_balance token, 2 sources, accumulation 2:  same optimizer steps, per-step loss,
+  ZeRO-2, full, --loss_balance token, 2 sources, accumulation 2, 2 epochs:  same optimizer steps, per-step loss,
       grad norm and per-source losses (1e-4 relative); the saved model loads in a plain process and
       equals the reference's weights to rounding; eval_loss (evaluation runs unsplit) is the same.
   ZeRO-3, LoRA, --loss_balance sample, gradient checkpointing, accumulation 1 (slow): the same, for the
@@ -75,13 +75,13 @@ def assert_same_steps(sp_out, ref_out):
 
 def test_sp_zero2_full_matches_one_process_and_saves_a_plain_model(tiny_model, long_data, cache, tmp_path):
     sp, ref = tmp_path / "sp", tmp_path / "ref"
-    common = ["--gradient_accumulation_steps", 2, "--eval_data_path", long_data]
+    common = ["--gradient_accumulation_steps", 2, "--eval_data_path", long_data, "--num_train_epochs", 2]
     log = torchrun(2, args(tiny_model, long_data, sp, cache, *common, "--deepspeed", ZERO2, "--ddp_backend", "gloo",
                            "--sequence_parallel_size", 2), timeout=900)
     assert "1 data-parallel x 2 sequence-parallel" in log and "global batch size 4 =" in log, log[-3000:]
     run_finetune(args(tiny_model, long_data, ref, cache, *common))
     assert_same_steps(sp, ref)
-    assert len(history(ref)) == 2  # 8 samples / (2 per device x 1 data-parallel x 2 accumulation)
+    assert len(history(ref)) == 4  # 2 epochs x 8 samples / (2 per device x 1 data-parallel x 2 accumulation)
     # evaluation runs without sequence parallelism (DeepSpeed's disable_in_eval): the same exact token mean
     evals = [json.loads((d / "eval_results.json").read_text())["eval_loss"] for d in (sp, ref)]
     assert evals[0] == pytest.approx(evals[1], rel=REL_TOL), evals
