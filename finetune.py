@@ -1296,23 +1296,23 @@ class SameLengthInGroup:
 class SequenceParallelLoader:
     """What the Trainer iterates: a fresh DeepSpeed adapter per epoch (one adapter would carry the last
     epoch's unfinished iterator into the next: one update lost and the next epoch's order taken from the
-    wrong epoch), the set_epoch it hides, and a clear refusal where the Trainer would fast-forward it."""
+    wrong epoch), the set_epoch it hides, and a fast-forward for resuming mid-epoch (accelerate's
+    skip_first_batches knows only DataLoaders): the skipped micro-batches are loaded and dropped."""
 
-    def __init__(self, new_adapter, loader):
-        self.new_adapter, self.set_epoch = new_adapter, loader.set_epoch
+    def __init__(self, new_adapter, loader, skip=0):
+        self.new_adapter, self.loader, self.skip, self.set_epoch = new_adapter, loader, skip, loader.set_epoch
 
     def __len__(self):
         return len(self.new_adapter())
 
     def __iter__(self):
-        return iter(self.new_adapter())
+        adapter = iter(self.new_adapter())
+        for _ in range(self.skip):
+            next(adapter)
+        return adapter
 
-    @property
-    def dataset(self):  # read by accelerate's skip_first_batches, only when resuming mid-epoch
-        raise ValueError("resuming a --sequence_parallel_size run in the middle of an epoch is not supported: "
-                         "the Trainer cannot fast-forward DeepSpeed's sequence-parallel data loader. Resume from "
-                         "a checkpoint at an epoch boundary, or add --ignore_data_skip True (the epoch restarts "
-                         "from its first batches).")
+    def skip_first_batches(self, n):
+        return SequenceParallelLoader(self.new_adapter, self.loader, n)
 
 
 def sequence_parallel_loader(adapt, pad_token_id, loader, model):
@@ -1454,6 +1454,21 @@ class FinetuneTrainer(Trainer):
             outputs.loss = loss
             return loss, outputs
         return loss
+
+    def _run_epoch(self, **kwargs):
+        loader = kwargs.get("train_dataloader")
+        if not isinstance(loader, SequenceParallelLoader):
+            return super()._run_epoch(**kwargs)
+        # A resumed epoch is fast-forwarded with accelerate's skip_first_batches, which rebuilds a plain
+        # DataLoader: route it to the sequence-parallel loader's own, for this epoch only.
+        import transformers.trainer as hf_trainer
+
+        skip = hf_trainer.skip_first_batches
+        hf_trainer.skip_first_batches = lambda dl, n: dl.skip_first_batches(n) if dl is loader else skip(dl, n)
+        try:
+            return super()._run_epoch(**kwargs)
+        finally:
+            hf_trainer.skip_first_batches = skip
 
     def training_step(self, *args, **kwargs):
         # What this returns is only logged, as the mean over all ranks: the N ranks of a sequence-parallel

@@ -5,7 +5,8 @@ no trained token at all), compared with ONE process without sequence parallelism
 
   ZeRO-2, full, --loss_balance token, 2 sources, accumulation 2, 2 epochs:  same optimizer steps, per-step loss,
       grad norm and per-source losses (1e-4 relative); the saved model loads in a plain process and
-      equals the reference's weights to rounding; eval_loss (evaluation runs unsplit) is the same.
+      equals the reference's weights to rounding; eval_loss (evaluation runs unsplit) is the same; resumed
+      from a mid-epoch checkpoint it ends with the same last step.
   ZeRO-3, LoRA, --loss_balance sample, gradient checkpointing, accumulation 1 (slow): the same, for the
       saved adapter.
   Refusals (no torchrun needed): every bad combination stops before the tokenizer or model is loaded,
@@ -76,12 +77,18 @@ def assert_same_steps(sp_out, ref_out):
 def test_sp_zero2_full_matches_one_process_and_saves_a_plain_model(tiny_model, long_data, cache, tmp_path):
     sp, ref = tmp_path / "sp", tmp_path / "ref"
     common = ["--gradient_accumulation_steps", 2, "--eval_data_path", long_data, "--num_train_epochs", 2]
-    log = torchrun(2, args(tiny_model, long_data, sp, cache, *common, "--deepspeed", ZERO2, "--ddp_backend", "gloo",
-                           "--sequence_parallel_size", 2), timeout=900)
+    sp_args = args(tiny_model, long_data, sp, cache, *common, "--deepspeed", ZERO2, "--ddp_backend", "gloo",
+                   "--sequence_parallel_size", 2, "--save_strategy", "steps", "--save_steps", 3)
+    log = torchrun(2, sp_args, timeout=900)
     assert "1 data-parallel x 2 sequence-parallel" in log and "global batch size 4 =" in log, log[-3000:]
     run_finetune(args(tiny_model, long_data, ref, cache, *common))
     assert_same_steps(sp, ref)
     assert len(history(ref)) == 4  # 2 epochs x 8 samples / (2 per device x 1 data-parallel x 2 accumulation)
+    # resumed in the middle of the 2nd epoch (checkpoint-3 of 2 steps per epoch): the same last step
+    resumed = tmp_path / "resumed"
+    log = torchrun(2, [*sp_args, "--output_dir", resumed, "--resume_from_checkpoint", sp / "checkpoint-3"])
+    assert "resuming from" in log and "checkpoint-3" in log, log[-3000:]
+    assert_same_steps(resumed, sp)
     # evaluation runs without sequence parallelism (DeepSpeed's disable_in_eval): the same exact token mean
     evals = [json.loads((d / "eval_results.json").read_text())["eval_loss"] for d in (sp, ref)]
     assert evals[0] == pytest.approx(evals[1], rel=REL_TOL), evals
