@@ -153,6 +153,12 @@ class TrainingArguments(transformers.TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     report_to: Optional[str] = field(default="none", metadata={"help": "none | tensorboard | wandb | all."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs them."})
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Split every sample across N processes (DeepSpeed Ulysses sequence parallelism; needs "
+                  "--deepspeed): for samples whose activations do not fit one device. The data-parallel size "
+                  "becomes processes / N. See README, Long samples."},
+    )
 
     @cached_property
     def _setup_devices(self):
@@ -373,6 +379,7 @@ def validate_args(model_args, data_args, training_args, lora_args):
         raise ValueError("--train_on_prompt and --train_on_last_turn_only exclude each other; pick one.")
     if training_args.early_stopping_patience and not data_args.eval_data_path:
         raise ValueError("--early_stopping_patience needs --eval_data_path (it watches eval_loss).")
+    setup_sequence_parallel(model_args, data_args, training_args)
 
 
 def zero_stage(training_args):
@@ -1651,9 +1658,38 @@ def load_datasets(data_args, training_args, tokenizer):
 # ---------------------------------------------------------------------------------------------
 
 
+def pad_batch(batch, length, pad_token_id):
+    """Right-pad every per-token column of a collated batch to `length`, with tokens that train nothing and
+    that no real token attends to (causal attention: they come after every real token)."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0, "token_source": -1,
+            "token_sample_trained": 0}
+    for key, value in fill.items():
+        if key in batch:
+            batch[key] = F.pad(batch[key], (0, extra), value=value)
+    if "position_ids" in batch:  # keep counting: positions stay increasing, as Ulysses on sdpa requires
+        batch["position_ids"] = torch.cat([batch["position_ids"], batch["position_ids"][:, -1:] + 1 + torch.arange(extra)], 1)
+    return batch
+
+
+def _trained_per_sample(features):
+    """Trained targets of each sample: labels[1:] that are not IGNORE_INDEX (label 0 is never predicted,
+    and packing masks it)."""
+    return [sum(1 for x in f["labels"][1:] if x != IGNORE_INDEX) for f in features]
+
+
+# Every batch carries per-token columns next to input_ids: token_source (the sample's data source) and
+# token_sample_trained (how many trained targets its sample has: the `--loss_balance sample` weight). They
+# describe the token at each input position t, and therefore also the target it is trained to predict,
+# labels[t+1], whenever that target is trained: the first label of every sample is masked, so a trained
+# target is never the first token of another sample. That is what keeps them right when sequence
+# parallelism cuts the row into shards and shifts the labels (shift_labels[t] = labels[t+1]).
 @dataclass
 class PaddingCollator:
-    """Pad to the longest sample of the batch (never to model_max_length)."""
+    """Pad to the longest sample of the batch (never to model_max_length), rounded up to a multiple of
+    pad_to_multiple_of. position_ids are explicit: sequence parallelism needs the global positions."""
 
     pad_token_id: int
     pad_to_multiple_of: Optional[int] = None
@@ -1666,14 +1702,15 @@ class PaddingCollator:
         ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
         attn = torch.zeros((n, longest), dtype=torch.long)
-        sample = torch.full((n, longest), -1, dtype=torch.long)
-        for i, f in enumerate(features):
+        source = torch.full((n, longest), -1, dtype=torch.long)
+        trained = torch.zeros((n, longest), dtype=torch.long)
+        for i, (f, t) in enumerate(zip(features, _trained_per_sample(features))):
             k = len(f["input_ids"])
             ids[i, :k], labels[i, :k], attn[i, :k] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-            sample[i, :k] = i
-        source = torch.tensor([f.get("source_idx", 0) for f in features])[:, None].expand(n, longest)
+            source[i, :k], trained[i, :k] = f.get("source_idx", 0), t
         return {"input_ids": ids, "attention_mask": attn, "labels": labels,
-                "token_sample": sample, "token_source": torch.where(sample >= 0, source, -1)}
+                "position_ids": torch.arange(longest).expand(n, longest).clone(),
+                "token_source": source, "token_sample_trained": trained}
 
 
 @dataclass
@@ -1681,17 +1718,22 @@ class PackingCollator:
     """Padding-free packing: one row of concatenated samples, position_ids restarting at 0 per sample
     and no attention_mask, so attention stays within each sample (varlen flash-attention on GPU, a
     block-diagonal mask on sdpa/eager). The first label of every sample is masked, so no position is
-    ever trained to predict across a boundary."""
+    ever trained to predict across a boundary. pad_to_multiple_of appends untrained padding so that
+    sequence parallelism can split the row evenly."""
 
     flash_attention: bool = False
+    pad_to_multiple_of: Optional[int] = None
+    pad_token_id: int = 0
 
     def __call__(self, features):
         flatten = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=self.flash_attention)
         batch = flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
-        batch["token_sample"] = torch.cat([torch.full((len(f["input_ids"]),), i) for i, f in enumerate(features)])[None]
         batch["token_source"] = torch.cat(
             [torch.full((len(f["input_ids"]),), f.get("source_idx", 0)) for f in features])[None]
-        return batch
+        batch["token_sample_trained"] = torch.cat(
+            [torch.full((len(f["input_ids"]),), t) for f, t in zip(features, _trained_per_sample(features))])[None]
+        length = batch["input_ids"].shape[1]
+        return pad_batch(batch, length + -length % (self.pad_to_multiple_of or 1), self.pad_token_id)
 
 
 def use_packing(data_args, attn_implementation):
@@ -1754,8 +1796,140 @@ def load_model(model_args, training_args, lora_args, attn_implementation):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sequence parallelism: DeepSpeed Ulysses through the HF Trainer (--sequence_parallel_size N)
+# ---------------------------------------------------------------------------------------------
+# accelerate's ParallelismConfig(sp_backend="deepspeed") makes N consecutive ranks one group: DeepSpeed's
+# data loader adapter gathers the group's batches, turns labels into shift_labels (before cutting, so the
+# target across a shard boundary is kept) and gives each rank 1/N of every row (all per-token columns);
+# the attention all-to-all gives each rank all positions for 1/N of the heads. ZeRO still partitions over
+# all ranks; gradients are summed over all ranks and divided by the data-parallel size (world / N).
+SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def setup_sequence_parallel(model_args, data_args, training_args):
+    """Refuse what Ulysses cannot run (exactly) before anything is loaded; else set the Trainer's
+    parallelism_config."""
+    n = training_args.sequence_parallel_size
+    if n < 1:
+        raise ValueError(f"--sequence_parallel_size {n}: must be 1 (off) or more.")
+    if n == 1:
+        return
+    world = (data_args.dry_run and data_args.dry_run_world_size) or int(os.environ.get("WORLD_SIZE", "1"))
+    if world % n:
+        raise ValueError(f"--sequence_parallel_size {n} must divide the number of processes ({world}): launch a "
+                         f"multiple of {n} processes (torchrun --nproc_per_node / finetune.sh GPUS_PER_NODE, "
+                         "NNODES) or lower it.")
+    if not training_args.deepspeed:
+        raise ValueError("--sequence_parallel_size needs DeepSpeed: add --deepspeed ds_config_zero2.json "
+                         "(or ds_config_zero3.json).")
+    attn = resolve_attn_implementation(model_args.attn_implementation)
+    if attn not in SP_ATTENTION:
+        raise ValueError(f"--sequence_parallel_size needs --attn_implementation {' or '.join(SP_ATTENTION)} "
+                         f"(got {attn}): Ulysses drops the attention mask and relies on causal kernels.")
+    if use_packing(data_args, attn) and not attn.startswith("flash_attention"):
+        raise ValueError(f"--packing true with --sequence_parallel_size needs flash-attention: with {attn}, "
+                         "Ulysses attends causally over the whole packed row, across sample boundaries. "
+                         "Use --packing false (padding is exact) or --attn_implementation flash_attention_2.")
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
+                                        trust_remote_code=model_args.trust_remote_code).get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % n or (kv_heads % n and n % kv_heads):
+        usable = [d for d in range(2, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
+        raise ValueError(f"--sequence_parallel_size {n}: this model has {heads} attention heads and {kv_heads} "
+                         f"key/value heads; Ulysses gives each rank heads / N of them. Use one of {usable}.")
+    from accelerate import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    training_args.parallelism_config = ParallelismConfig(
+        sp_backend="deepspeed", sp_size=n,
+        sp_handler=DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=attn))
+
+
+class SameLengthInGroup:
+    """A train loader whose batches are padded to the longest of the sequence-parallel group's current
+    batches. DeepSpeed's adapter all-gathers the group's batches, which gloo (CPU) accepts only when all
+    have the same shape; NCCL takes different lengths, so GPUs skip this."""
+
+    def __init__(self, loader, pad_token_id):
+        self.loader, self.pad_token_id = loader, pad_token_id
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):  # set_epoch, dataset, ...
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        from deepspeed.utils import groups
+
+        for batch in self.loader:
+            length = torch.tensor([batch["input_ids"].shape[1]])
+            torch.distributed.all_reduce(length, torch.distributed.ReduceOp.MAX,
+                                         group=groups._get_sequence_parallel_group())
+            yield pad_batch(batch, int(length), self.pad_token_id)
+
+
+class SequenceParallelLoader:
+    """What the Trainer iterates: a fresh DeepSpeed adapter per epoch (one adapter would carry the last
+    epoch's unfinished iterator into the next: one update lost and the next epoch's order taken from the
+    wrong epoch), the set_epoch it hides, and a fast-forward for resuming mid-epoch (accelerate's
+    skip_first_batches knows only DataLoaders): the skipped micro-batches are loaded and dropped."""
+
+    def __init__(self, new_adapter, loader, skip=0):
+        self.new_adapter, self.loader, self.skip, self.set_epoch = new_adapter, loader, skip, loader.set_epoch
+
+    def __len__(self):
+        return len(self.new_adapter())
+
+    def __iter__(self):
+        adapter = iter(self.new_adapter())
+        for _ in range(self.skip):
+            next(adapter)
+        return adapter
+
+    def skip_first_batches(self, n):
+        return SequenceParallelLoader(self.new_adapter, self.loader, n)
+
+
+def sequence_parallel_loader(adapt, pad_token_id, loader, model):
+    """accelerate's Ulysses adapter (`adapt`) around the train loader, equal lengths first on gloo."""
+    if torch.distributed.get_backend() == "gloo":
+        loader = SameLengthInGroup(loader, pad_token_id)
+    return SequenceParallelLoader(functools.partial(adapt, loader, model), loader)
+
+
+def gradient_divisor(training_args, sp):
+    """What DDP/DeepSpeed divide the gradients summed over all ranks by: the data-parallel size, world / N.
+    Except DeepSpeed 0.19's ZeRO-3 reduce-scatter (on by default), which divides by the world size even under
+    sequence parallelism (stage3 __avg_scatter_grads; its all-reduce path and ZeRO-1/2 divide by world / N).
+    tests/test_sequence_parallel.py checks the gradient norms of both stages against one process."""
+    ds = training_args.deepspeed
+    if isinstance(ds, str):
+        with open(ds) as f:
+            ds = json.load(f)
+    zero = (ds or {}).get("zero_optimization", {})
+    if sp > 1 and int(zero.get("stage", 0)) == 3 and zero.get("reduce_scatter", True):
+        return training_args.world_size
+    return training_args.world_size // sp
+
+
+def data_parallel_size(training_args, world=None):
+    return (world or training_args.world_size) // training_args.sequence_parallel_size
+
+
+# ---------------------------------------------------------------------------------------------
 # Trainer: one loss normalisation for the whole optimizer step, per-source metrics
 # ---------------------------------------------------------------------------------------------
+
+
+def shifted_labels(batch):
+    """target[t] = labels[t+1], IGNORE_INDEX at the end of the row: what position t is trained to predict.
+    Under sequence parallelism DeepSpeed's data loader has made it already (shift_labels, before cutting the
+    row into shards) and removed labels."""
+    if "shift_labels" in batch:
+        return batch["shift_labels"]
+    return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 class FinetuneTrainer(Trainer):
@@ -1775,6 +1949,11 @@ class FinetuneTrainer(Trainer):
         self._names = {"train": self.source_names, "eval": list(eval_source_names or self.source_names)}
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
                              for split, names in self._names.items()}
+        self._gradient_divisor = gradient_divisor(self.args, self.get_sp_size())
+        if self.get_sp_size() > 1:
+            self.accelerator.deepspeed_ulysses_dl_adapter = functools.partial(
+                sequence_parallel_loader, self.accelerator.deepspeed_ulysses_dl_adapter,
+                getattr(self.data_collator, "pad_token_id", 0))
 
     def _all_reduce(self, tensor):
         if self.args.world_size > 1:
@@ -1783,26 +1962,23 @@ class FinetuneTrainer(Trainer):
         return tensor
 
     def _token_weights(self, batches):
-        """Per-token loss weights for every micro-batch of one step, and their global sum."""
-        masks = [b["labels"][:, 1:] != IGNORE_INDEX for b in batches]
+        """Per-token loss weights for every micro-batch of one step, and their global sum. Every trained
+        token is on exactly one rank (under sequence parallelism: on the rank holding its shard), so the
+        sum over all ranks counts it once."""
+        masks = [shifted_labels(b) != IGNORE_INDEX for b in batches]
         if self.loss_balance == "source":
             counts = torch.zeros(len(self.source_names), dtype=torch.float64)
             for b, m in zip(batches, masks):
-                counts += torch.bincount(b["token_source"][:, 1:][m].cpu(), minlength=len(counts)).double()
+                counts += torch.bincount(b["token_source"][m].cpu(), minlength=len(counts)).double()
             counts = self._all_reduce(counts)
         weights = []
         for b, m in zip(batches, masks):
             if self.loss_balance == "token":
                 w = m.double()
             elif self.loss_balance == "sample":
-                sample = b["token_sample"][:, 1:]
-                row_offset = torch.arange(sample.shape[0])[:, None] * (int(sample.max()) + 1)
-                key = torch.where(m, sample + row_offset, 0)
-                per_sample = torch.bincount(key[m].flatten(), minlength=int(key.max()) + 1).double()
-                w = torch.where(m, 1.0 / per_sample.clamp(min=1)[key], 0.0)
+                w = torch.where(m, 1.0 / b["token_sample_trained"].clamp(min=1).double(), 0.0)
             else:
-                src = b["token_source"][:, 1:].clamp(min=0)
-                w = torch.where(m, 1.0 / counts.clamp(min=1)[src], 0.0)
+                w = torch.where(m, 1.0 / counts.clamp(min=1)[b["token_source"].clamp(min=0)], 0.0)
             weights.append(w)
         total = self._all_reduce(sum(w.sum() for w in weights).reshape(1)).sum()
         return weights, total
@@ -1830,12 +2006,13 @@ class FinetuneTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        labels, source = inputs.pop("labels"), inputs.pop("token_source")
-        inputs.pop("token_sample", None)
+        target = shifted_labels(inputs)  # target[t]: what position t predicts
+        for key in ("labels", "shift_labels", "token_sample_trained"):
+            inputs.pop(key, None)
+        source = inputs.pop("token_source")
         weights = inputs.pop("loss_weights", None)
         outputs = model(**inputs, use_cache=False)
-        logits = outputs.logits[:, :-1, :]
-        target = labels[:, 1:]
+        logits = outputs.logits
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="none").view_as(target)
         mask = target != IGNORE_INDEX
@@ -1844,9 +2021,9 @@ class FinetuneTrainer(Trainer):
             num_items_in_batch = weights.sum()
         loss = (ce * weights.to(ce.device)).sum() / torch.as_tensor(num_items_in_batch, device=ce.device).clamp(min=1e-8)
         if model.training and self.args.world_size > 1:
-            loss = loss * self.args.world_size  # DDP/DeepSpeed average gradients over ranks
+            loss = loss * self._gradient_divisor  # DDP/DeepSpeed sum gradients over ranks and divide by it
         with torch.no_grad():
-            src = source[:, 1:][mask].cpu()
+            src = source[mask].cpu()
             sums = self._source_sums["train" if model.training else "eval"]
             sums[0] += torch.bincount(src, weights=ce[mask].detach().double().cpu(), minlength=sums.shape[1])
             sums[1] += torch.bincount(src, minlength=sums.shape[1]).double()
@@ -1854,6 +2031,26 @@ class FinetuneTrainer(Trainer):
             outputs.loss = loss
             return loss, outputs
         return loss
+
+    def _run_epoch(self, **kwargs):
+        loader = kwargs.get("train_dataloader")
+        if not isinstance(loader, SequenceParallelLoader):
+            return super()._run_epoch(**kwargs)
+        # A resumed epoch is fast-forwarded with accelerate's skip_first_batches, which rebuilds a plain
+        # DataLoader: route it to the sequence-parallel loader's own, for this epoch only.
+        import transformers.trainer as hf_trainer
+
+        skip = hf_trainer.skip_first_batches
+        hf_trainer.skip_first_batches = lambda dl, n: dl.skip_first_batches(n) if dl is loader else skip(dl, n)
+        try:
+            return super()._run_epoch(**kwargs)
+        finally:
+            hf_trainer.skip_first_batches = skip
+
+    def training_step(self, *args, **kwargs):
+        # What this returns is only logged, as the mean over all ranks: the N ranks of a sequence-parallel
+        # group each hold a share of their replica's loss, scaled by the gradient divisor above.
+        return super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
 
     def _source_metrics(self, split, prefix):
         """Token-mean CE since the last call, summed over ranks: {prefix}loss overall and
@@ -2039,10 +2236,11 @@ def _param_counts(config):
     return _PARAM_COUNTS[key]
 
 
-def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, lora_r, grad_ckpt):
+def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, lora_r, grad_ckpt, sp=1):
     """Peak memory per device in GiB for method full | lora | q-lora under ZeRO `stage` (0 = none) on
-    `world` devices, for a micro-batch of `micro_tokens` tokens. Formula (README, "Memory estimate"):
-    1.1 x (weights + gradients + optimizer states + activations), ZeRO dividing what it partitions."""
+    `world` devices, for a micro-batch of `micro_tokens` tokens split over `sp` sequence-parallel ranks.
+    Formula (README, "Memory estimate"): 1.1 x (weights + gradients + optimizer states + activations), ZeRO
+    dividing what it partitions (over all `world` ranks), sequence parallelism the activations."""
     params, linear, lora_dims = _param_counts(config)
     if method == "full":
         weights, trainable = params * dtype_bytes, params
@@ -2063,7 +2261,7 @@ def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, 
     # Activations, bytes per token (Korthikanti et al. 2022, flash/sdpa attention): 34h per layer in 16-bit;
     # with gradient checkpointing each layer keeps only its 2h-byte input and one layer is recomputed at a time.
     per_token = h * (2 * layers + 34 if grad_ckpt else 34 * layers) * dtype_bytes / 2
-    acts = micro_tokens * (per_token + config.vocab_size * (dtype_bytes + 8))  # + logits, fp32 copy and grad
+    acts = micro_tokens / sp * (per_token + config.vocab_size * (dtype_bytes + 8))  # + logits, fp32 copy and grad
     gib = 1024 ** 3
     parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts}
     return {"params": params, "trainable_params": trainable,
@@ -2085,8 +2283,9 @@ def token_stats(dataset):
 def data_report(train, evaluation, reports, tokenizer, model_args, data_args, training_args, lora_args,
                 packing):
     world = data_args.dry_run_world_size or training_args.world_size
+    sp = training_args.sequence_parallel_size
     micro = training_args.per_device_train_batch_size
-    global_batch = micro * world * training_args.gradient_accumulation_steps
+    global_batch = micro * data_parallel_size(training_args, world) * training_args.gradient_accumulation_steps
     stats = token_stats(train)
     lengths = np.asarray(train["length"][:])
     grouped = training_args.train_sampling_strategy == "group_by_length"
@@ -2095,7 +2294,8 @@ def data_report(train, evaluation, reports, tokenizer, model_args, data_args, tr
                   "padding_share": padding_share(lengths, micro, packing, grouped, training_args.seed,
                                                  micro * training_args.gradient_accumulation_steps)},
         "batching": "packing" if packing else ("length-grouped padding" if grouped else "padding"),
-        "world_size": world, "global_batch_size": global_batch,
+        "world_size": world, "sequence_parallel_size": sp, "data_parallel_size": data_parallel_size(training_args, world),
+        "global_batch_size": global_batch,
         "steps_per_epoch": math.ceil(len(train) / global_batch),  # = Trainer's ceil(ceil(N/micro/world)/accum)
     }
     first = train[0]
@@ -2112,9 +2312,10 @@ def data_report(train, evaluation, reports, tokenizer, model_args, data_args, tr
     dtype_bytes = 2 if (training_args.bf16 or training_args.fp16 or lora_args.q_lora) else 4
     estimate = functools.partial(estimate_memory_gb, config, world=world, micro_tokens=micro_tokens,
                                  dtype_bytes=dtype_bytes, lora_r=lora_args.lora_r,
-                                 grad_ckpt=training_args.gradient_checkpointing)
+                                 grad_ckpt=training_args.gradient_checkpointing, sp=sp)
     report["memory_estimate"] = {
-        "method": method, "zero_stage": stage, "world_size": world, "per_device_micro_batch_tokens": micro_tokens,
+        "method": method, "zero_stage": stage, "world_size": world, "sequence_parallel_size": sp,
+        "per_device_micro_batch_tokens": micro_tokens // sp,
         **estimate(method=method, stage=stage),
         "total_gb_by_method_and_zero_stage": {  # Q-LoRA cannot run under ZeRO-3
             m: {f"zero{z}": None if (m, z) == ("q-lora", 3) else estimate(method=m, stage=z)["total_gb"]
@@ -2188,12 +2389,20 @@ def train(argv=None):
         return report
 
     finish_training_args(training_args, eval_data is not None)
+    sp = training_args.sequence_parallel_size
+    topology = (f"{report['data_parallel_size']} data-parallel x {sp} sequence-parallel ({training_args.world_size} "
+                "processes; each sample split across the sequence-parallel group)" if sp > 1
+                else f"{training_args.world_size} processes")
     log0(f"method: {report['memory_estimate']['method']}, attention: {attn}, batching: {report['batching']}, "
          f"global batch size {report['global_batch_size']} = {training_args.per_device_train_batch_size} per device "
-         f"x {training_args.world_size} processes x {training_args.gradient_accumulation_steps} accumulation")
+         f"x {topology} x {training_args.gradient_accumulation_steps} accumulation, "
+         f"{report['steps_per_epoch']} steps per epoch")
     model = load_model(model_args, training_args, lora_args, attn)
-    collator = (PackingCollator(flash_attention=attn == "flash_attention_2") if packing
-                else PaddingCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None))
+    # rows a multiple of 8 feed GPU kernels best; sequence parallelism cuts them into sp equal shards
+    multiple = math.lcm(8 if torch.cuda.is_available() else 1, sp)
+    collator = (PackingCollator(flash_attention=attn == "flash_attention_2" and sp == 1,
+                                pad_to_multiple_of=sp, pad_token_id=tokenizer.pad_token_id) if packing
+                else PaddingCollator(tokenizer.pad_token_id, multiple if multiple > 1 else None))
     callbacks = [LossPlotCallback()]
     if training_args.early_stopping_patience:
         callbacks.append(transformers.EarlyStoppingCallback(training_args.early_stopping_patience))

@@ -94,7 +94,8 @@ def test_packing_collator_layout(features):
     # everything else is the sample's own labels
     for f, s in zip(features, starts):
         assert batch["labels"][0, s + 1:s + len(f["labels"])].tolist() == f["labels"][1:]
-    assert batch["token_sample"][0].tolist() == sum(([i] * n for i, n in enumerate(lengths)), [])
+    trained = [sum(1 for x in f["labels"][1:] if x != ft.IGNORE_INDEX) for f in features]
+    assert batch["token_sample_trained"][0].tolist() == sum(([t] * n for t, n in zip(trained, lengths)), [])
     assert batch["token_source"][0].tolist() == sum(([f["source_idx"]] * n for f, n in zip(features, lengths)), [])
 
 
