@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -1423,6 +1424,67 @@ def save_model(trainer, tokenizer, output_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+# Preemption: save on SIGTERM/SIGUSR1 at a step all ranks agree on, exit 75, resume
+# ---------------------------------------------------------------------------------------------
+# transformers' --enable_jit_checkpoint is not enough here: it handles SIGTERM only, and each rank acts
+# on its own signal (3 s later, from a timer thread), so ranks that see it a step apart enter ZeRO-3's
+# collective save at different points of the step and hang; it can also save before the optimizer step.
+
+PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL, "try again": distinct from 1 (crash), 2 (user error), 143 (killed)
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class Preempted(Exception):
+    pass
+
+
+class PreemptionCallback(transformers.TrainerCallback):
+    """The handler only records the signal. At every optimizer-step end all ranks all-reduce it (MAX), so
+    they stop after the same step; the checkpoint of that step is then written exactly like a --save_steps
+    one (Trainer._save_checkpoint: weights, optimizer, scheduler, RNG, trainer_state.json last). Further
+    signals only set the flag again, so they cannot interrupt the save. A signal after the last step
+    changes nothing: the run finishes its final save and exits 0."""
+
+    def __init__(self):
+        self.signal, self.stopped_at = 0, None
+
+    def _record(self, signum, frame):
+        self.signal = signum  # nothing else: a signal handler may run in the middle of anything
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for name in PREEMPT_SIGNALS:
+            signal.signal(getattr(signal, name), self._record)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = torch.tensor([self.signal], dtype=torch.int64, device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and state.global_step < state.max_steps:
+            self.signal, self.stopped_at = int(flag.item()), state.global_step
+            control.should_save = control.should_training_stop = True
+            control.should_evaluate = False  # the grace period is for saving
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:  # saved at the step end already
+            control.should_save = control.should_evaluate = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:
+            name = signal.Signals(self.signal).name
+            raise Preempted(f"preempted ({name}), checkpoint-{self.stopped_at} written to "
+                            f"{os.path.join(args.output_dir, f'checkpoint-{self.stopped_at}')}; "
+                            f"run the same command to resume (exit code {PREEMPTED_EXIT_CODE})")
+
+
+def record_exit_code(code):
+    """finetune.sh reads this: torchrun itself exits 1 whenever a worker exits non-zero or it got a signal."""
+    path = os.environ.get("FINETUNE_EXIT_CODE_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{code}\n")
+
+
+# ---------------------------------------------------------------------------------------------
 # Data report (--dry_run) and memory estimate
 # ---------------------------------------------------------------------------------------------
 
@@ -1609,7 +1671,7 @@ def train(argv=None):
     model = load_model(model_args, training_args, lora_args, attn)
     collator = (PackingCollator(flash_attention=attn == "flash_attention_2") if packing
                 else PaddingCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None))
-    callbacks = [LossPlotCallback()]
+    callbacks = [LossPlotCallback(), PreemptionCallback()]
     if training_args.early_stopping_patience:
         callbacks.append(transformers.EarlyStoppingCallback(training_args.early_stopping_patience))
     trainer = FinetuneTrainer(
@@ -1642,12 +1704,18 @@ def main():
     warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     try:
         train()
+    except Preempted as e:
+        log0(e)
+        record_exit_code(PREEMPTED_EXIT_CODE)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except (DataError, FileNotFoundError, ValueError) as e:
         # User errors: one clear message, no traceback, non-zero exit on every rank.
         if os.environ.get("FINETUNE_TRACEBACK"):
             raise
         print(f"[finetune] error: {e}", file=sys.stderr, flush=True)
+        record_exit_code(2)
         sys.exit(2)
+    record_exit_code(0)
 
 
 if __name__ == "__main__":
