@@ -1761,9 +1761,11 @@ def train(argv=None):
     finish_training_args(training_args, eval_data is not None)
     checkpoint = find_resume_checkpoint(training_args)
     adapt_to_world_size(checkpoint, training_args)
+    per_device, world, accumulation = (training_args.per_device_train_batch_size, training_args.world_size,
+                                       training_args.gradient_accumulation_steps)  # as resumed
     log0(f"method: {report['memory_estimate']['method']}, attention: {attn}, batching: {report['batching']}, "
-         f"global batch size {training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps} = {training_args.per_device_train_batch_size} per device "
-         f"x {training_args.world_size} processes x {training_args.gradient_accumulation_steps} accumulation")
+         f"global batch size {per_device * world * accumulation} = {per_device} per device "
+         f"x {world} processes x {accumulation} accumulation")
     model = load_model(model_args, training_args, lora_args, attn)
     collator = (PackingCollator(flash_attention=attn == "flash_attention_2") if packing
                 else PaddingCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None))
