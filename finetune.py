@@ -1529,7 +1529,7 @@ def _to_universal(checkpoint):
     log0(f"{checkpoint} was written by another number of processes: converting it to a universal checkpoint")
     args = argparse.Namespace(input_folder=os.path.join(checkpoint, tag), output_folder=target + ".tmp",
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=False)
+                              inject_missing_state=True)  # ZeRO-1/2 record no layout info: plain data parallel
     with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; errors still raise
         ds_to_universal.main(args)
     os.rename(target + ".tmp", target)
