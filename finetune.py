@@ -30,8 +30,36 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
+
+
+def quiet_known_notices():
+    """Library notices that tell the user nothing to act on, dropped where they arise (loggers are
+    filtered before the libraries are imported: bitsandbytes speaks on import). Each is narrow."""
+    import logging
+
+    notices = {
+        # On CPUs with AVX512-BF16, bitsandbytes tries the optional `kernels` package for a faster 4-bit
+        # CPU matmul and falls back to its own; only "not installed" is silenced, real failures still show.
+        "bitsandbytes.backends.cpu.ops": lambda r: "gemm_4bit_forward" in r.msg and "'kernels'" in str(r.args),
+        # No GPU: DeepSpeed says it runs on CPU, which is the plan (finetune.sh chose gloo for it).
+        "DeepSpeed": lambda r: "Setting accelerator to CPU" in r.getMessage() and not torch.cuda.is_available(),
+        # torchrun with ONE process: accelerate starts a process group of size 1, which transformers takes
+        # for a mis-launched DDP run. With 2+ processes it never fires; with 1 there is nothing to fix.
+        "transformers.training_args": lambda r: "parallel_mode != ParallelMode.DISTRIBUTED" in r.msg
+        and os.environ.get("WORLD_SIZE", "1") == "1",
+        # DeepSpeed + accumulation: Trainer accumulates itself and gives accelerate 1 on purpose, and
+        # DeepSpeed gets the real value from the config; the "mismatch" is by design.
+        "accelerate.accelerator": lambda r: "Gradient accumulation steps mismatch" in r.getMessage(),
+        # Checkpoints written within a second of each other (short runs): step order is used, as wanted.
+        "transformers.trainer_utils": lambda r: "mtime may not be reliable" in r.msg,
+    }
+    for name, is_notice in notices.items():
+        logging.getLogger(name).addFilter(lambda record, is_notice=is_notice: not is_notice(record))
+
+
+quiet_known_notices()
+import transformers  # noqa: E402  (after the filters above)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer  # noqa: E402
 
 IGNORE_INDEX = -100
 CACHE_VERSION = "2"  # bump when tokenization output changes, to invalidate old caches
