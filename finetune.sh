@@ -134,7 +134,7 @@ if [[ -n "${FINETUNE_PRINT_CMD:-}" ]]; then printf '%q ' "${CMD[@]}"; echo; exit
 export FINETUNE_EXIT_CODE_FILE="$(mktemp "${TMPDIR:-/tmp}/finetune-exit.XXXXXX")"
 trap 'rm -f "$FINETUNE_EXIT_CODE_FILE"' EXIT
 set -x
-"${CMD[@]}" &
+( trap - INT QUIT; exec "${CMD[@]}" ) &  # a background job would start with Ctrl-C ignored, down to the workers
 LAUNCHER=$!
 { set +x; } 2>/dev/null
 for sig in TERM INT HUP QUIT USR1; do trap "kill -s $sig $LAUNCHER 2>/dev/null" "$sig"; done
