@@ -1456,7 +1456,8 @@ def save_model(trainer, tokenizer, output_dir):
 # ---------------------------------------------------------------------------------------------
 # transformers' --enable_jit_checkpoint is not enough here: it handles SIGTERM only, and each rank acts
 # on its own signal (3 s later, from a timer thread), so ranks that see it a step apart enter ZeRO-3's
-# collective save at different points of the step and hang; it can also save before the optimizer step.
+# collective save at different points of the step (without our all-reduce, SIGUSR1 to one rank hung the
+# run); it can also save before the optimizer step.
 
 PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL, "try again": distinct from 1 (crash), 2 (user error), 143 (killed)
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
