@@ -109,6 +109,7 @@ def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, to
 
 def main(argv=None):
     args = parse_args(argv)
+    import finetune  # noqa: F401  (first: its import drops known library notices, e.g. bitsandbytes on CPU)
     import transformers
 
     transformers.logging.set_verbosity_error()  # stdout is for answers; errors still reach stderr

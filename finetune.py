@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -32,8 +33,36 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
+
+
+def quiet_known_notices():
+    """Library notices that tell the user nothing to act on, dropped where they arise (loggers are
+    filtered before the libraries are imported: bitsandbytes speaks on import). Each is narrow."""
+    import logging
+
+    notices = {
+        # On CPUs with AVX512-BF16, bitsandbytes tries the optional `kernels` package for a faster 4-bit
+        # CPU matmul and falls back to its own; only "not installed" is silenced, real failures still show.
+        "bitsandbytes.backends.cpu.ops": lambda r: "gemm_4bit_forward" in r.msg and "'kernels'" in str(r.args),
+        # No GPU: DeepSpeed says it runs on CPU, which is the plan (finetune.sh chose gloo for it).
+        "DeepSpeed": lambda r: "Setting accelerator to CPU" in r.getMessage() and not torch.cuda.is_available(),
+        # torchrun with ONE process: accelerate starts a process group of size 1, which transformers takes
+        # for a mis-launched DDP run. With 2+ processes it never fires; with 1 there is nothing to fix.
+        "transformers.training_args": lambda r: "parallel_mode != ParallelMode.DISTRIBUTED" in r.msg
+        and os.environ.get("WORLD_SIZE", "1") == "1",
+        # DeepSpeed + accumulation: Trainer accumulates itself and gives accelerate 1 on purpose, and
+        # DeepSpeed gets the real value from the config; the "mismatch" is by design.
+        "accelerate.accelerator": lambda r: "Gradient accumulation steps mismatch" in r.getMessage(),
+        # Checkpoints written within a second of each other (short runs): step order is used, as wanted.
+        "transformers.trainer_utils": lambda r: "mtime may not be reliable" in r.msg,
+    }
+    for name, is_notice in notices.items():
+        logging.getLogger(name).addFilter(lambda record, is_notice=is_notice: not is_notice(record))
+
+
+quiet_known_notices()
+import transformers  # noqa: E402  (after the filters above)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer  # noqa: E402
 
 IGNORE_INDEX = -100
 CACHE_VERSION = "3"  # bump when tokenization output changes, to invalidate old caches
@@ -2197,6 +2226,162 @@ def save_model(trainer, tokenizer, output_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+# Preemption: save on SIGTERM/SIGUSR1 at a step all ranks agree on, exit 75, resume
+# ---------------------------------------------------------------------------------------------
+# transformers' --enable_jit_checkpoint is not enough here: it handles SIGTERM only, and each rank acts
+# on its own signal (3 s later, from a timer thread), so ranks that see it a step apart enter ZeRO-3's
+# collective save at different points of the step (without our all-reduce, SIGUSR1 to one rank hung the
+# run); it can also save before the optimizer step.
+
+PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL, "try again": distinct from 1 (crash), 2 (user error), 143 (killed)
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class Preempted(Exception):
+    pass
+
+
+class PreemptionCallback(transformers.TrainerCallback):
+    """The handler only records the signal. At every optimizer-step end all ranks all-reduce it (MAX), so
+    they stop after the same step; the checkpoint of that step is then written exactly like a --save_steps
+    one (Trainer._save_checkpoint: weights, optimizer, scheduler, RNG, trainer_state.json last). Further
+    signals only set the flag again, so they cannot interrupt the save. A signal after the last step
+    changes nothing: the run finishes its final save and exits 0."""
+
+    def __init__(self):
+        self.signal, self.stopped_at = 0, None
+
+    def _record(self, signum, frame):
+        self.signal = signum  # nothing else: a signal handler may run in the middle of anything
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        for name in PREEMPT_SIGNALS:
+            signal.signal(getattr(signal, name), self._record)
+        # DeepSpeed 0.19's ZeRO-3 universal load gives all parameter groups ONE `step` tensor, which torch's
+        # Adam then increments in place once per group: bias correction drifts. One tensor per state again.
+        while optimizer is not None:
+            for opt_state in getattr(optimizer, "state", {}).values():
+                if isinstance(opt_state, dict) and torch.is_tensor(opt_state.get("step")):
+                    opt_state["step"] = opt_state["step"].clone()
+            optimizer = getattr(optimizer, "optimizer", None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = torch.tensor([self.signal], dtype=torch.int64, device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and state.global_step < state.max_steps:
+            self.signal, self.stopped_at = int(flag.item()), state.global_step
+            control.should_save = control.should_training_stop = True
+            control.should_evaluate = False  # the grace period is for saving
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:  # after trainer_state.json: a checkpoint without it is still complete
+            layout = {k: getattr(args, k) for k in ("world_size", "per_device_train_batch_size",
+                                                    "gradient_accumulation_steps")}
+            with open(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", LAYOUT_FILE), "w") as f:
+                json.dump(layout, f)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:  # saved at the step end already
+            control.should_save = control.should_evaluate = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:
+            name = signal.Signals(self.signal).name
+            raise Preempted(f"preempted ({name}), checkpoint-{self.stopped_at} written to "
+                            f"{os.path.join(args.output_dir, f'checkpoint-{self.stopped_at}')}; "
+                            f"run the same command to resume (exit code {PREEMPTED_EXIT_CODE})")
+
+
+# A ZeRO checkpoint holds one shard per rank. Resumed by another number of processes, rank 0 converts it
+# once into DeepSpeed's universal format (per-parameter fp32 weights and Adam moments, beside the shards)
+# and every rank loads its new partition from that. The global batch is kept by scaling
+# gradient_accumulation_steps, so the step count, scheduler and data position carry over exactly.
+LAYOUT_FILE = "finetune_layout.json"  # in every checkpoint: the batch layout that wrote it
+
+
+def checkpoint_layout(path, training_args):
+    """World size, per-device batch and accumulation of the run that wrote a DeepSpeed checkpoint."""
+    shards = glob.glob(os.path.join(path, "global_step*", "*_optim_states.pt"))
+    if not shards:
+        return None
+    layout = {"world_size": len(shards), "per_device_train_batch_size": training_args.per_device_train_batch_size,
+              "gradient_accumulation_steps": training_args.gradient_accumulation_steps}
+    if os.path.isfile(os.path.join(path, LAYOUT_FILE)):
+        with open(os.path.join(path, LAYOUT_FILE)) as f:
+            layout.update(json.load(f))
+    return layout
+
+
+def _to_universal(checkpoint):
+    """global_stepK/ -> global_stepK_universal/ (built in a temporary directory and renamed), then
+    `latest_universal`, written last: a conversion cut short is simply redone."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    if os.path.isfile(os.path.join(checkpoint, "latest_universal")):
+        return
+    with open(os.path.join(checkpoint, "latest")) as f:
+        tag = f.read().strip()
+    target = os.path.join(checkpoint, f"{tag}_universal")
+    shutil.rmtree(target + ".tmp", ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    log0(f"{checkpoint} was written by another number of processes: converting it to a universal checkpoint")
+    args = argparse.Namespace(input_folder=os.path.join(checkpoint, tag), output_folder=target + ".tmp",
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # ZeRO-1/2 record no layout info: plain data parallel
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; errors still raise
+        ds_to_universal.main(args)
+    os.rename(target + ".tmp", target)
+    with open(os.path.join(checkpoint, "latest_universal.tmp"), "w") as f:
+        f.write(os.path.basename(target))
+    os.replace(os.path.join(checkpoint, "latest_universal.tmp"), os.path.join(checkpoint, "latest_universal"))
+
+
+def adapt_to_world_size(checkpoint, training_args):
+    """Resume a DeepSpeed checkpoint written by another number of processes (see above)."""
+    layout = checkpoint and training_args.deepspeed and checkpoint_layout(checkpoint, training_args)
+    if not layout or layout["world_size"] == training_args.world_size:
+        return
+    with training_args.main_process_first(desc="universal checkpoint"):
+        if training_args.process_index == 0:
+            _to_universal(checkpoint)
+    old = layout["world_size"] * layout["per_device_train_batch_size"] * layout["gradient_accumulation_steps"]
+    unit = training_args.world_size * training_args.per_device_train_batch_size
+    if old % unit == 0:
+        training_args.gradient_accumulation_steps = old // unit
+        log0(f"resuming on {training_args.world_size} processes instead of {layout['world_size']}: global batch "
+             f"{old} kept with gradient_accumulation_steps {old // unit}")
+    else:
+        log0(f"WARNING: resuming on {training_args.world_size} processes instead of {layout['world_size']}: the "
+             f"global batch {old} is not a multiple of {unit} (per device x processes), so it becomes "
+             f"{unit * training_args.gradient_accumulation_steps}; the remaining steps see the data in another order.")
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    ds = training_args.deepspeed
+    if isinstance(ds, str):
+        with open(ds) as f:
+            ds = json.load(f)
+    training_args.deepspeed = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+    # Rebuilt as Trainer does for hyperparameter sweeps: the "auto" batch values follow the new accumulation.
+    training_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training_args.deepspeed)
+    training_args.hf_deepspeed_config.trainer_config_process(training_args)
+    training_args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training_args.hf_deepspeed_config)
+
+
+def record_exit_code(code):
+    """finetune.sh reads this: torchrun itself exits 1 whenever a worker exits non-zero or it got a signal."""
+    path = os.environ.get("FINETUNE_EXIT_CODE_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{code}\n")
+
+
+# ---------------------------------------------------------------------------------------------
 # Data report (--dry_run) and memory estimate
 # ---------------------------------------------------------------------------------------------
 
@@ -2389,13 +2574,16 @@ def train(argv=None):
         return report
 
     finish_training_args(training_args, eval_data is not None)
-    sp = training_args.sequence_parallel_size
-    topology = (f"{report['data_parallel_size']} data-parallel x {sp} sequence-parallel ({training_args.world_size} "
+    checkpoint = find_resume_checkpoint(training_args)
+    adapt_to_world_size(checkpoint, training_args)
+    sp, accumulation = training_args.sequence_parallel_size, training_args.gradient_accumulation_steps  # as resumed
+    dp = training_args.world_size // sp
+    topology = (f"{dp} data-parallel x {sp} sequence-parallel ({training_args.world_size} "
                 "processes; each sample split across the sequence-parallel group)" if sp > 1
                 else f"{training_args.world_size} processes")
     log0(f"method: {report['memory_estimate']['method']}, attention: {attn}, batching: {report['batching']}, "
-         f"global batch size {report['global_batch_size']} = {training_args.per_device_train_batch_size} per device "
-         f"x {topology} x {training_args.gradient_accumulation_steps} accumulation, "
+         f"global batch size {training_args.per_device_train_batch_size * dp * accumulation} = "
+         f"{training_args.per_device_train_batch_size} per device x {topology} x {accumulation} accumulation, "
          f"{report['steps_per_epoch']} steps per epoch")
     model = load_model(model_args, training_args, lora_args, attn)
     # rows a multiple of 8 feed GPU kernels best; sequence parallelism cuts them into sp equal shards
@@ -2403,7 +2591,7 @@ def train(argv=None):
     collator = (PackingCollator(flash_attention=attn == "flash_attention_2" and sp == 1,
                                 pad_to_multiple_of=sp, pad_token_id=tokenizer.pad_token_id) if packing
                 else PaddingCollator(tokenizer.pad_token_id, multiple if multiple > 1 else None))
-    callbacks = [LossPlotCallback()]
+    callbacks = [LossPlotCallback(), PreemptionCallback()]
     if training_args.early_stopping_patience:
         callbacks.append(transformers.EarlyStoppingCallback(training_args.early_stopping_patience))
     trainer = FinetuneTrainer(
@@ -2413,7 +2601,6 @@ def train(argv=None):
         eval_source_names=reports[1]["sources"] if eval_data is not None else None,
     )
 
-    checkpoint = find_resume_checkpoint(training_args)
     if checkpoint:
         log0(f"resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -2436,12 +2623,18 @@ def main():
     warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     try:
         train()
+    except Preempted as e:
+        log0(e)
+        record_exit_code(PREEMPTED_EXIT_CODE)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except (DataError, FileNotFoundError, ValueError) as e:
         # User errors: one clear message, no traceback, non-zero exit on every rank.
         if os.environ.get("FINETUNE_TRACEBACK"):
             raise
         print(f"[finetune] error: {e}", file=sys.stderr, flush=True)
+        record_exit_code(2)
         sys.exit(2)
+    record_exit_code(0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [6001]
 # Under SLURM (SLURM_JOB_NODELIST set) NNODES, NODE_RANK and MASTER_ADDR are derived from it.
 # FINETUNE_PRINT_CMD=1: print the torchrun command instead of running it (to check the topology).
+# Preemption: SIGTERM or SIGUSR1 (to this script, torchrun or any worker) saves a checkpoint at the next
+# step end and exits 75 (see README "Preemption and requeue"). FINETUNE_SIGNALS [SIGTERM,SIGINT,SIGHUP,
+# SIGQUIT,SIGUSR1]: signals torchrun forwards to the workers; FINETUNE_SHUTDOWN_TIMEOUT [300]: seconds
+# torchrun gives them to save after a signal before it kills them.
 set -euo pipefail
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"
@@ -120,7 +124,26 @@ fi
 CMD=("$PYTHON" -m torch.distributed.run
   --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+  --signals-to-handle "${FINETUNE_SIGNALS:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+  --shutdown-timeout "${FINETUNE_SHUTDOWN_TIMEOUT:-300}"
   "$DIR/finetune.py" "${ARGS[@]}" "${EXTRA[@]}")
 if [[ -n "${FINETUNE_PRINT_CMD:-}" ]]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
+
+# torchrun exits 1 whenever it got a signal or a worker failed, so each worker writes its exit code
+# (0 done, 2 user error, 75 preempted) to a file and this script exits with what the workers meant.
+export FINETUNE_EXIT_CODE_FILE="$(mktemp "${TMPDIR:-/tmp}/finetune-exit.XXXXXX")"
+trap 'rm -f "$FINETUNE_EXIT_CODE_FILE"' EXIT
 set -x
-exec "${CMD[@]}"
+( trap - INT QUIT; exec "${CMD[@]}" ) &  # a background job would start with Ctrl-C ignored, down to the workers
+LAUNCHER=$!
+{ set +x; } 2>/dev/null
+for sig in TERM INT HUP QUIT USR1; do trap "kill -s $sig $LAUNCHER 2>/dev/null" "$sig"; done
+while true; do  # `wait` returns early when a trapped signal arrives; wait again until torchrun is gone
+  rc=0; wait "$LAUNCHER" || rc=$?
+  kill -0 "$LAUNCHER" 2>/dev/null || break
+done
+codes=$(sort -u "$FINETUNE_EXIT_CODE_FILE")
+if [[ "$rc" -ne 0 && "$(wc -l < "$FINETUNE_EXIT_CODE_FILE")" -eq "$GPUS_PER_NODE" && "$codes" =~ ^(0|2|75)$ ]]; then
+  rc=$codes  # every worker of this node ended the same deliberate way
+fi
+exit "$rc"
