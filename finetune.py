@@ -145,6 +145,10 @@ class TrainingArguments(transformers.TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     report_to: Optional[str] = field(default="none", metadata={"help": "none | tensorboard | wandb | all."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs them."})
+    loss_chunk_tokens: int = field(
+        default=0, metadata={"help": "Trained tokens per chunk of the loss (logits exist for one chunk at a time). "
+                             "0: automatic, 256 MB of fp32 logits (441 tokens for a 151,936-token vocabulary)."}
+    )
 
     @cached_property
     def _setup_devices(self):
@@ -224,6 +228,8 @@ def validate_args(model_args, data_args, training_args, lora_args):
             raise ValueError("--fp16 needs a GPU; drop it on CPU.")
     if training_args.warmup_ratio is not None:
         training_args.warmup_steps = training_args.warmup_ratio  # v5 reads a float < 1 as a ratio
+    if training_args.loss_chunk_tokens < 0:
+        raise ValueError("--loss_chunk_tokens must be 0 (automatic) or a positive number of tokens.")
     if training_args.model_max_length < 16:
         raise ValueError("--model_max_length must be at least 16 tokens.")
     if data_args.train_on_prompt and data_args.train_on_last_turn_only:
@@ -1177,6 +1183,79 @@ def load_model(model_args, training_args, lora_args, attn_implementation):
 
 
 # ---------------------------------------------------------------------------------------------
+# Loss: chunked cross-entropy over trained positions
+# ---------------------------------------------------------------------------------------------
+# With a large vocabulary the logits are training's largest tensor (151,936 x 8 x 2,048 tokens: 10 GB
+# in fp32), and most positions (prompt, padding) take no loss. So the model runs with its output head
+# applied to the last position only (a forward pre-hook slices the head's input, and keeps the hidden
+# states it was given); the positions whose next token is trained are gathered, and the head and the
+# fp32 cross-entropy run on them chunk by chunk under activation checkpointing: one chunk's logits
+# exist at a time, in the forward and when the backward recomputes them. The head is called as a
+# module, so a LoRA on lm_head, Q-LoRA and DeepSpeed ZeRO-3 (which gathers the weight in the module's
+# hooks; tied embeddings included) see an ordinary call. A model that changes its head's output
+# (logit softcapping, scaled logits) is noticed on the first batch and keeps the full logits.
+
+LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
+
+
+def loss_chunk_tokens(vocab_size, requested=0):
+    return requested or max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
+
+
+def _chunk_ce(head, hidden, target):
+    return F.cross_entropy(head(hidden).float(), target, reduction="none")
+
+
+def chunked_cross_entropy(head, hidden, target, chunk_tokens):
+    """fp32 cross-entropy of head(hidden[i]) against target[i], for hidden [n, h] and target [n] (any
+    selection of positions, e.g. one sequence shard), computed `chunk_tokens` rows at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    starts = range(0, max(len(target), 1), chunk_tokens)  # one (empty) chunk keeps the graph connected
+    return torch.cat([checkpoint(_chunk_ce, head, hidden[i:i + chunk_tokens], target[i:i + chunk_tokens],
+                                 use_reentrant=False) for i in starts])
+
+
+class TrainedTokenLoss:
+    """model(**inputs) -> (outputs, per-token CE at the positions where `mask` is set), mask and target
+    being the shifted labels' [batch, seq - 1]. outputs.logits holds the last position only (all of
+    them on the full-logits fallback)."""
+
+    def __init__(self, chunk_tokens=0):
+        self.chunk_tokens, self.chunked = chunk_tokens, None  # chunked: decided on the first batch
+
+    def __call__(self, model, head, inputs, target, mask):
+        if self.chunked is False or head is None:
+            outputs = model(**inputs, use_cache=False)
+            logits = outputs.logits[:, :-1][mask]
+            return outputs, F.cross_entropy(logits.float(), target[mask], reduction="none")
+        seen = {}
+
+        def last_position_only(module, args):
+            seen["hidden"] = args[0]
+            return (args[0][:, -1:], *args[1:])
+
+        hooks = [head.register_forward_pre_hook(last_position_only),
+                 head.register_forward_hook(lambda module, args, out: seen.update(logits=out))]
+        try:
+            outputs = model(**inputs, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if self.chunked is None:
+            hidden, logits = seen.get("hidden"), seen.get("logits")
+            self.chunked = (hidden is not None and hidden.shape[:2] == (mask.shape[0], mask.shape[1] + 1)
+                            and torch.equal(logits.to(outputs.logits.dtype), outputs.logits))
+            if not self.chunked:
+                log0("loss: this model changes its output head's logits (e.g. softcapping or scaling), so the "
+                     "loss is computed from the full logits (more memory)")
+                return self(model, head, inputs, target, mask)
+        hidden = seen["hidden"][:, :-1][mask]
+        chunk = loss_chunk_tokens(outputs.logits.shape[-1], self.chunk_tokens)
+        return outputs, chunked_cross_entropy(head, hidden, target[mask], chunk)
+
+
+# ---------------------------------------------------------------------------------------------
 # Trainer: one loss normalisation for the whole optimizer step, per-source metrics
 # ---------------------------------------------------------------------------------------------
 
@@ -1194,6 +1273,7 @@ class FinetuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_balance, self.source_names = loss_balance, list(source_names) or ["data"]
         self.loss_is_scaled_for_ga = True  # compute_loss already divides by the step-wide weight
+        self.token_loss = TrainedTokenLoss(self.args.loss_chunk_tokens)
         # source_idx indexes each dataset's own sorted source list, and the eval set may have other sources
         self._names = {"train": self.source_names, "eval": list(eval_source_names or self.source_names)}
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
@@ -1256,22 +1336,21 @@ class FinetuneTrainer(Trainer):
         labels, source = inputs.pop("labels"), inputs.pop("token_source")
         inputs.pop("token_sample", None)
         weights = inputs.pop("loss_weights", None)
-        outputs = model(**inputs, use_cache=False)
-        logits = outputs.logits[:, :-1, :]
         target = labels[:, 1:]
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="none").view_as(target)
         mask = target != IGNORE_INDEX
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        outputs, ce = self.token_loss(model, head, inputs, target, mask)  # ce: [trained tokens]
         if weights is None:  # evaluation: a plain token mean of this batch
             weights = mask.float()
             num_items_in_batch = weights.sum()
-        loss = (ce * weights.to(ce.device)).sum() / torch.as_tensor(num_items_in_batch, device=ce.device).clamp(min=1e-8)
+        weights = weights.to(ce.device)[mask.to(ce.device)]
+        loss = (ce * weights).sum() / torch.as_tensor(num_items_in_batch, device=ce.device).clamp(min=1e-8)
         if model.training and self.args.world_size > 1:
             loss = loss * self.args.world_size  # DDP/DeepSpeed average gradients over ranks
         with torch.no_grad():
             src = source[:, 1:][mask].cpu()
             sums = self._source_sums["train" if model.training else "eval"]
-            sums[0] += torch.bincount(src, weights=ce[mask].detach().double().cpu(), minlength=sums.shape[1])
+            sums[0] += torch.bincount(src, weights=ce.detach().double().cpu(), minlength=sums.shape[1])
             sums[1] += torch.bincount(src, minlength=sums.shape[1]).double()
         if return_outputs:
             outputs.loss = loss
