@@ -1208,10 +1208,15 @@ def _chunk_ce(head, hidden, target):
 
 def chunked_cross_entropy(head, hidden, target, chunk_tokens):
     """fp32 cross-entropy of head(hidden[i]) against target[i], for hidden [n, h] and target [n] (any
-    selection of positions, e.g. one sequence shard), computed `chunk_tokens` rows at a time."""
+    selection of positions, e.g. one sequence shard), computed `chunk_tokens` rows at a time.
+    Every rank makes as many head calls as the rank with the most chunks (empty chunks if need be):
+    under ZeRO-3 each call gathers the head's weight with a collective that all ranks must join."""
     from torch.utils.checkpoint import checkpoint
 
-    starts = range(0, max(len(target), 1), chunk_tokens)  # one (empty) chunk keeps the graph connected
+    n_chunks = torch.tensor([max(1, math.ceil(len(target) / chunk_tokens))], device=hidden.device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(n_chunks, op=torch.distributed.ReduceOp.MAX)
+    starts = [i * chunk_tokens for i in range(int(n_chunks))]
     return torch.cat([checkpoint(_chunk_ce, head, hidden[i:i + chunk_tokens], target[i:i + chunk_tokens],
                                  use_reentrant=False) for i in starts])
 

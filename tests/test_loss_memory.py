@@ -10,15 +10,12 @@ Stated tolerance: fp32 rounding (matmuls blocked differently, sums in another or
 
 import json
 import math
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ENV, ROOT, run_finetune, read_log_history
+from conftest import ROOT, read_log_history, run_finetune
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune as ft
@@ -227,32 +224,58 @@ def test_chunk_size_is_automatic_and_bounded():
     assert ft.loss_chunk_tokens(10**9) == 1
 
 
-def forward_token_mean_ce(model_path, tokenizer, data=DEMO):
-    """An independent forward pass: the token-mean CE over the assistant tokens of every conversation."""
+def forward_pass_reference(model_path, tokenizer, data=DEMO):
+    """An independent forward (and backward) pass, one conversation at a time, full logits: the token-mean
+    CE over the assistant tokens of every conversation, and the norm of its gradient."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    total, count = 0.0, 0
-    with open(data) as f:
-        for line in f:
-            enc = ft.tokenize_conversation(tokenizer, json.loads(line)["messages"], 8192)
-            ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor(enc["labels"][1:])
-            with torch.no_grad():
-                logits = model(input_ids=ids).logits[0, :-1].double()
-            m = labels != ft.IGNORE_INDEX
-            total += float(F.cross_entropy(logits[m], labels[m], reduction="sum"))
-            count += int(m.sum())
-    return total / count
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    encoded = [ft.tokenize_conversation(tokenizer, json.loads(line)["messages"], 8192)
+               for line in open(data) if line.strip()]
+    count = sum(sum(x != ft.IGNORE_INDEX for x in e["labels"][1:]) for e in encoded)
+    total = 0.0
+    for e in encoded:
+        logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1]
+        labels = torch.tensor(e["labels"][1:])
+        m = labels != ft.IGNORE_INDEX
+        ce = F.cross_entropy(logits[m].float(), labels[m], reduction="sum")
+        (ce / count).backward()
+        total += float(ce)
+    norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None))
+    return total / count, norm
+
+
+def logged(out):
+    return [(h["loss"], h["grad_norm"]) for h in read_log_history(out) if "loss" in h]
 
 
 def test_learning_rate_0_loss_equals_forward_pass(tiny_model, tokenizer, tmp_path):
     """One step over the whole demo set (18 = 6 x 3 accumulation) with lr 0: the logged loss is the
-    token-mean CE of a plain forward pass over the assistant tokens."""
+    token-mean CE of a plain forward pass over the assistant tokens, the gradient norm its gradient's."""
     out = tmp_path / "out"
     run_finetune(["--model_name_or_path", tiny_model, "--data_path", DEMO, "--output_dir", out,
                   "--dataset_cache_dir", tmp_path / "cache", "--learning_rate", 0, "--max_steps", 1,
                   "--per_device_train_batch_size", 6, "--gradient_accumulation_steps", 3, "--logging_steps", 1,
                   "--save_strategy", "no", "--loss_chunk_tokens", 5])
-    logged = next(h["loss"] for h in read_log_history(out) if "loss" in h)
-    expected = forward_token_mean_ce(tiny_model, tokenizer)
-    assert abs(logged - expected) <= 1e-4 * expected, (logged, expected)
+    (loss, norm), = logged(out)
+    ref_loss, ref_norm = forward_pass_reference(tiny_model, tokenizer)
+    assert abs(loss - ref_loss) <= 1e-4 * ref_loss, (loss, ref_loss)
+    assert abs(norm - ref_norm) <= 1e-4 * ref_norm, (norm, ref_norm)
+
+
+@pytest.mark.slow  # ~150 s on the shared 2-core machine
+def test_two_processes_zero3_tied_head(tied_model, tokenizer, tmp_path):
+    """torchrun, 2 processes, DeepSpeed ZeRO-3 (lm_head = the partitioned input embeddings, gathered by
+    the module's hooks in every chunk; ranks with different numbers of chunks), lr 0, one step over the
+    whole demo set: loss and gradient norm equal the independent full-logits forward/backward pass."""
+    from test_distributed import ZERO3, torchrun
+
+    out = tmp_path / "out"
+    torchrun(2, ["--model_name_or_path", tied_model, "--data_path", DEMO, "--output_dir", out,
+                 "--dataset_cache_dir", tmp_path / "cache", "--deepspeed", ZERO3, "--ddp_backend", "gloo",
+                 "--per_device_train_batch_size", 9, "--learning_rate", 0, "--max_steps", 2, "--logging_steps", 1,
+                 "--save_strategy", "no", "--loss_chunk_tokens", 5])
+    ref_loss, ref_norm = forward_pass_reference(tied_model, tokenizer)
+    for loss, norm in logged(out):  # 2 steps: the same data in another order, the same weights
+        assert abs(loss - ref_loss) <= REL * ref_loss, (loss, ref_loss)
+        assert abs(norm - ref_norm) <= REL * ref_norm, (norm, ref_norm)
