@@ -1546,10 +1546,11 @@ def _param_counts(config):
     return _PARAM_COUNTS[key]
 
 
-def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, lora_r, grad_ckpt):
+def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, lora_r, grad_ckpt, loss_chunk=0):
     """Peak memory per device in GiB for method full | lora | q-lora under ZeRO `stage` (0 = none) on
     `world` devices, for a micro-batch of `micro_tokens` tokens. Formula (README, "Memory estimate"):
-    1.1 x (weights + gradients + optimizer states + activations), ZeRO dividing what it partitions."""
+    1.1 x (weights + gradients + optimizer states + activations + logits of one loss chunk), ZeRO
+    dividing what it partitions; `loss_chunk` is --loss_chunk_tokens (0: automatic)."""
     params, linear, lora_dims = _param_counts(config)
     if method == "full":
         weights, trainable = params * dtype_bytes, params
@@ -1570,9 +1571,12 @@ def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, 
     # Activations, bytes per token (Korthikanti et al. 2022, flash/sdpa attention): 34h per layer in 16-bit;
     # with gradient checkpointing each layer keeps only its 2h-byte input and one layer is recomputed at a time.
     per_token = h * (2 * layers + 34 if grad_ckpt else 34 * layers) * dtype_bytes / 2
-    acts = micro_tokens * (per_token + config.vocab_size * (dtype_bytes + 8))  # + logits, fp32 copy and grad
+    acts = micro_tokens * per_token
+    # The loss holds one chunk's logits at a time: their values, fp32 copy and gradient
+    chunk = min(micro_tokens, loss_chunk_tokens(config.vocab_size, loss_chunk))
+    logits = chunk * config.vocab_size * (dtype_bytes + 8)
     gib = 1024 ** 3
-    parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts}
+    parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts, "logits": logits}
     return {"params": params, "trainable_params": trainable,
             **{k: round(v / gib, 3) for k, v in parts.items()},
             "total_gb": round(sum(parts.values()) * 1.1 / gib, 3)}  # +10% allocator/fragmentation
@@ -1616,7 +1620,8 @@ def data_report(train, evaluation, reports, model_args, data_args, training_args
     dtype_bytes = 2 if (training_args.bf16 or training_args.fp16 or lora_args.q_lora) else 4
     estimate = functools.partial(estimate_memory_gb, config, world=world, micro_tokens=micro_tokens,
                                  dtype_bytes=dtype_bytes, lora_r=lora_args.lora_r,
-                                 grad_ckpt=training_args.gradient_checkpointing)
+                                 grad_ckpt=training_args.gradient_checkpointing,
+                                 loss_chunk=training_args.loss_chunk_tokens)
     report["memory_estimate"] = {
         "method": method, "zero_stage": stage, "world_size": world, "per_device_micro_batch_tokens": micro_tokens,
         **estimate(method=method, stage=stage),

@@ -194,7 +194,7 @@ def test_no_full_logits_forward_or_backward(tiny_model, tmp_path):
     assert trainer.token_loss.chunked
     assert seen.max_rows <= max(chunk, len(batch["labels"])), seen.max_rows  # model's own output: last position
     one_chunk = chunk * vocab * 4
-    assert seen.peak <= 4 * one_chunk, (seen.peak / one_chunk, "chunks of fp32 logits held at once")
+    assert seen.peak <= 4 * one_chunk, (seen.peak / one_chunk, "chunks of fp32 logits held at once")  # 2.0 seen
 
 
 def test_softcapped_head_falls_back_with_notice(tmp_path, tokenizer, capsys):
@@ -218,10 +218,23 @@ def test_softcapped_head_falls_back_with_notice(tmp_path, tokenizer, capsys):
     assert abs(float(loss) - float(ce[mask].mean())) <= REL * float(ce[mask].mean())
 
 
-def test_chunk_size_is_automatic_and_bounded():
+def test_chunk_size_is_automatic_and_bounded(tiny_model):
+    from transformers import AutoConfig
+
     assert ft.loss_chunk_tokens(151_936) == 441  # 256 MiB of fp32 logits
     assert ft.loss_chunk_tokens(151_936, requested=64) == 64
     assert ft.loss_chunk_tokens(10**9) == 1
+    # --dry_run's estimate holds one chunk of logits (its bf16 values, fp32 copy and gradient), not the batch's
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.vocab_size = 151_936
+    gib = 1024 ** 3
+    for tokens in (16_384, 100_000):
+        est = ft.estimate_memory_gb(config, "full", 0, 1, tokens, 2, 64, False)
+        assert est["logits"] == round(441 * 151_936 * (2 + 8) / gib, 3)
+    assert ft.estimate_memory_gb(config, "full", 0, 1, 100, 2, 64, False)["logits"] == round(
+        100 * 151_936 * 10 / gib, 3)
+    assert ft.estimate_memory_gb(config, "full", 0, 1, 16_384, 2, 64, False, loss_chunk=64)["logits"] == round(
+        64 * 151_936 * 10 / gib, 3)
 
 
 def forward_pass_reference(model_path, tokenizer, data=DEMO):
