@@ -145,6 +145,11 @@ class TrainingArguments(transformers.TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     report_to: Optional[str] = field(default="none", metadata={"help": "none | tensorboard | wandb | all."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs them."})
+    fused_loss: str = field(
+        default="none", metadata={"help": "none | cce. cce: Cut Cross-Entropy's fused kernel (GPU, pip install "
+                                  "cut-cross-entropy), exact gradients (no filtering); lm_head must be a plain "
+                                  "Linear (no LoRA on it, no ZeRO-3).", "choices": ["none", "cce"]}
+    )
     loss_chunk_tokens: int = field(
         default=0, metadata={"help": "Trained tokens per chunk of the loss (logits exist for one chunk at a time). "
                              "0: automatic, 256 MB of fp32 logits (441 tokens for a 151,936-token vocabulary)."}
@@ -228,6 +233,17 @@ def validate_args(model_args, data_args, training_args, lora_args):
             raise ValueError("--fp16 needs a GPU; drop it on CPU.")
     if training_args.warmup_ratio is not None:
         training_args.warmup_steps = training_args.warmup_ratio  # v5 reads a float < 1 as a ratio
+    if training_args.fused_loss != "none":
+        import importlib.util
+
+        if not torch.cuda.is_available():
+            raise ValueError("--fused_loss cce needs a GPU; drop it (the chunked loss is the default everywhere).")
+        if importlib.util.find_spec("cut_cross_entropy") is None:
+            raise ValueError("--fused_loss cce needs the cut-cross-entropy package: pip install cut-cross-entropy, "
+                             "or drop the flag.")
+        if zero_stage(training_args) == 3 or "lm_head" in lora_args.lora_target_modules:
+            raise ValueError("--fused_loss cce reads lm_head's weight directly: not with ZeRO-3 (partitioned) nor a "
+                             "LoRA on lm_head; drop the flag or use ds_config_zero2.json / other LoRA targets.")
     if training_args.loss_chunk_tokens < 0:
         raise ValueError("--loss_chunk_tokens must be 0 (automatic) or a positive number of tokens.")
     if training_args.model_max_length < 16:
@@ -1221,13 +1237,23 @@ def chunked_cross_entropy(head, hidden, target, chunk_tokens):
                                  use_reentrant=False) for i in starts])
 
 
+def fused_cross_entropy(head, hidden, target):
+    """The same per-token CE from Cut Cross-Entropy's GPU kernel (logits stay in on-chip memory);
+    filter_eps=None keeps every gradient term, so gradients are exact."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        raise ValueError(f"--fused_loss cce needs lm_head to be a plain Linear without bias, not {type(head).__name__}")
+    return linear_cross_entropy(hidden, head.weight, target, reduction="none", filter_eps=None).float()
+
+
 class TrainedTokenLoss:
     """model(**inputs) -> (outputs, per-token CE at the positions where `mask` is set), mask and target
     being the shifted labels' [batch, seq - 1]. outputs.logits holds the last position only (all of
     them on the full-logits fallback)."""
 
-    def __init__(self, chunk_tokens=0):
-        self.chunk_tokens, self.chunked = chunk_tokens, None  # chunked: decided on the first batch
+    def __init__(self, chunk_tokens=0, fused=False):
+        self.chunk_tokens, self.fused, self.chunked = chunk_tokens, fused, None  # chunked: decided on 1st batch
 
     def __call__(self, model, head, inputs, target, mask):
         if self.chunked is False or head is None:
@@ -1256,6 +1282,8 @@ class TrainedTokenLoss:
                      "loss is computed from the full logits (more memory)")
                 return self(model, head, inputs, target, mask)
         hidden = seen["hidden"][:, :-1][mask]
+        if self.fused:
+            return outputs, fused_cross_entropy(head, hidden, target[mask])
         chunk = loss_chunk_tokens(outputs.logits.shape[-1], self.chunk_tokens)
         return outputs, chunked_cross_entropy(head, hidden, target[mask], chunk)
 
@@ -1278,7 +1306,7 @@ class FinetuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_balance, self.source_names = loss_balance, list(source_names) or ["data"]
         self.loss_is_scaled_for_ga = True  # compute_loss already divides by the step-wide weight
-        self.token_loss = TrainedTokenLoss(self.args.loss_chunk_tokens)
+        self.token_loss = TrainedTokenLoss(self.args.loss_chunk_tokens, fused=self.args.fused_loss == "cce")
         # source_idx indexes each dataset's own sorted source list, and the eval set may have other sources
         self._names = {"train": self.source_names, "eval": list(eval_source_names or self.source_names)}
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)

@@ -292,3 +292,32 @@ def test_two_processes_zero3_tied_head(tied_model, tokenizer, tmp_path):
     for loss, norm in logged(out):  # 2 steps: the same data in another order, the same weights
         assert abs(loss - ref_loss) <= REL * ref_loss, (loss, ref_loss)
         assert abs(norm - ref_norm) <= REL * ref_norm, (norm, ref_norm)
+
+
+def test_fused_loss_refused_without_gpu_or_package(tiny_model, tmp_path):
+    """--fused_loss cce stops before loading anything, naming what is missing (a GPU, or the package)."""
+    proc = run_finetune(["--model_name_or_path", tiny_model, "--data_path", DEMO, "--output_dir", tmp_path / "out",
+                         "--fused_loss", "cce"], check=False)
+    assert proc.returncode == 2 and "--fused_loss cce needs" in proc.stdout, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stdout and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Cut Cross-Entropy is a Triton kernel)")
+def test_fused_cce_equals_chunked_on_gpu():
+    """Per-token CE and gradients of Cut Cross-Entropy (filter_eps=None) equal the chunked loss's."""
+    pytest.importorskip("cut_cross_entropy", reason="pip install cut-cross-entropy")
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 32_000, bias=False, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 32_000, (300,), device="cuda")
+    weights = torch.rand(300, device="cuda")
+    results = []
+    for ce_fn in (lambda: ft.fused_cross_entropy(head, hidden, target),
+                  lambda: ft.chunked_cross_entropy(head, hidden, target, 64)):
+        head.zero_grad()
+        hidden.grad = None
+        ce = ce_fn()
+        (ce * weights).sum().backward()
+        results.append((ce.detach(), hidden.grad.float(), head.weight.grad.float()))
+    for a, b in zip(*results):
+        assert float((a - b).abs().max()) <= 1e-2 * float(b.abs().max()), float((a - b).abs().max())
