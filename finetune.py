@@ -1233,8 +1233,12 @@ def chunked_cross_entropy(head, hidden, target, chunk_tokens):
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(n_chunks, op=torch.distributed.ReduceOp.MAX)
     starts = [i * chunk_tokens for i in range(int(n_chunks))]
-    return torch.cat([checkpoint(_chunk_ce, head, hidden[i:i + chunk_tokens], target[i:i + chunk_tokens],
-                                 use_reentrant=False) for i in starts])
+    pieces = [checkpoint(_chunk_ce, head, hidden[i:i + chunk_tokens], target[i:i + chunk_tokens],
+                         use_reentrant=False) for i in starts[:-1]]
+    # The backward starts with the last chunk, so its logits can be kept rather than recomputed: one
+    # chunk is still all that exists at a time, and a small vocabulary (one chunk) costs no recompute.
+    last = starts[-1]
+    return torch.cat(pieces + [_chunk_ce(head, hidden[last:last + chunk_tokens], target[last:last + chunk_tokens])])
 
 
 def fused_cross_entropy(head, hidden, target):
@@ -1256,10 +1260,12 @@ class TrainedTokenLoss:
         self.chunk_tokens, self.fused, self.chunked = chunk_tokens, fused, None  # chunked: decided on 1st batch
 
     def __call__(self, model, head, inputs, target, mask):
-        if self.chunked is False or head is None:
+        if self.chunked is False:
             outputs = model(**inputs, use_cache=False)
             logits = outputs.logits[:, :-1][mask]
             return outputs, F.cross_entropy(logits.float(), target[mask], reduction="none")
+        if head is None:  # the model names no output head
+            return self._fall_back(model, head, inputs, target, mask)
         seen = {}
 
         def last_position_only(module, args):
@@ -1278,14 +1284,18 @@ class TrainedTokenLoss:
             self.chunked = (hidden is not None and hidden.shape[:2] == (mask.shape[0], mask.shape[1] + 1)
                             and torch.equal(logits.to(outputs.logits.dtype), outputs.logits))
             if not self.chunked:
-                log0("loss: this model changes its output head's logits (e.g. softcapping or scaling), so the "
-                     "loss is computed from the full logits (more memory)")
-                return self(model, head, inputs, target, mask)
+                return self._fall_back(model, head, inputs, target, mask)
         hidden = seen["hidden"][:, :-1][mask]
         if self.fused:
             return outputs, fused_cross_entropy(head, hidden, target[mask])
         chunk = loss_chunk_tokens(outputs.logits.shape[-1], self.chunk_tokens)
         return outputs, chunked_cross_entropy(head, hidden, target[mask], chunk)
+
+    def _fall_back(self, *args):
+        self.chunked = False
+        log0("loss: this model's logits are not its output head's (e.g. softcapping or scaled logits), so the "
+             "loss is computed from the full logits (more memory)")
+        return self(*args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def tied_model(tmp_path_factory, tiny_model):
     return str(path)
 
 
-def build(model_path, tmp_path, method="full", loss_balance="token", chunk=CHUNK):
+def build(model_path, tmp_path, method="full", loss_balance="token", chunk=CHUNK, attn="sdpa"):
     model_args = ft.ModelArguments(model_name_or_path=model_path)
     data_args = ft.DataArguments(data_path=str(DEMO), dataset_cache_dir=str(tmp_path / "cache"),
                                  loss_balance=loss_balance)
@@ -62,7 +62,7 @@ def build(model_path, tmp_path, method="full", loss_balance="token", chunk=CHUNK
     tokenizer = ft.load_tokenizer(model_args, training_args)
     train, _, reports = ft.load_datasets(data_args, training_args, tokenizer)
     torch.manual_seed(0)
-    model = ft.load_model(model_args, training_args, lora_args, "sdpa")
+    model = ft.load_model(model_args, training_args, lora_args, attn)
     with torch.no_grad():  # LoRA B starts at 0: give the adapters (lm_head's included) a real effect
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -208,7 +208,7 @@ def test_softcapped_head_falls_back_with_notice(tmp_path, tokenizer, capsys):
     path = tmp_path / "gemma2"
     Gemma2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    trainer, train, tok = build(str(path), tmp_path, chunk=CHUNK)
+    trainer, train, tok = build(str(path), tmp_path, chunk=CHUNK, attn="eager")  # Gemma-2: no sdpa
     batch = step_batches(train, tok, False, sizes=(2,))[0]
     loss = trainer.compute_loss(trainer.model, batch)
     assert trainer.token_loss.chunked is False
