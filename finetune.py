@@ -1206,7 +1206,7 @@ def load_model(model_args, training_args, lora_args, attn_implementation):
 # applied to the last position only (a forward pre-hook slices the head's input, and keeps the hidden
 # states it was given); the positions whose next token is trained are gathered, and the head and the
 # fp32 cross-entropy run on them chunk by chunk under activation checkpointing: one chunk's logits
-# exist at a time, in the forward and when the backward recomputes them. The head is called as a
+# exist at a time, in the forward and when the backward recomputes them (all but the last chunk). The head is called as a
 # module, so a LoRA on lm_head, Q-LoRA and DeepSpeed ZeRO-3 (which gathers the weight in the module's
 # hooks; tied embeddings included) see an ordinary call. A model that changes its head's output
 # (logit softcapping, scaled logits) is noticed on the first batch and keeps the full logits.
