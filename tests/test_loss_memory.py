@@ -276,7 +276,6 @@ def test_learning_rate_0_loss_equals_forward_pass(tiny_model, tokenizer, tmp_pat
     assert abs(norm - ref_norm) <= 1e-4 * ref_norm, (norm, ref_norm)
 
 
-@pytest.mark.slow  # ~150 s on the shared 2-core machine
 def test_two_processes_zero3_tied_head(tied_model, tokenizer, tmp_path):
     """torchrun, 2 processes, DeepSpeed ZeRO-3 (lm_head = the partitioned input embeddings, gathered by
     the module's hooks in every chunk; ranks with different numbers of chunks), lr 0, one step over the
@@ -321,3 +320,20 @@ def test_fused_cce_equals_chunked_on_gpu():
         results.append((ce.detach(), hidden.grad.float(), head.weight.grad.float()))
     for a, b in zip(*results):
         assert float((a - b).abs().max()) <= 1e-2 * float(b.abs().max()), float((a - b).abs().max())
+
+
+def test_two_processes_zero3_lora_on_head(tiny_model, tokenizer, tmp_path):
+    """torchrun, 2 processes, ZeRO-3, LoRA on lm_head (its frozen base weight is released and gathered
+    again around every recomputed chunk), lr 0: the loss is the independent forward pass's (LoRA B
+    starts at 0, so the adapted model computes what the base model does)."""
+    from test_distributed import ZERO3, torchrun
+
+    out = tmp_path / "out"
+    torchrun(2, ["--model_name_or_path", tiny_model, "--data_path", DEMO, "--output_dir", out,
+                 "--dataset_cache_dir", tmp_path / "cache", "--deepspeed", ZERO3, "--ddp_backend", "gloo",
+                 "--per_device_train_batch_size", 9, "--learning_rate", 0, "--max_steps", 1, "--logging_steps", 1,
+                 "--save_strategy", "no", "--loss_chunk_tokens", 5, "--use_lora", "True",
+                 "--lora_target_modules", "q_proj,v_proj,lm_head", "--lora_dropout", 0])
+    ref_loss, _ = forward_pass_reference(tiny_model, tokenizer)
+    (loss, norm), = logged(out)
+    assert abs(loss - ref_loss) <= REL * ref_loss and norm > 0, (loss, ref_loss, norm)
