@@ -188,6 +188,15 @@ class TrainingArguments(transformers.TrainingArguments):
                   "--deepspeed): for samples whose activations do not fit one device. The data-parallel size "
                   "becomes processes / N. See README, Long samples."},
     )
+    fused_loss: str = field(
+        default="none", metadata={"help": "none | cce. cce: Cut Cross-Entropy's fused kernel (GPU, pip install "
+                                  "cut-cross-entropy), exact gradients (no filtering); lm_head must be a plain "
+                                  "Linear (no LoRA on it, no ZeRO-3).", "choices": ["none", "cce"]}
+    )
+    loss_chunk_tokens: int = field(
+        default=0, metadata={"help": "Trained tokens per chunk of the loss (logits exist for one chunk at a time). "
+                             "0: automatic, 256 MB of fp32 logits (441 tokens for a 151,936-token vocabulary)."}
+    )
 
     @cached_property
     def _setup_devices(self):
@@ -404,6 +413,19 @@ def validate_args(model_args, data_args, training_args, lora_args):
             raise ValueError("--fp16 needs a GPU; drop it on CPU.")
     if training_args.warmup_ratio is not None:
         training_args.warmup_steps = training_args.warmup_ratio  # v5 reads a float < 1 as a ratio
+    if training_args.fused_loss != "none":
+        import importlib.util
+
+        if not torch.cuda.is_available():
+            raise ValueError("--fused_loss cce needs a GPU; drop it (the chunked loss is the default everywhere).")
+        if importlib.util.find_spec("cut_cross_entropy") is None:
+            raise ValueError("--fused_loss cce needs the cut-cross-entropy package: pip install cut-cross-entropy, "
+                             "or drop the flag.")
+        if zero_stage(training_args) == 3 or "lm_head" in lora_args.lora_target_modules:
+            raise ValueError("--fused_loss cce reads lm_head's weight directly: not with ZeRO-3 (partitioned) nor a "
+                             "LoRA on lm_head; drop the flag or use ds_config_zero2.json / other LoRA targets.")
+    if training_args.loss_chunk_tokens < 0:
+        raise ValueError("--loss_chunk_tokens must be 0 (automatic) or a positive number of tokens.")
     if data_args.train_on_prompt and data_args.train_on_last_turn_only:
         raise ValueError("--train_on_prompt and --train_on_last_turn_only exclude each other; pick one.")
     if training_args.early_stopping_patience and not data_args.eval_data_path:
@@ -1948,6 +1970,108 @@ def data_parallel_size(training_args, world=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Loss: chunked cross-entropy over trained positions
+# ---------------------------------------------------------------------------------------------
+# With a large vocabulary the logits are training's largest tensor (151,936 x 8 x 2,048 tokens: 10 GB
+# in fp32), and most positions (prompt, padding) take no loss. So the model runs with its output head
+# applied to the last position only (a forward pre-hook slices the head's input, and keeps the hidden
+# states it was given); the positions whose next token is trained are gathered, and the head and the
+# fp32 cross-entropy run on them chunk by chunk under activation checkpointing: one chunk's logits
+# exist at a time, in the forward and when the backward recomputes them (all but the last chunk). The head is called as a
+# module, so a LoRA on lm_head, Q-LoRA and DeepSpeed ZeRO-3 (which gathers the weight in the module's
+# hooks; tied embeddings included) see an ordinary call. A model that changes its head's output
+# (logit softcapping, scaled logits) is noticed on the first batch and keeps the full logits.
+
+LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
+
+
+def loss_chunk_tokens(vocab_size, requested=0):
+    return requested or max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
+
+
+def _chunk_ce(head, hidden, target):
+    return F.cross_entropy(head(hidden).float(), target, reduction="none")
+
+
+def chunked_cross_entropy(head, hidden, target, chunk_tokens):
+    """fp32 cross-entropy of head(hidden[i]) against target[i], for hidden [n, h] and target [n] (any
+    selection of positions, e.g. one sequence shard), computed `chunk_tokens` rows at a time.
+    Every rank makes as many head calls as the rank with the most chunks (empty chunks if need be):
+    under ZeRO-3 each call gathers the head's weight with a collective that all ranks must join."""
+    from torch.utils.checkpoint import checkpoint
+
+    n_chunks = torch.tensor([max(1, math.ceil(len(target) / chunk_tokens))], device=hidden.device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(n_chunks, op=torch.distributed.ReduceOp.MAX)
+    starts = [i * chunk_tokens for i in range(int(n_chunks))]
+    # determinism_check off: ZeRO-3 releases a frozen head weight (LoRA) right after the recomputing call,
+    # so its saved shape reads [0] by the time torch compares; its backward hook gathers it again.
+    pieces = [checkpoint(_chunk_ce, head, hidden[i:i + chunk_tokens], target[i:i + chunk_tokens],
+                         use_reentrant=False, determinism_check="none") for i in starts[:-1]]
+    # The backward starts with the last chunk, so its logits can be kept rather than recomputed: one
+    # chunk is still all that exists at a time, and a small vocabulary (one chunk) costs no recompute.
+    last = starts[-1]
+    return torch.cat(pieces + [_chunk_ce(head, hidden[last:last + chunk_tokens], target[last:last + chunk_tokens])])
+
+
+def fused_cross_entropy(head, hidden, target):
+    """The same per-token CE from Cut Cross-Entropy's GPU kernel (logits stay in on-chip memory);
+    filter_eps=None keeps every gradient term, so gradients are exact."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        raise ValueError(f"--fused_loss cce needs lm_head to be a plain Linear without bias, not {type(head).__name__}")
+    return linear_cross_entropy(hidden, head.weight, target, reduction="none", filter_eps=None).float()
+
+
+class TrainedTokenLoss:
+    """model(**inputs) -> (outputs, per-token CE at the positions where `mask` is set), mask and target
+    being [batch, seq] with target[t] what position t predicts (shifted_labels). outputs.logits holds the last position only (all of
+    them on the full-logits fallback)."""
+
+    def __init__(self, chunk_tokens=0, fused=False):
+        self.chunk_tokens, self.fused, self.chunked = chunk_tokens, fused, None  # chunked: decided on 1st batch
+
+    def __call__(self, model, head, inputs, target, mask):
+        if self.chunked is False:
+            outputs = model(**inputs, use_cache=False)
+            logits = outputs.logits[mask]
+            return outputs, F.cross_entropy(logits.float(), target[mask], reduction="none")
+        if head is None:  # the model names no output head
+            return self._fall_back(model, head, inputs, target, mask)
+        seen = {}
+
+        def last_position_only(module, args):
+            seen["hidden"] = args[0]
+            return (args[0][:, -1:], *args[1:])
+
+        hooks = [head.register_forward_pre_hook(last_position_only),
+                 head.register_forward_hook(lambda module, args, out: seen.update(logits=out))]
+        try:
+            outputs = model(**inputs, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if self.chunked is None:
+            hidden, logits = seen.get("hidden"), seen.get("logits")
+            self.chunked = (hidden is not None and hidden.shape[:2] == mask.shape
+                            and torch.equal(logits.to(outputs.logits.dtype), outputs.logits))
+            if not self.chunked:
+                return self._fall_back(model, head, inputs, target, mask)
+        hidden = seen["hidden"][mask]
+        if self.fused:
+            return outputs, fused_cross_entropy(head, hidden, target[mask])
+        chunk = loss_chunk_tokens(outputs.logits.shape[-1], self.chunk_tokens)
+        return outputs, chunked_cross_entropy(head, hidden, target[mask], chunk)
+
+    def _fall_back(self, *args):
+        self.chunked = False
+        log0("loss: this model's logits are not its output head's (e.g. softcapping or scaled logits), so the "
+             "loss is computed from the full logits (more memory)")
+        return self(*args)
+
+
+# ---------------------------------------------------------------------------------------------
 # Trainer: one loss normalisation for the whole optimizer step, per-source metrics
 # ---------------------------------------------------------------------------------------------
 
@@ -1974,6 +2098,7 @@ class FinetuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_balance, self.source_names = loss_balance, list(source_names) or ["data"]
         self.loss_is_scaled_for_ga = True  # compute_loss already divides by the step-wide weight
+        self.token_loss = TrainedTokenLoss(self.args.loss_chunk_tokens, fused=self.args.fused_loss == "cce")
         # source_idx indexes each dataset's own sorted source list, and the eval set may have other sources
         self._names = {"train": self.source_names, "eval": list(eval_source_names or self.source_names)}
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
@@ -2040,21 +2165,20 @@ class FinetuneTrainer(Trainer):
             inputs.pop(key, None)
         source = inputs.pop("token_source")
         weights = inputs.pop("loss_weights", None)
-        outputs = model(**inputs, use_cache=False)
-        logits = outputs.logits
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="none").view_as(target)
         mask = target != IGNORE_INDEX
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        outputs, ce = self.token_loss(model, head, inputs, target, mask)  # ce: [trained tokens]
         if weights is None:  # evaluation: a plain token mean of this batch
             weights = mask.float()
             num_items_in_batch = weights.sum()
-        loss = (ce * weights.to(ce.device)).sum() / torch.as_tensor(num_items_in_batch, device=ce.device).clamp(min=1e-8)
+        weights = weights.to(ce.device)[mask.to(ce.device)]
+        loss = (ce * weights).sum() / torch.as_tensor(num_items_in_batch, device=ce.device).clamp(min=1e-8)
         if model.training and self.args.world_size > 1:
             loss = loss * self._gradient_divisor  # DDP/DeepSpeed sum gradients over ranks and divide by it
         with torch.no_grad():
             src = source[mask].cpu()
             sums = self._source_sums["train" if model.training else "eval"]
-            sums[0] += torch.bincount(src, weights=ce[mask].detach().double().cpu(), minlength=sums.shape[1])
+            sums[0] += torch.bincount(src, weights=ce.detach().double().cpu(), minlength=sums.shape[1])
             sums[1] += torch.bincount(src, minlength=sums.shape[1]).double()
         if return_outputs:
             outputs.loss = loss
@@ -2421,11 +2545,13 @@ def _param_counts(config):
     return _PARAM_COUNTS[key]
 
 
-def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, lora_r, grad_ckpt, sp=1):
+def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, lora_r, grad_ckpt, sp=1,
+                       loss_chunk=0):
     """Peak memory per device in GiB for method full | lora | q-lora under ZeRO `stage` (0 = none) on
     `world` devices, for a micro-batch of `micro_tokens` tokens split over `sp` sequence-parallel ranks.
-    Formula (README, "Memory estimate"): 1.1 x (weights + gradients + optimizer states + activations), ZeRO
-    dividing what it partitions (over all `world` ranks), sequence parallelism the activations."""
+    Formula (README, "Memory estimate"): 1.1 x (weights + gradients + optimizer states + activations + logits
+    of one loss chunk), ZeRO dividing what it partitions (over all `world` ranks), sequence parallelism the
+    activations; `loss_chunk` is --loss_chunk_tokens (0: automatic)."""
     params, linear, lora_dims = _param_counts(config)
     if method == "full":
         weights, trainable = params * dtype_bytes, params
@@ -2446,9 +2572,12 @@ def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, 
     # Activations, bytes per token (Korthikanti et al. 2022, flash/sdpa attention): 34h per layer in 16-bit;
     # with gradient checkpointing each layer keeps only its 2h-byte input and one layer is recomputed at a time.
     per_token = h * (2 * layers + 34 if grad_ckpt else 34 * layers) * dtype_bytes / 2
-    acts = micro_tokens / sp * (per_token + config.vocab_size * (dtype_bytes + 8))  # + logits, fp32 copy and grad
+    acts = micro_tokens / sp * per_token
+    # The loss holds one chunk's logits at a time: their values, fp32 copy and gradient
+    chunk = min(micro_tokens / sp, loss_chunk_tokens(config.vocab_size, loss_chunk))
+    logits = chunk * config.vocab_size * (dtype_bytes + 8)
     gib = 1024 ** 3
-    parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts}
+    parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts, "logits": logits}
     return {"params": params, "trainable_params": trainable,
             **{k: round(v / gib, 3) for k, v in parts.items()},
             "total_gb": round(sum(parts.values()) * 1.1 / gib, 3)}  # +10% allocator/fragmentation
@@ -2497,7 +2626,8 @@ def data_report(train, evaluation, reports, tokenizer, model_args, data_args, tr
     dtype_bytes = 2 if (training_args.bf16 or training_args.fp16 or lora_args.q_lora) else 4
     estimate = functools.partial(estimate_memory_gb, config, world=world, micro_tokens=micro_tokens,
                                  dtype_bytes=dtype_bytes, lora_r=lora_args.lora_r,
-                                 grad_ckpt=training_args.gradient_checkpointing, sp=sp)
+                                 grad_ckpt=training_args.gradient_checkpointing, sp=sp,
+                                 loss_chunk=training_args.loss_chunk_tokens)
     report["memory_estimate"] = {
         "method": method, "zero_stage": stage, "world_size": world, "sequence_parallel_size": sp,
         "per_device_micro_batch_tokens": micro_tokens // sp,
