@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -64,6 +63,12 @@ quiet_known_notices()
 import transformers  # noqa: E402  (after the filters above)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer  # noqa: E402
 
+# Helper modules next to this script: what it reports and plans with, and preemption-safe training.
+from finetune_preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback,  # noqa: E402
+                                 adapt_to_world_size, record_exit_code)
+from finetune_report import (estimate_memory_gb, log0, loss_chunk_tokens, padding_share,  # noqa: E402
+                             plot_loss, token_stats)
+
 IGNORE_INDEX = -100
 CACHE_VERSION = "3"  # bump when tokenization output changes, to invalidate old caches
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -75,12 +80,6 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-
-
-def log0(*args):
-    """Print once, on global rank 0 (torchrun sets RANK; a single process has none)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("[finetune]", *args, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,15 +344,15 @@ def _check_ranges(*arg_groups):
             raise ValueError(f"--{name} {value}: must be a finite number {bound}.")
 
 
-def check_model_path(name, need_weights=True):
-    """A local model folder must exist and hold config.json (and weights, unless only the tokenizer and
-    config are read: --dry_run); anything else must look like a hub id."""
+def check_model_path(name, reads="weights"):
+    """A local model folder must exist and hold what this run reads of it: config.json (all but --show_masking,
+    which reads only the tokenizer) and the weights (all but --dry_run); anything else must look like a hub id."""
     if os.path.exists(name):
         if not os.path.isdir(name):
             raise ValueError(f"--model_name_or_path {name} is a file; give the model's folder (with config.json).")
-        if not os.path.isfile(os.path.join(name, "config.json")):
+        if reads != "tokenizer" and not os.path.isfile(os.path.join(name, "config.json")):
             raise FileNotFoundError(f"--model_name_or_path {name} has no config.json: not a saved model folder.")
-        if need_weights and not any(glob.glob(os.path.join(name, f"*.{ext}")) for ext in ("safetensors", "bin")):
+        if reads == "weights" and not any(glob.glob(os.path.join(name, f"*.{ext}")) for ext in ("safetensors", "bin")):
             raise FileNotFoundError(f"--model_name_or_path {name} has no weights (*.safetensors or *.bin); "
                                     "copy them there, or point to the full model folder.")
     elif name.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
@@ -388,7 +387,8 @@ def validate_args(model_args, data_args, training_args, lora_args):
     if not data_args.data_path:
         raise ValueError("--data_path is required (a .jsonl/.json file, a folder, or a comma-separated list).")
     _check_ranges(training_args, lora_args, data_args)
-    check_model_path(model_args.model_name_or_path, need_weights=not data_args.dry_run)
+    check_model_path(model_args.model_name_or_path,
+                     "tokenizer" if data_args.show_masking else "config" if data_args.dry_run else "weights")
     if int(os.environ.get("RANK", "0")) == 0:
         check_writable_dir(training_args.output_dir)
         check_writable_dir(data_args.dataset_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "finetune"),
@@ -1982,12 +1982,6 @@ def data_parallel_size(training_args, world=None):
 # hooks; tied embeddings included) see an ordinary call. A model that changes its head's output
 # (logit softcapping, scaled logits) is noticed on the first batch and keeps the full logits.
 
-LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
-
-
-def loss_chunk_tokens(vocab_size, requested=0):
-    return requested or max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
-
 
 def _chunk_ce(head, hidden, target):
     return F.cross_entropy(head(hidden).float(), target, reduction="none")
@@ -2248,44 +2242,6 @@ class LossPlotCallback(transformers.TrainerCallback):
             plot_loss(state.log_history, args.output_dir)
 
 
-def smooth(values):
-    """TensorBoard's debiased exponential moving average. The weight grows with the number of points
-    (0 up to 10 points, 0.5 at 20, 0.9 from 100) so a short run is not flattened towards its first value."""
-    weight = min(0.9, max(0.0, 1 - 10 / len(values)))
-    out, ema = [], 0.0
-    for i, value in enumerate(values, 1):
-        ema = weight * ema + (1 - weight) * value
-        out.append(ema / (1 - weight ** i))
-    return out
-
-
-def plot_loss(log_history, output_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    if not train and not evals:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, label="train loss")
-        ax.plot(steps, smooth(losses), color="tab:blue", label="train loss (smoothed)")
-    if evals:
-        ax.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss")
-    ax.set_title(f"{os.path.basename(os.path.normpath(output_dir))}: loss per step")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    os.makedirs(output_dir, exist_ok=True)
-    fig.savefig(os.path.join(output_dir, "training_loss.png"), dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and saving (ZeRO-3 safe)
 # ---------------------------------------------------------------------------------------------
@@ -2350,248 +2306,8 @@ def save_model(trainer, tokenizer, output_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# Preemption: save on SIGTERM/SIGUSR1 at a step all ranks agree on, exit 75, resume
+# Data report (--dry_run); the memory estimate and the other numbers it uses are in finetune_report.py
 # ---------------------------------------------------------------------------------------------
-# transformers' --enable_jit_checkpoint is not enough here: it handles SIGTERM only, and each rank acts
-# on its own signal (3 s later, from a timer thread), so ranks that see it a step apart enter ZeRO-3's
-# collective save at different points of the step (without our all-reduce, SIGUSR1 to one rank hung the
-# run); it can also save before the optimizer step.
-
-PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL, "try again": distinct from 1 (crash), 2 (user error), 143 (killed)
-PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
-
-
-class Preempted(Exception):
-    pass
-
-
-class PreemptionCallback(transformers.TrainerCallback):
-    """The handler only records the signal. At every optimizer-step end all ranks all-reduce it (MAX), so
-    they stop after the same step; the checkpoint of that step is then written exactly like a --save_steps
-    one (Trainer._save_checkpoint: weights, optimizer, scheduler, RNG, trainer_state.json last). Further
-    signals only set the flag again, so they cannot interrupt the save. A signal after the last step
-    changes nothing: the run finishes its final save and exits 0."""
-
-    def __init__(self):
-        self.signal, self.stopped_at = 0, None
-
-    def _record(self, signum, frame):
-        self.signal = signum  # nothing else: a signal handler may run in the middle of anything
-
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        for name in PREEMPT_SIGNALS:
-            signal.signal(getattr(signal, name), self._record)
-        # DeepSpeed 0.19's ZeRO-3 universal load gives all parameter groups ONE `step` tensor, which torch's
-        # Adam then increments in place once per group: bias correction drifts. One tensor per state again.
-        while optimizer is not None:
-            for opt_state in getattr(optimizer, "state", {}).values():
-                if isinstance(opt_state, dict) and torch.is_tensor(opt_state.get("step")):
-                    opt_state["step"] = opt_state["step"].clone()
-            optimizer = getattr(optimizer, "optimizer", None)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        flag = torch.tensor([self.signal], dtype=torch.int64, device=args.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and state.global_step < state.max_steps:
-            self.signal, self.stopped_at = int(flag.item()), state.global_step
-            control.should_save = control.should_training_stop = True
-            control.should_evaluate = False  # the grace period is for saving
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:  # after trainer_state.json: a checkpoint without it is still complete
-            layout = {k: getattr(args, k) for k in ("world_size", "per_device_train_batch_size",
-                                                    "gradient_accumulation_steps")}
-            with open(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", LAYOUT_FILE), "w") as f:
-                json.dump(layout, f)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.stopped_at is not None:  # saved at the step end already
-            control.should_save = control.should_evaluate = False
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.stopped_at is not None:
-            name = signal.Signals(self.signal).name
-            raise Preempted(f"preempted ({name}), checkpoint-{self.stopped_at} written to "
-                            f"{os.path.join(args.output_dir, f'checkpoint-{self.stopped_at}')}; "
-                            f"run the same command to resume (exit code {PREEMPTED_EXIT_CODE})")
-
-
-# A ZeRO checkpoint holds one shard per rank. Resumed by another number of processes, rank 0 converts it
-# once into DeepSpeed's universal format (per-parameter fp32 weights and Adam moments, beside the shards)
-# and every rank loads its new partition from that. The global batch is kept by scaling
-# gradient_accumulation_steps, so the step count, scheduler and data position carry over exactly.
-LAYOUT_FILE = "finetune_layout.json"  # in every checkpoint: the batch layout that wrote it
-
-
-def checkpoint_layout(path, training_args):
-    """World size, per-device batch and accumulation of the run that wrote a DeepSpeed checkpoint."""
-    shards = glob.glob(os.path.join(path, "global_step*", "*_optim_states.pt"))
-    if not shards:
-        return None
-    layout = {"world_size": len(shards), "per_device_train_batch_size": training_args.per_device_train_batch_size,
-              "gradient_accumulation_steps": training_args.gradient_accumulation_steps}
-    if os.path.isfile(os.path.join(path, LAYOUT_FILE)):
-        with open(os.path.join(path, LAYOUT_FILE)) as f:
-            layout.update(json.load(f))
-    return layout
-
-
-def _to_universal(checkpoint):
-    """global_stepK/ -> global_stepK_universal/ (built in a temporary directory and renamed), then
-    `latest_universal`, written last: a conversion cut short is simply redone."""
-    import argparse
-    import contextlib
-    import io
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    if os.path.isfile(os.path.join(checkpoint, "latest_universal")):
-        return
-    with open(os.path.join(checkpoint, "latest")) as f:
-        tag = f.read().strip()
-    target = os.path.join(checkpoint, f"{tag}_universal")
-    shutil.rmtree(target + ".tmp", ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)
-    log0(f"{checkpoint} was written by another number of processes: converting it to a universal checkpoint")
-    args = argparse.Namespace(input_folder=os.path.join(checkpoint, tag), output_folder=target + ".tmp",
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)  # ZeRO-1/2 record no layout info: plain data parallel
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; errors still raise
-        ds_to_universal.main(args)
-    os.rename(target + ".tmp", target)
-    with open(os.path.join(checkpoint, "latest_universal.tmp"), "w") as f:
-        f.write(os.path.basename(target))
-    os.replace(os.path.join(checkpoint, "latest_universal.tmp"), os.path.join(checkpoint, "latest_universal"))
-
-
-def adapt_to_world_size(checkpoint, training_args):
-    """Resume a DeepSpeed checkpoint written by another number of processes (see above)."""
-    layout = checkpoint and training_args.deepspeed and checkpoint_layout(checkpoint, training_args)
-    if not layout or layout["world_size"] == training_args.world_size:
-        return
-    with training_args.main_process_first(desc="universal checkpoint"):
-        if training_args.process_index == 0:
-            _to_universal(checkpoint)
-    old = layout["world_size"] * layout["per_device_train_batch_size"] * layout["gradient_accumulation_steps"]
-    unit = training_args.world_size * training_args.per_device_train_batch_size
-    if old % unit == 0:
-        training_args.gradient_accumulation_steps = old // unit
-        log0(f"resuming on {training_args.world_size} processes instead of {layout['world_size']}: global batch "
-             f"{old} kept with gradient_accumulation_steps {old // unit}")
-    else:
-        log0(f"WARNING: resuming on {training_args.world_size} processes instead of {layout['world_size']}: the "
-             f"global batch {old} is not a multiple of {unit} (per device x processes), so it becomes "
-             f"{unit * training_args.gradient_accumulation_steps}; the remaining steps see the data in another order.")
-    from accelerate.utils import DeepSpeedPlugin
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-
-    ds = training_args.deepspeed
-    if isinstance(ds, str):
-        with open(ds) as f:
-            ds = json.load(f)
-    training_args.deepspeed = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
-    # Rebuilt as Trainer does for hyperparameter sweeps: the "auto" batch values follow the new accumulation.
-    training_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training_args.deepspeed)
-    training_args.hf_deepspeed_config.trainer_config_process(training_args)
-    training_args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training_args.hf_deepspeed_config)
-
-
-def record_exit_code(code):
-    """finetune.sh reads this: torchrun itself exits 1 whenever a worker exits non-zero or it got a signal."""
-    path = os.environ.get("FINETUNE_EXIT_CODE_FILE")
-    if path:
-        with open(path, "a") as f:
-            f.write(f"{code}\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Data report (--dry_run) and memory estimate
-# ---------------------------------------------------------------------------------------------
-
-
-def padding_share(lengths, batch_size, packing, grouped, seed, group_size=None):
-    """Fraction of computed positions that are padding under the chosen batching. Grouping mimics
-    Trainer's LengthGroupedSampler, which sorts mega-batches of group_size (= micro batch x accumulation)."""
-    lengths = np.asarray(lengths)
-    if packing or len(lengths) == 0:
-        return 0.0
-    if grouped:
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
-        order = np.asarray(get_length_grouped_indices(lengths.tolist(), group_size or batch_size,
-                                                      generator=torch.Generator().manual_seed(seed)))
-    else:
-        order = np.random.default_rng(seed).permutation(len(lengths))
-    batches = [lengths[order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
-    padded = sum(int(b.max()) * len(b) for b in batches)
-    return round(1 - lengths.sum() / padded, 4)
-
-
-_PARAM_COUNTS = {}
-
-
-def _param_counts(config):
-    """(all parameters, parameters in Linear layers except lm_head, sum of in+out features of those layers),
-    counted on a meta-device model: no memory, no weights read."""
-    key = config.to_json_string()
-    if key not in _PARAM_COUNTS:
-        # set_zero3_state: no deepspeed.zero.Init (it would partition, and check batch sizes) under ZeRO-3
-        with torch.device("meta"), transformers.modeling_utils.set_zero3_state():
-            model = AutoModelForCausalLM.from_config(config)
-        linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-        _PARAM_COUNTS[key] = (sum(p.numel() for p in model.parameters()), sum(m.weight.numel() for m in linears),
-                              sum(m.in_features + m.out_features for m in linears))
-    return _PARAM_COUNTS[key]
-
-
-def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, lora_r, grad_ckpt, sp=1,
-                       loss_chunk=0):
-    """Peak memory per device in GiB for method full | lora | q-lora under ZeRO `stage` (0 = none) on
-    `world` devices, for a micro-batch of `micro_tokens` tokens split over `sp` sequence-parallel ranks.
-    Formula (README, "Memory estimate"): 1.1 x (weights + gradients + optimizer states + activations + logits
-    of one loss chunk), ZeRO dividing what it partitions (over all `world` ranks), sequence parallelism the
-    activations; `loss_chunk` is --loss_chunk_tokens (0: automatic)."""
-    params, linear, lora_dims = _param_counts(config)
-    if method == "full":
-        weights, trainable = params * dtype_bytes, params
-        grads, optim = params * dtype_bytes, params * (12 if dtype_bytes == 2 else 8)  # fp32 master + Adam m, v
-    else:  # adapters on every Linear but lm_head, kept in fp32 by PEFT: fp32 grads + Adam m, v
-        trainable = lora_r * lora_dims
-        # q-lora: 4-bit NF4 linear weights + double-quant constants (~3%), the rest in the compute dtype
-        weights = params * dtype_bytes if method == "lora" else linear * 0.5 * 1.03 + (params - linear) * dtype_bytes
-        weights += trainable * 4
-        grads, optim = trainable * 4, trainable * 8
-    if stage >= 1:
-        optim /= world
-    if stage >= 2:
-        grads /= world
-    if stage >= 3:
-        weights /= world
-    h, layers = config.hidden_size, config.num_hidden_layers
-    # Activations, bytes per token (Korthikanti et al. 2022, flash/sdpa attention): 34h per layer in 16-bit;
-    # with gradient checkpointing each layer keeps only its 2h-byte input and one layer is recomputed at a time.
-    per_token = h * (2 * layers + 34 if grad_ckpt else 34 * layers) * dtype_bytes / 2
-    acts = micro_tokens / sp * per_token
-    # The loss holds one chunk's logits at a time: their values, fp32 copy and gradient
-    chunk = min(micro_tokens / sp, loss_chunk_tokens(config.vocab_size, loss_chunk))
-    logits = chunk * config.vocab_size * (dtype_bytes + 8)
-    gib = 1024 ** 3
-    parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts, "logits": logits}
-    return {"params": params, "trainable_params": trainable,
-            **{k: round(v / gib, 3) for k, v in parts.items()},
-            "total_gb": round(sum(parts.values()) * 1.1 / gib, 3)}  # +10% allocator/fragmentation
-
-
-def token_stats(dataset):
-    lengths = np.asarray(dataset["length"][:])  # [:] reads the column at once, not row by row
-    trained = np.asarray(dataset["n_trained"][:])
-    if len(lengths) == 0:
-        return {}
-    pct = lambda q: int(np.percentile(lengths, q))  # noqa: E731
-    return {"samples": int(len(lengths)), "tokens": int(lengths.sum()), "trained_tokens": int(trained.sum()),
-            "mean": round(float(lengths.mean()), 1), "p50": pct(50), "p90": pct(90), "p99": pct(99),
-            "max": int(lengths.max())}
 
 
 def data_report(train, evaluation, reports, tokenizer, model_args, data_args, training_args, lora_args,

@@ -180,7 +180,7 @@ def test_loss_plot_written(full_run, early_run):
 
 
 def test_smoothing_follows_short_runs():
-    from finetune import smooth
+    from finetune_report import smooth
 
     assert smooth([4.0, 3.0, 2.0, 1.0]) == [4.0, 3.0, 2.0, 1.0]  # a handful of points: raw
     assert smooth([2.0] * 300) == pytest.approx([2.0] * 300)  # debiased: no pull towards 0 or the start

@@ -1,0 +1,147 @@
+"""What finetune.py reports and plans with: rank-0 logging, the per-device memory estimate (and the loss chunk
+size its budget allows), the padding share of a batching, token statistics, and the loss plot. Pure functions of
+their arguments; finetune.py imports them (README: "Memory estimate", "Loss plot and TensorBoard")."""
+
+import math
+import os
+
+import numpy as np
+import torch
+
+
+def log0(*args):
+    """Print once, on global rank 0 (torchrun sets RANK; a single process has none)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("[finetune]", *args, flush=True)
+
+
+LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
+
+
+def loss_chunk_tokens(vocab_size, requested=0):
+    return requested or max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
+
+
+def smooth(values):
+    """TensorBoard's debiased exponential moving average. The weight grows with the number of points
+    (0 up to 10 points, 0.5 at 20, 0.9 from 100) so a short run is not flattened towards its first value."""
+    weight = min(0.9, max(0.0, 1 - 10 / len(values)))
+    out, ema = [], 0.0
+    for i, value in enumerate(values, 1):
+        ema = weight * ema + (1 - weight) * value
+        out.append(ema / (1 - weight ** i))
+    return out
+
+
+def plot_loss(log_history, output_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if not train and not evals:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, label="train loss")
+        ax.plot(steps, smooth(losses), color="tab:blue", label="train loss (smoothed)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss")
+    ax.set_title(f"{os.path.basename(os.path.normpath(output_dir))}: loss per step")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    os.makedirs(output_dir, exist_ok=True)
+    fig.savefig(os.path.join(output_dir, "training_loss.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def padding_share(lengths, batch_size, packing, grouped, seed, group_size=None):
+    """Fraction of computed positions that are padding under the chosen batching. Grouping mimics
+    Trainer's LengthGroupedSampler, which sorts mega-batches of group_size (= micro batch x accumulation)."""
+    lengths = np.asarray(lengths)
+    if packing or len(lengths) == 0:
+        return 0.0
+    if grouped:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        order = np.asarray(get_length_grouped_indices(lengths.tolist(), group_size or batch_size,
+                                                      generator=torch.Generator().manual_seed(seed)))
+    else:
+        order = np.random.default_rng(seed).permutation(len(lengths))
+    batches = [lengths[order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
+    padded = sum(int(b.max()) * len(b) for b in batches)
+    return round(1 - lengths.sum() / padded, 4)
+
+
+_PARAM_COUNTS = {}
+
+
+def _param_counts(config):
+    """(all parameters, parameters in Linear layers except lm_head, sum of in+out features of those layers),
+    counted on a meta-device model: no memory, no weights read."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    key = config.to_json_string()
+    if key not in _PARAM_COUNTS:
+        # set_zero3_state: no deepspeed.zero.Init (it would partition, and check batch sizes) under ZeRO-3
+        with torch.device("meta"), transformers.modeling_utils.set_zero3_state():
+            model = AutoModelForCausalLM.from_config(config)
+        linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+        _PARAM_COUNTS[key] = (sum(p.numel() for p in model.parameters()), sum(m.weight.numel() for m in linears),
+                              sum(m.in_features + m.out_features for m in linears))
+    return _PARAM_COUNTS[key]
+
+
+def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, lora_r, grad_ckpt, sp=1,
+                       loss_chunk=0):
+    """Peak memory per device in GiB for method full | lora | q-lora under ZeRO `stage` (0 = none) on
+    `world` devices, for a micro-batch of `micro_tokens` tokens split over `sp` sequence-parallel ranks.
+    Formula (README, "Memory estimate"): 1.1 x (weights + gradients + optimizer states + activations + logits
+    of one loss chunk), ZeRO dividing what it partitions (over all `world` ranks), sequence parallelism the
+    activations; `loss_chunk` is --loss_chunk_tokens (0: automatic)."""
+    params, linear, lora_dims = _param_counts(config)
+    if method == "full":
+        weights, trainable = params * dtype_bytes, params
+        grads, optim = params * dtype_bytes, params * (12 if dtype_bytes == 2 else 8)  # fp32 master + Adam m, v
+    else:  # adapters on every Linear but lm_head, kept in fp32 by PEFT: fp32 grads + Adam m, v
+        trainable = lora_r * lora_dims
+        # q-lora: 4-bit NF4 linear weights + double-quant constants (~3%), the rest in the compute dtype
+        weights = params * dtype_bytes if method == "lora" else linear * 0.5 * 1.03 + (params - linear) * dtype_bytes
+        weights += trainable * 4
+        grads, optim = trainable * 4, trainable * 8
+    if stage >= 1:
+        optim /= world
+    if stage >= 2:
+        grads /= world
+    if stage >= 3:
+        weights /= world
+    h, layers = config.hidden_size, config.num_hidden_layers
+    # Activations, bytes per token (Korthikanti et al. 2022, flash/sdpa attention): 34h per layer in 16-bit;
+    # with gradient checkpointing each layer keeps only its 2h-byte input and one layer is recomputed at a time.
+    per_token = h * (2 * layers + 34 if grad_ckpt else 34 * layers) * dtype_bytes / 2
+    acts = micro_tokens / sp * per_token
+    # The loss holds one chunk's logits at a time: their values, fp32 copy and gradient
+    chunk = min(micro_tokens / sp, loss_chunk_tokens(config.vocab_size, loss_chunk))
+    logits = chunk * config.vocab_size * (dtype_bytes + 8)
+    gib = 1024 ** 3
+    parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts, "logits": logits}
+    return {"params": params, "trainable_params": trainable,
+            **{k: round(v / gib, 3) for k, v in parts.items()},
+            "total_gb": round(sum(parts.values()) * 1.1 / gib, 3)}  # +10% allocator/fragmentation
+
+
+def token_stats(dataset):
+    lengths = np.asarray(dataset["length"][:])  # [:] reads the column at once, not row by row
+    trained = np.asarray(dataset["n_trained"][:])
+    if len(lengths) == 0:
+        return {}
+    pct = lambda q: int(np.percentile(lengths, q))  # noqa: E731
+    return {"samples": int(len(lengths)), "tokens": int(lengths.sum()), "trained_tokens": int(trained.sum()),
+            "mean": round(float(lengths.mean()), 1), "p50": pct(50), "p90": pct(90), "p99": pct(99),
+            "max": int(lengths.max())}
