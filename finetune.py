@@ -956,16 +956,18 @@ def is_trained(message):
 # ---------------------------------------------------------------------------------------------
 # Tokenization: chat template -> input_ids + labels (loss only on what the assistant says)
 # ---------------------------------------------------------------------------------------------
-# The conversation is rendered once by the model's own template and tokenized once, so input_ids are
-# exactly what `apply_chat_template` gives. What to train is found by one rule, from how the template
-# renders (nothing is searched for in the text, so no template needs to be known in advance):
+# The whole conversation is rendered by the model's own template and tokenized once, so input_ids are
+# exactly what `apply_chat_template` gives (the prefixes the rule compares are rendered, never tokenized).
+# What to train is found by one rule, from how the template renders (nothing is searched for in the text,
+# so no template needs to be known in advance):
 #
 #   the trained part of assistant turn i is what render(messages[:i+1]) adds to the generation prompt
 #   render(messages[:i], add_generation_prompt=True): the model's answer, its tool calls and everything
 #   the template writes to close the turn (all of its end tokens).
 #
-# If the generation prompt is not a prefix of the turn (the template renders the turn with other text,
-# e.g. DeepSeek-LLM's prompt 'Assistant:' and the turn 'Assistant: answer'), the turn starts where the two
+# The prompt is matched whitespace aside (hand-written templates indent it differently from the turn). If
+# it is not a prefix of the turn (the template renders the turn with other text, e.g. DeepSeek-LLM's
+# prompt 'Assistant:' and the turn 'Assistant: answer'), the turn starts where the two
 # first differ. A template that supplies an empty reasoning block when thinking is off (Qwen3) has that
 # block as part of a prompt: it is not trained when the template inserts it on its own. Text a template
 # appends after every conversation (Command-R's next-turn opener) is not part of the turn.
@@ -1377,8 +1379,9 @@ def tokenize_many(tokenizer, conversations, max_length, train_on_prompt=False, l
 def tokenize_conversation(tokenizer, messages, max_length, tools=None, train_on_prompt=False):
     """One conversation -> {"input_ids": [...], "labels": [...]} with labels -100 where not trained.
 
-    Labels cover each assistant turn as the model's own chat template renders it plus the template's
-    end-of-turn marker; nothing of system/user/tool turns or role headers. Over max_length, whole
+    Labels cover what the model generates for each assistant turn (render_conversation's rule): the turn as the
+    model's own chat template renders it after the generation prompt, through all of its end tokens; nothing of
+    system/user/tool turns or role headers. Over max_length, whole
     turns are dropped from the end; raises ValueError if nothing trainable fits or the template refuses."""
     (result,) = tokenize_many(tokenizer, [(messages, tools)], max_length, train_on_prompt)
     if result["status"].startswith(("error:", "dropped:")):
