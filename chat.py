@@ -66,7 +66,7 @@ def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=Fals
     tokenizer = AutoTokenizer.from_pretrained(model_dir if has_tokenizer or not base else base,
                                               trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
-        from finetune import CHATML_TEMPLATE
+        from finetune_template import CHATML_TEMPLATE
 
         log("WARNING: the tokenizer has no chat template; using ChatML (as finetune.py does).")
         tokenizer.chat_template = CHATML_TEMPLATE
@@ -77,7 +77,7 @@ def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=Fals
 def stop_token_ids(model, tokenizer):
     """EOS ids of the generation config and tokenizer, plus the template's end-of-turn token
     (<|im_end|>, <|eot_id|>, <end_of_turn>...): a chat model must stop at the end of its turn."""
-    from finetune import end_of_turn_tokens
+    from finetune_template import end_of_turn_tokens
 
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -109,7 +109,9 @@ def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, to
 
 def main(argv=None):
     args = parse_args(argv)
-    import finetune  # noqa: F401  (first: its import drops known library notices, e.g. bitsandbytes on CPU)
+    from finetune_distributed import quiet_known_notices
+
+    quiet_known_notices()  # first: drops known library notices (e.g. bitsandbytes on CPU) before they are imported
     import transformers
 
     transformers.logging.set_verbosity_error()  # stdout is for answers; errors still reach stderr

@@ -8,13 +8,19 @@ Data flow: files -> format adapters (every format becomes `messages` + `tools`) 
 (`file:line: field: problem`) -> `tokenize_conversation` (input_ids + labels, loss only on what the
 assistant says) -> a cached Arrow dataset -> batching (length-grouped padding or padding-free
 packing) -> Trainer (step-wide token-normalised loss, per-source metrics) -> save -> merge/chat.
+
+This file is the training script, in the order a run goes. Self-contained machinery sits next to it:
+  finetune_cli.py          command line: flags, config files, repeated flags, ranges
+  finetune_data.py         data files and formats: reading, format adapters, record validation
+  finetune_template.py     chat templates: what of a rendered conversation is trained, end-of-turn tokens
+  finetune_distributed.py  DeepSpeed config, batch plan, sequence parallelism, library workarounds (and the
+                           table of every library internal relied on: LIBRARY_INTERNALS)
+  finetune_preemption.py   save on SIGTERM/SIGUSR1, resume on another number of processes
+  finetune_report.py       rank-0 log, memory estimate, token statistics, loss plot
 """
 
-import dataclasses
-import difflib
 import functools
 import glob
-import gzip
 import hashlib
 import json
 import math
@@ -24,7 +30,6 @@ import shutil
 import sys
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
@@ -33,54 +38,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from finetune_distributed import quiet_known_notices
 
-def quiet_known_notices():
-    """Library notices that tell the user nothing to act on, dropped where they arise (loggers are
-    filtered before the libraries are imported: bitsandbytes speaks on import). Each is narrow."""
-    import logging
+quiet_known_notices()  # before transformers is imported: bitsandbytes speaks on import
+import transformers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: E402
 
-    notices = {
-        # On CPUs with AVX512-BF16, bitsandbytes tries the optional `kernels` package for a faster 4-bit
-        # CPU matmul and falls back to its own; only "not installed" is silenced, real failures still show.
-        "bitsandbytes.backends.cpu.ops": lambda r: "gemm_4bit_forward" in r.msg and "'kernels'" in str(r.args),
-        # No GPU: DeepSpeed says it runs on CPU, which is the plan (finetune.sh chose gloo for it).
-        "DeepSpeed": lambda r: "Setting accelerator to CPU" in r.getMessage() and not torch.cuda.is_available(),
-        # torchrun with ONE process: accelerate starts a process group of size 1, which transformers takes
-        # for a mis-launched DDP run. With 2+ processes it never fires; with 1 there is nothing to fix.
-        "transformers.training_args": lambda r: "parallel_mode != ParallelMode.DISTRIBUTED" in r.msg
-        and os.environ.get("WORLD_SIZE", "1") == "1",
-        # DeepSpeed + accumulation: Trainer accumulates itself and gives accelerate 1 on purpose, and
-        # DeepSpeed gets the real value from the config; the "mismatch" is by design.
-        "accelerate.accelerator": lambda r: "Gradient accumulation steps mismatch" in r.getMessage(),
-        # Checkpoints written within a second of each other (short runs): step order is used, as wanted.
-        "transformers.trainer_utils": lambda r: "mtime may not be reliable" in r.msg,
-    }
-    for name, is_notice in notices.items():
-        logging.getLogger(name).addFilter(lambda record, is_notice=is_notice: not is_notice(record))
-
-
-quiet_known_notices()
-import transformers  # noqa: E402  (after the filters above)
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer  # noqa: E402
-
-# Helper modules next to this script: what it reports and plans with, and preemption-safe training.
+from finetune_cli import check_ranges, parse_args as parse_flags  # noqa: E402
+from finetune_data import (DataError, RecordError, file_id, invalid_reason, is_trained,  # noqa: E402
+                           normalized_rows, resolve_data_spec, tally)
+from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_divisor,  # noqa: E402
+                                  sequence_parallel_loader, setup_sequence_parallel, skip_first_batches_routed_to,
+                                  start_cpu_deepspeed_state, zero_stage)
 from finetune_preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback,  # noqa: E402
                                  adapt_to_world_size, record_exit_code)
-from finetune_report import (estimate_memory_gb, log0, loss_chunk_tokens, padding_share,  # noqa: E402
-                             plot_loss, token_stats)
+from finetune_report import data_report, log0, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
+from finetune_template import CHATML_TEMPLATE, render_conversation  # noqa: E402
 
 IGNORE_INDEX = -100
 CACHE_VERSION = "3"  # bump when tokenization output changes, to invalidate old caches
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-# Used when a tokenizer has no chat template: Qwen's ChatML, tool-aware enough for plain chats.
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
@@ -158,6 +135,7 @@ class DataArguments:
     dry_run_world_size: Optional[int] = field(
         default=None, metadata={"help": "World size assumed by --dry_run's estimates (default: this launch's)."}
     )
+    resolved: dict = field(default_factory=dict, init=False, repr=False)  # data_sources(): not a flag
 
 
 @dataclass
@@ -198,19 +176,8 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     @cached_property
-    def _setup_devices(self):
-        """DeepSpeed without GPUs (CPU runs and tests under torchrun): accelerate picks no process-group
-        backend then and every rank would believe it is alone (world_size 1). Start its shared state with
-        the --ddp_backend (gloo) first; TrainingArguments and Trainer then reuse it."""
-        if self.deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-            try:
-                PartialState(backend=self.ddp_backend or "gloo", timeout=self.ddp_timeout_delta)
-            finally:
-                del os.environ["ACCELERATE_USE_DEEPSPEED"]
-            self.accelerator_config.use_configured_state = True
+    def _setup_devices(self):  # a library internal: see finetune_distributed.LIBRARY_INTERNALS
+        start_cpu_deepspeed_state(self)  # DeepSpeed on CPU under torchrun: a gloo process group first
         return super()._setup_devices
 
 
@@ -230,118 +197,16 @@ class LoraArguments:
     use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
 
 
-def _suggest(name, known):
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _read_config(path, actions):
-    """A JSON/YAML config file -> flags; its keys are flag names without '--', checked here so that a
-    typo names the file and the key (not 'unused arguments')."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                config = json.load(f)
-            else:
-                import yaml
-
-                config = yaml.safe_load(f)
-    except Exception as e:  # JSONDecodeError, yaml.YAMLError, UnicodeDecodeError: all the user's file
-        raise ValueError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-                         f"{' '.join(str(e).split())}") from None
-    if not isinstance(config, (dict, type(None))):
-        raise ValueError(f"config file {path}: expected a mapping of flag: value, got {type(config).__name__}")
-    flags = []
-    for key, value in (config or {}).items():
-        if str(key) not in actions:
-            raise ValueError(f"config file {path}: unknown key {key!r}{_suggest(str(key), list(actions))}; "
-                             "keys are the command-line flags without '--' (see --help)")
-        if value is None:  # YAML null: the flag's default
-            continue
-        if isinstance(value, list) and actions[key].nargs is None:  # data_path: [a.jsonl, b/] -> "a.jsonl,b/"
-            value = ",".join(str(v).replace(",", "\\,") for v in value)
-        values = value if isinstance(value, list) else [value]
-        flags += [f"--{key}"] + [json.dumps(v) if isinstance(v, dict) else str(v) for v in values]
-    return flags
-
-
-def _join_repeated(argv, names=("data_path", "eval_data_path")):
-    """A repeated --data_path adds its entries (argparse would silently keep only the last one)."""
-    out, seen = [], {}
-    i = 0
-    while i < len(argv):
-        flag, eq, value = argv[i].partition("=")
-        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
-        if name in names and (eq or i + 1 < len(argv)):
-            value, i = (value, i + 1) if eq else (argv[i + 1], i + 2)
-            if name in seen:
-                out[seen[name]] += "," + value
-            else:
-                seen[name] = len(out) + 1
-                out += [f"--{name}", value]
-            continue
-        out.append(argv[i])
-        i += 1
-    return out
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
 
 
 def parse_args(argv=None):
-    """Flags, or a JSON/YAML file as first argument whose keys are flags (later flags override it)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
-    actions = {a.dest: a for a in parser._actions}
-    known = list(actions)
-    config = _read_config(argv.pop(0), actions) if argv and argv[0].endswith((".json", ".yaml", ".yml")) else []
-    argv = config + _join_repeated(argv)  # flags after the config file override it
-
-    def error(message):  # argparse would print usage and exit; make it one `[finetune] error:` line
-        raise ValueError(f"{message} (see python finetune.py --help)")
-
-    parser.error = error
-    try:
-        return parser.parse_args_into_dataclasses(args=argv)
-    except json.JSONDecodeError as e:  # transformers reads --deepspeed (and other JSON file flags) itself
-        for flag, value in zip(argv, argv[1:]):
-            if flag.startswith("--") and value.endswith(".json") and os.path.isfile(value):
-                try:
-                    with open(value) as f:
-                        json.load(f)
-                except ValueError:
-                    raise ValueError(f"{flag} {value} is not valid JSON: {e}") from None
-        raise
-    except ValueError as e:
-        unused = re.search(r"not used by the HfArgumentParser: \[(.*)\]", str(e))
-        if unused:
-            flag = unused.group(1).split(",")[0].strip(" '")
-            raise ValueError(f"unknown flag {flag}{_suggest(flag.lstrip('-'), known)} (see python finetune.py --help)")
-        raise
+    """-> (model_args, data_args, training_args, lora_args) from the command line (finetune_cli.py)."""
+    return parse_flags(ARGUMENT_CLASSES, argv)
 
 
-# Ranges checked before anything is read: (flag, lowest, highest, lowest allowed itself?); None = open.
-FLAG_RANGES = [
-    ("lora_r", 1, None, True), ("lora_alpha", 0, None, False), ("lora_dropout", 0, 1, True),
-    ("per_device_train_batch_size", 1, None, True), ("per_device_eval_batch_size", 1, None, True),
-    ("gradient_accumulation_steps", 1, None, True), ("model_max_length", 16, None, True),
-    ("learning_rate", 0, None, True), ("num_train_epochs", 0, None, False), ("weight_decay", 0, None, True),
-    ("max_grad_norm", 0, None, True), ("warmup_steps", 0, None, True), ("warmup_ratio", 0, 1, True),
-    ("logging_steps", 0, None, False), ("save_steps", 0, None, False), ("eval_steps", 0, None, False),
-    ("save_total_limit", 1, None, True), ("seed", 0, 2**32 - 1, True), ("dataloader_num_workers", 0, None, True),
-    ("preprocessing_num_workers", 1, None, True), ("dry_run_world_size", 1, None, True),
-    ("early_stopping_patience", 1, None, True), ("show_masking", 0, None, True),
-]
-
-
-def _check_ranges(*arg_groups):
-    for name, low, high, inclusive in FLAG_RANGES:
-        value = next((getattr(g, name) for g in arg_groups if hasattr(g, name)), None)
-        if value is None or isinstance(value, str) or (name == "num_train_epochs" and arg_groups[0].max_steps > 0):
-            continue
-        ok = math.isfinite(value) and (value >= low if inclusive else value > low) and (high is None or value <= high)
-        if not ok:
-            bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-            raise ValueError(f"--{name} {value}: must be a finite number {bound}.")
+def dataset_cache_root(data_args):
+    return data_args.dataset_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
 
 
 def check_model_path(name, reads="weights"):
@@ -386,18 +251,17 @@ def validate_args(model_args, data_args, training_args, lora_args):
         raise ValueError("--model_name_or_path is required (a model directory or hub id).")
     if not data_args.data_path:
         raise ValueError("--data_path is required (a .jsonl/.json file, a folder, or a comma-separated list).")
-    _check_ranges(training_args, lora_args, data_args)
+    check_ranges(training_args, lora_args, data_args)
     check_model_path(model_args.model_name_or_path,
                      "tokenizer" if data_args.show_masking else "config" if data_args.dry_run else "weights")
     if int(os.environ.get("RANK", "0")) == 0:
         check_writable_dir(training_args.output_dir)
-        check_writable_dir(data_args.dataset_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "finetune"),
-                           "--dataset_cache_dir")
+        check_writable_dir(dataset_cache_root(data_args), "--dataset_cache_dir")
     # missing entries, bad ratios, folder problems, the same file twice; eval files that are also trained on
     # are said (an overfitting check may want that; a held-out set must not)
-    train_files = {_file_id(f) for _, _, files in resolve_data_spec(data_args.data_path)[0] for f, _ in files}
-    for _, _, files in resolve_data_spec(data_args.eval_data_path)[0] if data_args.eval_data_path else []:
-        shared = [file for file, _ in files if _file_id(file) in train_files]
+    train_files = {file_id(f) for _, _, files in data_sources(data_args, data_args.data_path)[0] for f, _ in files}
+    for _, _, files in data_sources(data_args, data_args.eval_data_path)[0] if data_args.eval_data_path else []:
+        shared = [file for file, _ in files if file_id(file) in train_files]
         if shared:
             log0(f"note: --eval_data_path files also in --data_path (evaluated on training data): {', '.join(shared)}")
     if model_args.chat_template and not os.path.isfile(model_args.chat_template):
@@ -424,852 +288,32 @@ def validate_args(model_args, data_args, training_args, lora_args):
         if zero_stage(training_args) == 3 or "lm_head" in lora_args.lora_target_modules:
             raise ValueError("--fused_loss cce reads lm_head's weight directly: not with ZeRO-3 (partitioned) nor a "
                              "LoRA on lm_head; drop the flag or use ds_config_zero2.json / other LoRA targets.")
-    if training_args.loss_chunk_tokens < 0:
-        raise ValueError("--loss_chunk_tokens must be 0 (automatic) or a positive number of tokens.")
     if data_args.train_on_prompt and data_args.train_on_last_turn_only:
         raise ValueError("--train_on_prompt and --train_on_last_turn_only exclude each other; pick one.")
     if training_args.early_stopping_patience and not data_args.eval_data_path:
         raise ValueError("--early_stopping_patience needs --eval_data_path (it watches eval_loss).")
-    setup_sequence_parallel(model_args, data_args, training_args)
+    world = (data_args.dry_run and data_args.dry_run_world_size) or int(os.environ.get("WORLD_SIZE", "1"))
+    attn = resolve_attn_implementation(model_args.attn_implementation)
+    setup_sequence_parallel(training_args, world, attn, use_packing(data_args, attn),
+                            lambda: load_model_config(model_args, training_args).get_text_config())
 
 
-def zero_stage(training_args):
-    ds = training_args.deepspeed
-    if not ds:
-        return 0
-    if isinstance(ds, str):
-        if not os.path.isfile(ds):
-            raise FileNotFoundError(f"--deepspeed {ds} does not exist.")
-        try:
-            with open(ds) as f:
-                ds = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"--deepspeed {training_args.deepspeed} is not valid JSON: {e}") from None
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
+def data_sources(data_args, spec):
+    """resolve_data_spec(spec), once per run: validate_args resolves (and so checks) what build_dataset reads."""
+    if spec not in data_args.resolved:
+        data_args.resolved[spec] = resolve_data_spec(spec)
+    return data_args.resolved[spec]
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat data: files, formats, validation
+# Preprocess: a conversation becomes input_ids + labels (loss only on what the assistant says)
 # ---------------------------------------------------------------------------------------------
-
-DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".xlsx", ".xls")  # refused with the fix
-ROLES = ("system", "user", "assistant", "tool")
-# ShareGPT (`from`) and MFTCoder (`role`) speaker names -> our roles.
-SPEAKER_ROLES = {
-    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "bot": "assistant",
-    "assistant": "assistant", "model": "assistant", "function_call": "assistant", "observation": "tool",
-    "function": "tool", "tool": "tool",
-}
-
-
-# Keys a message/turn may carry (messages, sharegpt, chat_rounds); a near-miss of one is a typo, an error.
-MESSAGE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id", "reasoning_content", "train",
-                "loss_weight", "weight", "from", "value", "function_call")
-
-
-class RecordError(ValueError):
-    """A problem with one record: `field` names where (e.g. messages[2].content)."""
-
-    def __init__(self, field_name, problem):
-        super().__init__(f"{field_name}: {problem}")
-        self.field_name, self.problem = field_name, problem
-
-
-def parse_data_spec(spec):
-    """'a.jsonl:0.5,dir/' -> [(path, ratio)]. Commas separate entries ('\\,' is a comma inside a name); a
-    trailing ':RATIO' is a ratio only if the entry as written is not an existing path (so 'run:3/' works)."""
-    entries = []
-    for item in re.split(r"(?<!\\),", spec):
-        item = os.path.expanduser(item.replace("\\,", ",").strip())
-        if not item:
-            continue
-        path, ratio = item, 1.0
-        head, sep, tail = item.rpartition(":")
-        if sep and head and not os.path.exists(item):
-            try:
-                path, ratio = head, float(tail)
-            except ValueError:
-                raise FileNotFoundError(
-                    f"--data_path: {head} exists, but {tail!r} after ':' is not a ratio (ENTRY:RATIO, e.g. "
-                    f"{head}:0.5)" if os.path.exists(head) else
-                    f"--data_path: {item} does not exist (a ',' inside a name is written '\\,')") from None
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--data_path: {path} does not exist "
-                                    "(entries are separated by ','; a ',' inside a name is written '\\,')")
-        if not (math.isfinite(ratio) and 0 < ratio <= 1000):
-            raise ValueError(f"--data_path: ratio of {path} must be a number > 0 and <= 1000, got {tail!r}.")
-        entries.append((path, ratio))
-    if not entries:
-        raise ValueError(f"--data_path '{spec}' names no file.")
-    return entries
-
-
-def _file_id(path):
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def list_data_files(path):
-    """A file -> [(file, source)]; a folder -> its data files, recursively, following symbolic links to
-    folders (a link to a folder that contains it is an error); source = the first-level sub-folder (one per
-    task) or the folder's own name. Also returns what was not read, to be said once in the log and report:
-    hidden files and folders (.ipynb_checkpoints/, .git/, ...) and files of other types."""
-    skipped = {"hidden": [], "ignored": []}
-    if not os.path.isdir(path):
-        suffix = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()
-        if suffix in TABLE_SUFFIXES:
-            raise ValueError(f"--data_path: {path}: {suffix[1:].upper()} files are not supported; give "
-                             f"{'/'.join(DATA_SUFFIXES)} (e.g. pandas: pd.read_{'csv' if suffix in ('.csv', '.tsv') else suffix[1:]}"
-                             f"(...).to_json('data.jsonl', orient='records', lines=True)).")
-        name = os.path.basename(path)
-        for suffix in DATA_SUFFIXES:
-            name = name[: -len(suffix)] if name.endswith(suffix) else name
-        return [(path, name)], skipped
-    root = os.path.normpath(path)
-    files = []
-
-    def walk(folder, ancestors):
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError as e:
-            raise ValueError(f"--data_path: cannot read folder {folder}: {e.strerror}") from None
-        for name in names:
-            full = os.path.join(folder, name)
-            if name.startswith("."):
-                skipped["hidden"].append(full)
-            elif os.path.isdir(full):
-                if _file_id(full) in ancestors:
-                    raise ValueError(f"--data_path: {full} links to {os.path.realpath(full)}, a folder that "
-                                     "contains the link: a loop. Remove or fix the link.")
-                walk(full, ancestors | {_file_id(full)})
-            elif not os.path.isfile(full):
-                raise ValueError(f"--data_path: {full} is "
-                                 f"{'a broken symbolic link (or a loop of links)' if os.path.islink(full) else 'not a regular file'}"
-                                 "; remove it or fix the link.")
-            elif name.lower().endswith(DATA_SUFFIXES):
-                rel = os.path.relpath(folder, root)
-                files.append((full, os.path.basename(root) if rel == "." else rel.split(os.sep)[0]))
-            else:
-                skipped["ignored"].append(full)
-
-    walk(root, {_file_id(root)})
-    if not files:
-        raise FileNotFoundError(f"--data_path: folder {path} has no {'/'.join(DATA_SUFFIXES)} files"
-                                + (f" (skipped hidden: {', '.join(skipped['hidden'][:3])})" if skipped["hidden"] else "")
-                                + (f" (ignored: {', '.join(skipped['ignored'][:3])})" if skipped["ignored"] else "") + ".")
-    return files, skipped
-
-
-def resolve_data_spec(spec):
-    """--data_path -> ([(entry, ratio, [(file, source)])], skipped). A file reached twice (named twice, via
-    a folder and by name, or through a link) is an error: it would silently double its data."""
-    entries, skipped, seen = [], {"hidden": [], "ignored": []}, {}
-    for i, (path, ratio) in enumerate(parse_data_spec(spec)):
-        files, skip = list_data_files(path)
-        for kind in skipped:
-            skipped[kind] += skip[kind]
-        for file, _ in files:
-            other = seen.setdefault(_file_id(file), (file, path, i))
-            if other != (file, path, i):
-                raise ValueError(f"--data_path: {file} would be read twice (entries {other[1]!r} and {path!r}"
-                                 + (f", as {other[0]}" if other[0] != file else "") + "); give each file once, "
-                                 f"and use a ratio to repeat data (e.g. {path}:2).")
-        entries.append((path, ratio, files))
-    return entries, skipped
-
-
-# Leading bytes of files that are not JSON text -> what they are.
-MAGIC = {b"PAR1": "a Parquet file", b"PK\x03\x04": "a ZIP archive", b"BZh": "bzip2-compressed",
-         b"\xfd7zXZ": "xz-compressed", b"\x28\xb5\x2f\xfd": "zstd-compressed", b"ARROW1": "an Arrow file"}
-ENCODINGS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
-
-
-def _open_json_text(path):
-    """The file as a binary stream of UTF-8 JSON text, or DataError saying in one line what it is instead.
-    gzip is recognised by its content, not its name."""
-    try:
-        raw = open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
-    f = gzip.GzipFile(fileobj=raw) if raw.read(2) == b"\x1f\x8b" else None
-    raw.seek(0)
-    if f is None and path.lower().endswith(".gz"):
-        raw.close()
-        raise DataError(f"{path}: named .gz but not gzip data; rename it (drop .gz) or re-create it.")
-    if f is not None and not path.lower().endswith(".gz"):
-        log0(f"{path}: gzip-compressed although not named .gz; reading it decompressed.")
-    f = f or raw
-    head = f.read(4096)
-    f.seek(0)
-    kind = next((what for magic, what in MAGIC.items() if head.startswith(magic)), None)
-    encoding = next((enc for bom, enc in ENCODINGS.items() if head.startswith(bom)), None)
-    if encoding or (not kind and b"\x00" in head):
-        f.close()
-        raise DataError(f"{path}: text encoded as {encoding or 'UTF-16/UTF-32 (NUL bytes)'}, not UTF-8; convert "
-                        f"it, e.g. iconv -f {encoding or 'UTF-16'} -t UTF-8 {path} > {path}.utf8")
-    if kind:
-        f.close()
-        raise DataError(f"{path}: {kind}, not JSON text; give {'/'.join(DATA_SUFFIXES)} files.")
-    return f
-
-
-def _wrapper_key(value):
-    """The key of a JSON object that holds the records as a list (e.g. {"version": 1, "data": [...]})."""
-    if isinstance(value, dict) and detect_format(value) is None:
-        for key, items in value.items():
-            if isinstance(items, list) and items and isinstance(items[0], dict):
-                return key
-    return None
-
-
-def _not_records(path, value, line):
-    key = _wrapper_key(value)
-    if key is not None:
-        raise DataError(f"{path}:{line}: the top level is a JSON object, not records; the records seem to be the "
-                        f"list under {key!r}: give that list as a JSON array or as JSONL (e.g. jq -c '.{key}[]' "
-                        f"{path} > data.jsonl).")
-
-
-def read_json_records(path):
-    """Yield (line, record-or-RecordError) from a JSONL file or a JSON array (BOM, CRLF, blank lines ok).
-    JSONL is streamed line by line; line numbers count '\\n' like editors do. A problem with the file as a
-    whole (not JSON text, truncated gzip, data after the array, ...) raises DataError naming the file."""
-    bom = b"\xef\xbb\xbf"
-    try:
-        f = _open_json_text(path)
-        with f:
-            head = b""
-            while not head.strip():  # peek past leading whitespace: '[' means a JSON array
-                chunk = f.read(65536)
-                if not chunk:
-                    break
-                head += chunk
-            f.seek(0)
-            first = head.removeprefix(bom).lstrip()[:1]
-            if not first:
-                raise DataError(f"{path}: {'empty file' if not head else 'only blank lines'}: no records.")
-            if first == b"[":
-                yield from _array_records(path, f.read())
-                return
-            first_line = True
-            for line_no, raw in enumerate(f, 1):
-                raw = raw.removeprefix(bom)
-                if not raw.strip():
-                    continue
-                was_first, first_line = first_line, False
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    yield line_no, RecordError("json", "not valid UTF-8")
-                    continue
-                except RecursionError:
-                    yield line_no, RecordError("json", "nested too deeply")
-                    continue
-                except json.JSONDecodeError as e:
-                    if was_first:
-                        _whole_file_value(path, f)  # a pretty-printed object spans lines: say what it is
-                    yield line_no, RecordError("json", f"invalid JSON ({e.msg} at column {e.colno})")
-                    continue
-                if was_first:
-                    _not_records(path, record, line_no)
-                yield line_no, record
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip data ({e}); re-create or re-download it.") from None
-
-
-def _whole_file_value(path, f):
-    """Called when the first line of a non-array file is not JSON: a JSON object over several lines is
-    either a wrapper of the records, or several pretty-printed objects (not JSONL); both get one line."""
-    pos = f.tell()
-    f.seek(0)
-    try:
-        value = json.loads(f.read().decode("utf-8-sig"))
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and e.lineno > 1:  # the first value is complete and spans lines
-            raise DataError(f"{path}:{e.lineno}: several JSON values over several lines, one after another: "
-                            "neither JSONL (one record per line) nor a JSON array; write one of those.") from None
-        value = None
-    except (UnicodeDecodeError, RecursionError):
-        value = None
-    f.seek(pos)
-    _not_records(path, value, 1)
-    if isinstance(value, dict):
-        raise DataError(f"{path}: one JSON object over several lines, not JSONL (one record per line) or an "
-                        "array of records; put it on one line or inside [ ].")
-
-
-NEWLINE = b"\n"
-
-
-def _array_records(path, data):
-    """Records of a JSON array, one by one, with the line each starts on. A syntax error inside a record
-    makes that record invalid; reading resumes at the next record, found as the next line that starts
-    like the records do (same indentation, '{'), so the broken stretch is exactly one record. If records
-    do not start lines (an array on one line), the file cannot be split and is refused."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{data.count(NEWLINE, 0, e.start) + 1}: not valid UTF-8.") from None
-    decoder, pos = json.JSONDecoder(), text.index("[") + 1
-    line, record_start = text.count("\n", 0, pos) + 1, None
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            line += text[pos] == "\n"
-            pos += 1
-        if pos >= len(text):
-            raise DataError(f"{path}:{line}: the JSON array is not closed with ']' (truncated file?).")
-        if text[pos] == "]":
-            break
-        indent = text[text.rfind("\n", 0, pos) + 1:pos]
-        if record_start is None and not indent.strip():
-            record_start = re.compile(r"\n" + re.escape(indent) + r"\{")
-        try:
-            record, end = decoder.raw_decode(text, pos)
-        except (json.JSONDecodeError, RecursionError) as e:
-            where = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-            nxt = record_start.search(text, pos + 1) if record_start else None
-            if record_start is None:
-                raise DataError(f"{path}:{getattr(e, 'lineno', line)}: invalid JSON ({where}) in an array whose records "
-                                "do not start lines, so the records after it cannot be told apart or counted. "
-                                "Fix the file, or write JSONL (one record per line).") from None
-            yield getattr(e, "lineno", line), RecordError("json", f"invalid JSON ({where})")
-            if nxt is None:
-                return  # the broken record was the last one: nothing after it is a record
-            line += text.count("\n", pos, nxt.start() + 1)
-            pos = nxt.start() + 1
-            continue
-        yield line, record
-        line += text.count("\n", pos, end)
-        pos = end
-    rest = text[pos + 1:]
-    if rest.strip():
-        extra = line + rest[:len(rest) - len(rest.lstrip())].count("\n")
-        raise DataError(f"{path}:{extra}: more data after the JSON array that ends on line {line}; a file holds "
-                        "one array (files joined with cat? merge them: jq -s add a.json b.json > all.json). "
-                        "JSONL needs one record object per line, not a list.")
-
-
-def detect_format(record):
-    if isinstance(record, dict):
-        for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("chat_rounds", "chat_rounds")):
-            if key in record:
-                return fmt
-        if "instruction" in record or "output" in record:
-            return "alpaca"
-    return None
-
-
-def _text(content, where):
-    """Content as a string: a string, None, or a list of OpenAI-style text parts."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, (dict, str)) for p in content):
-        parts = []
-        for p in content:
-            if isinstance(p, str):
-                parts.append(p)
-            elif p.get("type", "text") == "text" and isinstance(p.get("text"), str):
-                parts.append(p["text"])
-            else:
-                raise RecordError(where, f"unsupported content part {json.dumps(p)[:60]} (only text parts)")
-        return "".join(parts)
-    raise RecordError(where, f"content must be a string, got {type(content).__name__}")
-
-
-def _tools(tools):
-    if tools in (None, "", []):
-        return None
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError:
-            raise RecordError("tools", "not valid JSON")
-    if isinstance(tools, dict) and not {"name", "function"} & tools.keys():
-        example = next(iter(tools), "")
-        raise RecordError("tools", f"an object keyed by function name ({example!r}, ...); write a list of "
-                          f'function schemas: [{{"name": "{example}", "description": ..., "parameters": ...}}, ...]')
-    if isinstance(tools, dict):
-        tools = [tools]
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise RecordError("tools", "must be a list of function schemas")
-    tools = [t if "function" in t else {"type": "function", "function": t} for t in tools]
-    for i, t in enumerate(tools):
-        if not isinstance(t["function"], dict) or not isinstance(t["function"].get("name"), str):
-            raise RecordError(f"tools[{i}]", "a function schema needs a name (and description, parameters)")
-    return tools
-
-
-def _tool_calls(calls, where):
-    """OpenAI tool_calls or ShareGPT function_call payloads -> [{"type","function":{"name","arguments":dict}}]."""
-    if isinstance(calls, str):
-        try:
-            calls = json.loads(calls)
-        except json.JSONDecodeError:
-            raise RecordError(where, "function call is not valid JSON")
-    calls = calls if isinstance(calls, list) else [calls]
-    out = []
-    for call in calls:
-        fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise RecordError(where, "each tool call needs a function name")
-        args = fn.get("arguments", {})
-        if isinstance(args, str):  # templates render arguments with tojson: a dict, not a JSON string
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{where}.arguments", f"not valid JSON ({e.msg} at column {e.colno}): "
-                                  f"{fn['arguments'][:60]!r}") from None
-        if not isinstance(args, dict):
-            raise RecordError(f"{where}.arguments", f"must be a JSON object (or a string holding one), got "
-                              f"{type(args).__name__}")
-        item = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
-        if isinstance(call, dict) and "id" in call:
-            item["id"] = call["id"]
-        out.append(item)
-    return out
-
-
-def _message(role, content, field_name, item=None, tool_calls=None):
-    """One normalized message, checking what every format needs; errors name the record's own field
-    (field_name: where the content is; item: the source turn, whose train/loss_weight/... are kept)."""
-    content = _text(content, field_name)
-    if tool_calls:
-        msg = {"role": role, "content": content or "", "tool_calls": tool_calls}  # "": what templates expect
-    elif content is None:
-        raise RecordError(field_name, "missing or null (must be a string)")
-    elif role == "assistant" and not content.strip():
-        raise RecordError(field_name, "empty assistant reply")
-    else:
-        msg = {"role": role, "content": content}
-    prefix = field_name.rsplit(".", 1)[0]
-    for key in item or {}:
-        if key not in MESSAGE_KEYS and difflib.get_close_matches(key, MESSAGE_KEYS, n=1, cutoff=0.75):
-            raise RecordError(f"{prefix}.{key}", f"unknown key{_suggest(key, MESSAGE_KEYS)}")
-    for key in ("name", "tool_call_id", "reasoning_content", "train", "loss_weight", "weight"):
-        if key in (item or {}):
-            msg["loss_weight" if key == "weight" else key] = item[key]  # weight: OpenAI fine-tuning's 0/1
-    if not isinstance(msg.get("train", True), bool):
-        raise RecordError(f"{prefix}.train", "must be true or false")
-    weight = msg.get("loss_weight", 1)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise RecordError(f"{prefix}.{'weight' if 'weight' in (item or {}) else 'loss_weight'}",
-                          f"must be a finite number >= 0, got {weight!r}")
-    return msg
-
-
-def _from_messages(record):
-    msgs = record["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise RecordError("messages", "must be a non-empty list")
-    out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise RecordError(where, "must be an object with role and content")
-        role = m.get("role")
-        if role not in ROLES:
-            raise RecordError(f"{where}.role", f"unknown role {role!r} (expected {'/'.join(ROLES)})")
-        if "content" not in m and not m.get("tool_calls"):
-            raise RecordError(f"{where}.content", "missing")
-        calls = _tool_calls(m["tool_calls"], f"{where}.tool_calls") if m.get("tool_calls") else None
-        out.append(_message(role, m.get("content"), f"{where}.content", m, calls))
-    return out, _tools(record.get("tools"))
-
-
-def _from_speakers(turns, list_field, speaker_key, text_key, system=None):
-    if not isinstance(turns, list) or not turns:
-        raise RecordError(list_field, "must be a non-empty list")
-    out = [_message("system", system, "system")] if system not in (None, "") else []
-    for i, t in enumerate(turns):
-        where = f"{list_field}[{i}]"
-        if not isinstance(t, dict):
-            raise RecordError(where, "must be an object")
-        sk, tk = (speaker_key, text_key) if speaker_key in t or "role" not in t else ("role", "content")
-        speaker = t.get(sk)
-        role = SPEAKER_ROLES.get(speaker)
-        if role is None:
-            raise RecordError(f"{where}.{sk}", f"unknown speaker {speaker!r} "
-                              f"(expected one of {', '.join(sorted(SPEAKER_ROLES))})")
-        calls = _tool_calls(t.get(tk), f"{where}.{tk}") if speaker == "function_call" else None
-        out.append(_message(role, None if calls else t.get(tk), f"{where}.{tk}", t, calls))
-    return out
-
-
-def _from_sharegpt(record):
-    msgs = _from_speakers(record["conversations"], "conversations", "from", "value", record.get("system"))
-    return msgs, _tools(record.get("tools"))
-
-
-def _from_chat_rounds(record):
-    return _from_speakers(record["chat_rounds"], "chat_rounds", "role", "content", record.get("system")), None
-
-
-def _from_alpaca(record):
-    for key in ("instruction", "output", "input", "system"):
-        optional = key in ("input", "system")
-        if not isinstance(record.get(key), str) and not (optional and record.get(key) is None):
-            raise RecordError(key, "missing or not a string" if not optional else "must be a string")
-    msgs = [_message("system", record["system"], "system")] if record.get("system") else []
-    history = record.get("history") or []
-    if not isinstance(history, list):
-        raise RecordError("history", "must be a list of [question, answer] pairs")
-    for i, pair in enumerate(history):
-        if not (isinstance(pair, list) and len(pair) == 2):
-            raise RecordError(f"history[{i}]", "must be a [question, answer] pair of strings")
-        msgs += [_message("user", pair[0], f"history[{i}][0]"), _message("assistant", pair[1], f"history[{i}][1]")]
-    prompt = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
-    msgs += [_message("user", prompt, "instruction"), _message("assistant", record["output"], "output")]
-    return msgs, None
-
-
-ADAPTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
-            "chat_rounds": _from_chat_rounds}
-RECORD_KEYS = ("messages", "conversations", "chat_rounds", "tools", "system", "source", "instruction", "input",
-               "output", "history")
-REQUIRED_KEY = {"messages": "messages", "sharegpt": "conversations", "chat_rounds": "chat_rounds",
-                "alpaca": "instruction"}
-
-
-def normalize_record(record, fmt):
-    """Any supported record -> (messages, tools), or RecordError naming the field and the problem."""
-    if not isinstance(record, dict):
-        raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
-    for key in record:
-        if key not in RECORD_KEYS and difflib.get_close_matches(key, RECORD_KEYS, n=1, cutoff=0.75):
-            raise RecordError(key, f"unknown key{_suggest(key, RECORD_KEYS)}")
-    if REQUIRED_KEY[fmt] not in record:
-        raise RecordError(REQUIRED_KEY[fmt], f"missing (file read as {fmt} format)")
-    messages, tools = ADAPTERS[fmt](record)
-    assistants = [m for m in messages if m["role"] == "assistant"]
-    if not assistants:
-        raise RecordError(REQUIRED_KEY[fmt], "no assistant turn to train on")
-    if not any(is_trained(m) for m in assistants):
-        raise RecordError(REQUIRED_KEY[fmt], "every assistant turn is excluded (train: false / loss_weight: 0)")
-    return messages, tools
-
-
-def is_trained(message):
-    return message.get("train", True) is not False and message.get("loss_weight", 1) != 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenization: chat template -> input_ids + labels (loss only on what the assistant says)
-# ---------------------------------------------------------------------------------------------
-# The whole conversation is rendered by the model's own template and tokenized once, so input_ids are
-# exactly what `apply_chat_template` gives (the prefixes the rule compares are rendered, never tokenized).
-# What to train is found by one rule, from how the template renders (nothing is searched for in the text,
-# so no template needs to be known in advance):
-#
-#   the trained part of assistant turn i is what render(messages[:i+1]) adds to the generation prompt
-#   render(messages[:i], add_generation_prompt=True): the model's answer, its tool calls and everything
-#   the template writes to close the turn (all of its end tokens).
-#
-# The prompt is matched whitespace aside (hand-written templates indent it differently from the turn). If
-# it is not a prefix of the turn (the template renders the turn with other text, e.g. DeepSeek-LLM's
-# prompt 'Assistant:' and the turn 'Assistant: answer'), the turn starts where the two
-# first differ. A template that supplies an empty reasoning block when thinking is off (Qwen3) has that
-# block as part of a prompt: it is not trained when the template inserts it on its own. Text a template
-# appends after every conversation (Command-R's next-turn opener) is not part of the turn.
-# Templates that render a turn differently once later messages follow (Qwen3 strips earlier reasoning,
-# Mistral moves the system prompt into the last user turn) are mapped through the turn's content: the
-# characters of the full text that change when only this turn's content changes are where it is.
-# Tokens are trained if they overlap the trained characters, so a token that carries the separator space
-# and the first word ('▁two', 'Ġtwo') is trained.
-
-SENTINEL = "\ue000\ue001"  # private-use characters: never in real text, never stripped by a template
-# Passed to the generation prompt to ask for the template's thinking-off prompt (Qwen3, SmolLM3, GLM: enable_thinking;
-# DeepSeek-V3.1, Granite: thinking); templates that do not know them ignore them.
-THINKING_OFF = {"enable_thinking": False, "thinking": False}
-_TEMPLATE_FACTS = {}
-
-
-class ChatRenderer:
-    """render(messages, add_generation_prompt=False, **template_kwargs) -> text, exactly as
-    tokenizer.apply_chat_template(messages, tools=tools, tokenize=False) renders it (the same compiled template,
-    None-valued keys dropped, reasoning fields aliased, tools as plain data, the special tokens as variables).
-    It is called several times per conversation, so what apply_chat_template redoes on every call is done once:
-    each message is prepared once (our messages are JSON data already: no defensive deep copy), and the Jinja
-    context is built from a plain dict of the template's globals."""
-
-    def __init__(self, tokenizer, tools=None):
-        self.tokenizer, self.tools = tokenizer, tools
-        self.prepared = {}  # id(message) -> (message, prepared); the message is kept so its id stays unique
-        try:
-            from transformers.utils import chat_template_utils as ctu
-
-            self.template = ctu._compile_jinja_template(tokenizer.get_chat_template(None, tools))
-            self.alias, self.plain = ctu._alias_reasoning_fields, ctu._plain_template_data
-        except (ImportError, AttributeError):  # another transformers: its public API, one call per render
-            self.template = None
-            return
-        self.globals = dict(self.template.globals)
-        self.variables = {**self.globals, **self.plain(dict(tokenizer.special_tokens_map)), "tools": self.plain(tools),
-                          "documents": None}
-
-    def _prepare(self, message):
-        hit = self.prepared.get(id(message))
-        if hit is None or hit[0] is not message:
-            hit = self.prepared[id(message)] = (message, self.alias([{k: v for k, v in message.items()
-                                                                       if v is not None}])[0])
-        return hit[1]
-
-    def __call__(self, messages, add_generation_prompt=False, **template_kwargs):
-        if self.template is None:
-            return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt, **template_kwargs)
-        env = self.template.environment
-        context = env.context_class(env, {**self.variables, **self.plain(template_kwargs),
-                                          "messages": [self._prepare(m) for m in messages],
-                                          "add_generation_prompt": add_generation_prompt},
-                                    self.template.name, self.template.blocks, globals=self.globals)
-        try:
-            return env.concat(self.template.root_render_func(context))
-        except Exception:
-            env.handle_exception()
-
-
-def _common_prefix(a, b):
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:  # binary search on slice equality: C-speed comparisons
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _common_suffix(a, b):
-    return _common_prefix(a[::-1], b[::-1])
-
-
-def _special_tokens(tokenizer):
-    specials = set(tokenizer.all_special_tokens)
-    specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
-    return sorted((s for s in specials if s), key=len, reverse=True)
-
-
-def _snap_out_of_specials(text, k, specials):
-    """k moved back to the start of a special token that text[k-1:k+1] would cut in two ('<|' is shared by
-    '<|im_end|>' and '<|im_start|>' but is no boundary)."""
-    for s in specials:
-        p = text.find(s, max(0, k - len(s) + 1))
-        if 0 <= p < k < p + len(s):
-            k = p
-    return k
-
-
-def _template_facts(tokenizer, render):
-    """(specials, has a thinking-off prompt, renders like apply_chat_template) for this tokenizer and template,
-    from one probe chat; cached."""
-    key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map))
-    if key not in _TEMPLATE_FACTS:
-        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
-        try:
-            same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False)
-            thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
-        except Exception:
-            same, thinking_off = True, False  # the template refuses the probe; real conversations will say why
-        _TEMPLATE_FACTS[key] = (tuple(_special_tokens(tokenizer)), thinking_off, same)
-    return _TEMPLATE_FACTS[key]
-
-
-def _prompt_end(render, messages, i, prompt, turn, specials):
-    """Where the generation prompt of turn i ends in `turn` (= render(messages[:i+1])) when the prompt is not a
-    prefix of it: the template renders the turn's opener differently (DeepSeek-R1's prompt ends in '<think>\\n'),
-    or the history (a system prompt moved into the last user turn, a tool result closed differently when it is
-    last). Both are aligned after the previous message's content, and, if what stands right before the turn's
-    content is the prompt's own ending, the prompt ends there."""
-    start = _snap_out_of_specials(turn, _common_prefix(prompt, turn), specials)
-    if i > 0:
-        before = {**messages[i - 1], "content": SENTINEL}
-        probe = messages[:i - 1] + [before]
-        in_prompt = _diff(prompt, render(probe, True))
-        in_turn = _diff(turn, render(probe + [messages[i]]))
-        if in_prompt and in_turn:
-            k = in_turn[1] + _common_prefix(prompt[in_prompt[1]:], turn[in_turn[1]:])
-            start = max(start, _snap_out_of_specials(turn, k, specials))
-    c = (_where_content(render, turn, messages[:i + 1], i) or (None,))[0]
-    if c is not None and c > start and turn[c - _common_suffix(prompt, turn[:c]):c].strip():
-        start = c
-    return start
-
-
-def _after_prompt(prompt, turn):
-    """Where `prompt` ends in `turn` if the turn starts with it, whitespace aside (hand-written templates often
-    indent the generation prompt, or end it with another newline, than the turn they render), else None."""
-    if turn.startswith(prompt):
-        return len(prompt)
-    i = j = _common_prefix(prompt, turn)
-    while i < len(prompt):
-        if prompt[i].isspace():
-            i += 1
-            continue
-        while j < len(turn) and turn[j].isspace():
-            j += 1
-        if j == len(turn) or turn[j] != prompt[i]:
-            return None
-        i, j = i + 1, j + 1
-    if prompt[-1:].isspace():  # the prompt ends with whitespace: so does what it supplies of the turn
-        while j < len(turn) and turn[j].isspace():
-            j += 1
-    return j
-
-
-def _generated_part(prompts, turn, specials, eos, prompt_end, history):
-    """(start, end) in `turn` (= render(messages[:i+1])) of what the model generates for its last turn, given
-    the generation prompts the template gives for messages[:i] (default first, then thinking-off).
-    prompt_end(): _prompt_end for the default prompt; history(): render(messages[:i]) (both lazy)."""
-    full = [k for k in (_after_prompt(p, turn) for p in prompts) if k is not None]
-    start = max(full) if full else prompt_end()
-    end = len(turn)
-    # Text the template writes after the last message of any conversation (an unconditional next-turn opener,
-    # Command-R) ends the generation prompt and history() too: it is not part of the turn. It starts at a
-    # special token, and after the EOS token if the shared text has one (nothing after EOS is generated).
-    shared = _common_suffix(prompts[0], turn[start:]) if prompts[0][-1:] == turn[-1:] else 0
-    if shared and turn[end - shared:].strip():
-        tail = turn[end - shared:]
-        cut = tail.rfind(eos) + len(eos) if eos and eos in tail else \
-            min((p for p in (tail.find(s) for s in specials) if p >= 0), default=None)
-        if cut is not None and cut < len(tail) and history().endswith(tail[cut:]):
-            end -= len(tail) - cut
-    return start, max(start, end)
-
-
-@functools.lru_cache(maxsize=64)
-def _ends_with_special(specials):
-    """A test of whether a text ends with one of `specials` (a tuple), reading only the text's last characters."""
-    pattern = re.compile("(?:" + "|".join(map(re.escape, specials)) + r")\Z") if specials else re.compile(r"(?!)")
-    longest = max(map(len, specials), default=0)
-    return lambda text: pattern.search(text, max(0, len(text) - longest)) is not None
-
-
-def _trim_after_end_token(text, start, end, specials):
-    """Whitespace after a turn's final special token is never generated: not trained."""
-    body = text[start:end].rstrip()
-    if len(body) == end - start or not body:
-        return start, end
-    return (start, start + len(body)) if _ends_with_special(specials)(body) else (start, end)
-
-
-def _diff(text, other):
-    """(start, end) of the characters of `text` that differ from `other`, or None if they are equal."""
-    if text == other:
-        return None
-    a = _common_prefix(text, other)
-    return a, len(text) - _common_prefix(text[a:][::-1], other[a:][::-1])
-
-
-def _content_probes(message):
-    """Copies of an assistant message with its content, and separately its tool call names, replaced by a
-    sentinel: some templates render only one of the two."""
-    probes = [{**message, "content": SENTINEL}]
-    if message.get("tool_calls"):
-        probes.append({**message, "tool_calls": [{**c, "function": {**c["function"], "name": SENTINEL}}
-                                                 for c in message["tool_calls"]]})
-    return probes
-
-
-def _where_content(render, text, messages, i):
-    """(start, end) of the characters of `text` (render of messages) that turn i's content and tool calls
-    decide, or None if the template does not render them."""
-    diffs = []
-    for k, probe in enumerate(_content_probes(messages[i])):
-        try:
-            d = _diff(text, render(messages[:i] + [probe] + messages[i + 1:]))
-        except Exception:
-            if k == 0:
-                raise
-            continue
-        if d:
-            diffs.append(d)
-    return (min(d[0] for d in diffs), max(d[1] for d in diffs)) if diffs else None
-
-
-def _map_turn(render, text, messages, i, turn, start, end, specials):
-    """Turn i's trained region in `text`, when the template renders it there differently from `turn` (its
-    render as the last message): the turn's content is located in both, and what surrounds it in `turn`
-    (reasoning, tool calls, end tokens) is kept where `text` has it too."""
-    in_text = _where_content(render, text, messages, i)
-    in_turn = _where_content(render, turn, messages[:i + 1], i)
-    if in_text is None or in_turn is None:
-        return 0, 0  # the template does not render this turn here: nothing to train
-    before, after = turn[start:in_turn[0]], turn[in_turn[1]:end]
-    lead = _common_suffix(before, text[:in_text[0]])
-    if not before[len(before) - lead:].strip():
-        lead = 0  # only whitespace in common: the opener's own newline, not something the model writes
-    trail = _snap_out_of_specials(text, in_text[1] + _common_prefix(after, text[in_text[1]:]), specials)
-    rest = text[trail:]
-    if trail == in_text[1] and any(after.lstrip().startswith(s) for s in specials):
-        # nothing of the closing matches: the template closes the turn with another end token once more
-        # messages follow (gpt-oss: <|end|> where the last turn has <|return|>); that token is the closing
-        closing = next((s for s in specials if rest.lstrip().startswith(s)), None)
-        trail += len(rest) - len(rest.lstrip()) + len(closing) if closing else 0
-    return in_text[0] - lead, max(trail, in_text[1])
-
-
-def _arguments_as_strings(messages):
-    """Tool-call arguments as JSON strings, for templates that print them as they are (functionary)."""
-    return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
-        c["function"]["arguments"], ensure_ascii=False)}} if not isinstance(c["function"].get("arguments"), str)
-        else c for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
-
-
-def _with_template_arguments(render, messages):
-    """Messages as this template renders them right, and their render. Arguments are given as a dict (what
-    HF documents and most templates pass to tojson); a template that cannot render a dict (raises, or prints
-    its Python repr) gets them as a JSON string instead."""
-    calls = [c["function"].get("arguments") for m in messages for c in m.get("tool_calls") or []]
-    dicts = [a for a in calls if isinstance(a, dict) and a]
-    try:
-        text = render(messages)
-        if not any(repr(a) in text for a in dicts):
-            return messages, text
-    except Exception:
-        if not dicts:
-            raise
-    messages = _arguments_as_strings(messages)
-    return messages, render(messages)
-
-
-def render_conversation(tokenizer, messages, tools=None):
-    """-> (text, [(start, end) character region to train, for each assistant turn]). Raises RecordError if
-    the template refuses the conversation."""
-    try:
-        render = ChatRenderer(tokenizer, tools)
-        specials, thinking_off, same = _template_facts(tokenizer, render)
-        if not same:  # this transformers renders differently from what ChatRenderer mirrors: use its own API
-            render.template = None
-        messages, text = _with_template_arguments(render, messages)
-        regions = []
-        for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
-            prompts = [render(messages[:i], True)] + ([render(messages[:i], True, **THINKING_OFF)] if thinking_off else [])
-            turn = render(messages[:i + 1]) if i + 1 < len(messages) else text
-            start, end = _generated_part(prompts, turn, specials, tokenizer.eos_token,
-                                         lambda: _prompt_end(render, messages, i, prompts[0], turn, specials),
-                                         lambda: render(messages[:i]))
-            if not text.startswith(turn[:end]):
-                start, end = _map_turn(render, text, messages, i, turn, start, end, specials)
-            regions.append(_trim_after_end_token(text, start, end, specials))
-    except Exception as e:  # jinja raise_exception, undefined fields, type errors inside the template
-        raise RecordError("messages", f"the chat template refuses this conversation: {e}") from None
-    return text, regions
-
-
-def end_of_turn_tokens(tokenizer):
-    """The special tokens the template writes to close an assistant text turn (e.g. ['<|im_end|>'],
-    ['<|END_RESPONSE|>', '<|END_OF_TURN_TOKEN|>']): where generation must stop."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
-    text, ((_, end),) = render_conversation(tokenizer, probe)
-    closing = text[text.find(SENTINEL) + len(SENTINEL):end]
-    specials = _special_tokens(tokenizer)
-    found, k = [], 0
-    while k < len(closing):
-        s = next((s for s in specials if closing.startswith(s, k)), None)
-        found += [s] if s else []
-        k += len(s) if s else 1
-    return found
+# The conversation is rendered by the model's own chat template and tokenized once, so input_ids are exactly
+# what apply_chat_template gives. render_conversation (finetune_template.py) says which characters are trained,
+# by one rule: what render(messages[:i+1]) adds to the generation prompt render(messages[:i], True), i.e. the
+# answer, its tool calls and the template's end tokens. Here those characters become token labels: a token is
+# trained if it overlaps them (so 'Ġtwo' carrying the separator space is), and over model_max_length whole
+# turns are dropped from the end.
 
 
 def _labels_and_cut(ids, spans, trained, max_length, train_on_prompt):
@@ -1440,75 +484,6 @@ def load_tokenizer(model_args, training_args):
 # ---------------------------------------------------------------------------------------------
 
 
-class DataError(ValueError):
-    pass
-
-
-def invalid_reason(error):
-    """'messages[3].role: unknown role 'x' (expected ...)' -> 'messages[].role: unknown role 'x'': the key
-    under which the report counts invalid records."""
-    return re.sub(r"\[\d+\]", "[]", error.split(" (")[0])
-
-
-def _count(counter, key, n=1):
-    counter[key] = counter.get(key, 0) + n
-
-
-def _normalized_rows(entries, data_format, skip_invalid, stats):
-    """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes. Without
-    --skip_invalid_records the first invalid record stops the output but not the reading: every file is
-    still validated so that the error names the total count."""
-    errors, n_invalid = [], 0
-
-    def fail(last=None, stopped=False):
-        lines = errors + ([last] if last else [])
-        if stopped and n_invalid:
-            lines.append(f"(reading stopped there: at least {n_invalid} invalid records in all)")
-        elif n_invalid > len(errors):
-            lines.append(f"({n_invalid} invalid records in all; the first {len(errors)} are shown)")
-        raise DataError("\n".join(lines))
-
-    for entry_idx, (_, _, files) in enumerate(entries):
-        for file, source in files:
-            fmt = None if data_format == "auto" else data_format
-            fstats = {"records": 0, "invalid": 0, "samples": 0, "truncated": 0, "dropped": 0}
-            stats["files"][file] = fstats
-            try:
-                for line, record in read_json_records(file):
-                    fstats["records"] += 1
-                    try:
-                        if isinstance(record, RecordError):
-                            raise record
-                        if not isinstance(record, dict):
-                            raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
-                        fmt = fmt or detect_format(record)
-                        if fmt is None:
-                            near = [k for k in record if _suggest(k, list(REQUIRED_KEY.values()))]
-                            raise RecordError("record", "unknown format: expected messages, conversations, "
-                                              "chat_rounds or instruction/output fields"
-                                              + (f"; {near[0]!r}{_suggest(near[0], list(REQUIRED_KEY.values()))}" if near else ""))
-                        fstats["format"] = fmt
-                        messages, tools = normalize_record(record, fmt)
-                    except RecordError as e:
-                        fstats["invalid"] += 1
-                        n_invalid += 1
-                        _count(stats["invalid"], invalid_reason(str(e)))
-                        if not skip_invalid and len(errors) < 20:
-                            errors.append(f"{file}:{line}: {e}")
-                        continue
-                    if not errors:
-                        stats["rows"] += 1
-                        yield {"conversation": json.dumps({"messages": messages, "tools": tools}, ensure_ascii=False),
-                               "source": str(record.get("source") or source), "origin": f"{file}:{line}",
-                               "entry": entry_idx}
-            except DataError as e:  # the file as a whole: reading stops, so the count is a lower bound
-                fail(str(e), stopped=True)
-            if fstats["records"] == 0:
-                fail(f"{file}: no records (an empty JSON array).", stopped=True)
-    if errors:
-        fail()
-
-
 def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_only, sources=None):
     """datasets.map function -> an Arrow table: the batch's other columns, then the tokens, which go to
     Arrow straight from numpy (int32 list arrays), not through per-token Python ints. `sources`
@@ -1559,28 +534,43 @@ def _cache_key(entries, tokenizer, data_args, training_args):
 
 def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     """Validate + tokenize the files named by `spec` into an Arrow dataset at cache_root/<key>.
-    A second run with the same files, tokenizer and settings just loads it."""
-    import datasets
-
-    entries, skipped = resolve_data_spec(spec)
+    A second run with the same files, tokenizer and settings just loads it. The dataset is written to a
+    temporary folder, removed on any failure, and renamed into place when complete (atomic: a crash never
+    leaves a half-written cache that looks complete)."""
+    entries, skipped = data_sources(data_args, spec)
     for kind, why in (("hidden", "hidden, skipped"), ("ignored", "not .jsonl/.json(.gz), ignored")):
         if skipped[kind]:
             log0(f"data: {len(skipped[kind])} {why}: {', '.join(skipped[kind][:5])}{' ...' if len(skipped[kind]) > 5 else ''}")
     path = os.path.join(cache_root, _cache_key(entries, tokenizer, data_args, training_args))
     if os.path.isfile(os.path.join(path, "report.json")):
         return path
-    stats = {"files": {}, "invalid": {}, "rows": 0}
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        report = _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_args)
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_args):
+    """Read, validate, tokenize, sample and save the dataset under tmp/data -> its report."""
+    import datasets
+
+    stats = {"files": {}, "invalid": {}, "rows": 0}
+    try:
         raw = datasets.Dataset.from_generator(
             # a tuple, not a list: datasets would shard a list and call the generator once per entry
-            _normalized_rows, gen_kwargs={"entries": tuple(entries), "data_format": data_args.data_format,
-                                          "skip_invalid": data_args.skip_invalid_records, "stats": stats},
+            normalized_rows, gen_kwargs={"entries": tuple(entries), "data_format": data_args.data_format,
+                                         "skip_invalid": data_args.skip_invalid_records, "stats": stats},
             cache_dir=os.path.join(tmp, "raw"), keep_in_memory=False,
         )
     except datasets.exceptions.DatasetGenerationError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         cause = e.__cause__ or e
         if isinstance(cause, (DataError, FileNotFoundError)):
             raise cause from None
@@ -1604,7 +594,6 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     status = np.asarray(tokenized["status"][:], dtype=object)
     failed = [i for i, s in enumerate(status) if s.startswith("error:")]
     if failed and not data_args.skip_invalid_records:
-        shutil.rmtree(tmp, ignore_errors=True)
         origins = tokenized.select(failed[:20])["origin"]
         more = [f"({len(failed)} invalid records in all; the first 20 are shown)"] if len(failed) > 20 else []
         raise DataError("\n".join([f"{o}: {status[i][6:]}" for o, i in zip(origins, failed[:20])] + more))
@@ -1613,41 +602,30 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
         fstats = stats["files"][origin.rsplit(":", 1)[0]]
         if s.startswith("error:"):
             fstats["invalid"] += 1
-            _count(stats["invalid"], invalid_reason(s[6:]))
+            tally(stats["invalid"], invalid_reason(s[6:]))
         elif s.startswith("dropped:"):
-            _count(fstats, "dropped")
-            _count(dropped, s[8:])
+            tally(fstats, "dropped")
+            tally(dropped, s[8:])
         else:
-            _count(fstats, "samples")
-            _count(fstats, "truncated", s == "truncated")
+            tally(fstats, "samples")
+            tally(fstats, "truncated", s == "truncated")
             truncated += s == "truncated"
     keep = np.flatnonzero(np.asarray([s in ("", "truncated") for s in status]))
     if len(keep) == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         hint = (f"; every prompt is longer than --model_max_length {training_args.model_max_length}: raise it"
                 if "prompt_longer_than_model_max_length" in dropped else "")
         raise DataError(f"{spec}: no sample left to train on (dropped: {dropped}, invalid: {stats['invalid']}){hint}.")
     # Columns are read whole with [:] (iterating a datasets Column goes row by row: minutes at 1M rows).
-    try:
-        final = tokenized.select(_sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
-    except DataError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = tokenized.select(_sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
     per_source = dict(zip(*np.unique(final["source"][:], return_counts=True)))
     # source_idx came with the tokens; dropping columns rewrites nothing: save_to_disk is the one pass
     final = final.remove_columns(["origin", "status", "entry", "source"])
     final.save_to_disk(os.path.join(tmp, "data"))
-    report = {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
-              "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
-              "truncated": truncated, "samples_before_ratio": int(len(keep)), "samples": len(final),
-              "sources": sources, "samples_per_source": {str(k): int(v) for k, v in per_source.items()},
-              "skipped_files": skipped}
-    with open(os.path.join(tmp, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache that looks complete
-    return path
+    return {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
+            "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
+            "truncated": truncated, "samples_before_ratio": int(len(keep)), "samples": len(final),
+            "sources": sources, "samples_per_source": {str(k): int(v) for k, v in per_source.items()},
+            "skipped_files": skipped}
 
 
 def _sample_indices(entry_col, keep, entries, seed):
@@ -1671,7 +649,7 @@ def load_datasets(data_args, training_args, tokenizer):
     A data error on rank 0 is broadcast so that every rank stops with it instead of hanging."""
     import datasets
 
-    cache_root = data_args.dataset_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
+    cache_root = dataset_cache_root(data_args)
     specs = [s for s in (data_args.data_path, data_args.eval_data_path) if s]
     paths, error = None, None
     if training_args.process_index == 0:
@@ -1811,6 +789,16 @@ def resolve_attn_implementation(requested):
     return "sdpa"
 
 
+@functools.lru_cache(maxsize=4)
+def _model_config(name, cache_dir, trust_remote_code):
+    return AutoConfig.from_pretrained(name, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+
+
+def load_model_config(model_args, training_args):
+    """The model's config.json, loaded once per run (the sequence-parallel checks and the memory estimate)."""
+    return _model_config(model_args.model_name_or_path, training_args.cache_dir, model_args.trust_remote_code)
+
+
 def load_model(model_args, training_args, lora_args, attn_implementation):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "cache_dir": training_args.cache_dir,
@@ -1847,129 +835,6 @@ def load_model(model_args, training_args, lora_args, attn_implementation):
     trainable, total = model.get_nb_trainable_parameters()
     log0(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Sequence parallelism: DeepSpeed Ulysses through the HF Trainer (--sequence_parallel_size N)
-# ---------------------------------------------------------------------------------------------
-# accelerate's ParallelismConfig(sp_backend="deepspeed") makes N consecutive ranks one group: DeepSpeed's
-# data loader adapter gathers the group's batches, turns labels into shift_labels (before cutting, so the
-# target across a shard boundary is kept) and gives each rank 1/N of every row (all per-token columns);
-# the attention all-to-all gives each rank all positions for 1/N of the heads. ZeRO still partitions over
-# all ranks; gradients are summed over all ranks and divided by the data-parallel size (world / N).
-SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
-
-
-def setup_sequence_parallel(model_args, data_args, training_args):
-    """Refuse what Ulysses cannot run (exactly) before anything is loaded; else set the Trainer's
-    parallelism_config."""
-    n = training_args.sequence_parallel_size
-    if n < 1:
-        raise ValueError(f"--sequence_parallel_size {n}: must be 1 (off) or more.")
-    if n == 1:
-        return
-    world = (data_args.dry_run and data_args.dry_run_world_size) or int(os.environ.get("WORLD_SIZE", "1"))
-    if world % n:
-        raise ValueError(f"--sequence_parallel_size {n} must divide the number of processes ({world}): launch a "
-                         f"multiple of {n} processes (torchrun --nproc_per_node / finetune.sh GPUS_PER_NODE, "
-                         "NNODES) or lower it.")
-    if not training_args.deepspeed:
-        raise ValueError("--sequence_parallel_size needs DeepSpeed: add --deepspeed ds_config_zero2.json "
-                         "(or ds_config_zero3.json).")
-    attn = resolve_attn_implementation(model_args.attn_implementation)
-    if attn not in SP_ATTENTION:
-        raise ValueError(f"--sequence_parallel_size needs --attn_implementation {' or '.join(SP_ATTENTION)} "
-                         f"(got {attn}): Ulysses drops the attention mask and relies on causal kernels.")
-    if use_packing(data_args, attn) and not attn.startswith("flash_attention"):
-        raise ValueError(f"--packing true with --sequence_parallel_size needs flash-attention: with {attn}, "
-                         "Ulysses attends causally over the whole packed row, across sample boundaries. "
-                         "Use --packing false (padding is exact) or --attn_implementation flash_attention_2.")
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
-                                        trust_remote_code=model_args.trust_remote_code).get_text_config()
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if heads % n or (kv_heads % n and n % kv_heads):
-        usable = [d for d in range(2, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
-        raise ValueError(f"--sequence_parallel_size {n}: this model has {heads} attention heads and {kv_heads} "
-                         f"key/value heads; Ulysses gives each rank heads / N of them. Use one of {usable}.")
-    from accelerate import ParallelismConfig
-    from accelerate.utils import DeepSpeedSequenceParallelConfig
-
-    training_args.parallelism_config = ParallelismConfig(
-        sp_backend="deepspeed", sp_size=n,
-        sp_handler=DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=attn))
-
-
-class SameLengthInGroup:
-    """A train loader whose batches are padded to the longest of the sequence-parallel group's current
-    batches. DeepSpeed's adapter all-gathers the group's batches, which gloo (CPU) accepts only when all
-    have the same shape; NCCL takes different lengths, so GPUs skip this."""
-
-    def __init__(self, loader, pad_token_id):
-        self.loader, self.pad_token_id = loader, pad_token_id
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __getattr__(self, name):  # set_epoch, dataset, ...
-        return getattr(self.loader, name)
-
-    def __iter__(self):
-        from deepspeed.utils import groups
-
-        for batch in self.loader:
-            length = torch.tensor([batch["input_ids"].shape[1]])
-            torch.distributed.all_reduce(length, torch.distributed.ReduceOp.MAX,
-                                         group=groups._get_sequence_parallel_group())
-            yield pad_batch(batch, int(length), self.pad_token_id)
-
-
-class SequenceParallelLoader:
-    """What the Trainer iterates: a fresh DeepSpeed adapter per epoch (one adapter would carry the last
-    epoch's unfinished iterator into the next: one update lost and the next epoch's order taken from the
-    wrong epoch), the set_epoch it hides, and a fast-forward for resuming mid-epoch (accelerate's
-    skip_first_batches knows only DataLoaders): the skipped micro-batches are loaded and dropped."""
-
-    def __init__(self, new_adapter, loader, skip=0):
-        self.new_adapter, self.loader, self.skip, self.set_epoch = new_adapter, loader, skip, loader.set_epoch
-
-    def __len__(self):
-        return len(self.new_adapter())
-
-    def __iter__(self):
-        adapter = iter(self.new_adapter())
-        for _ in range(self.skip):
-            next(adapter)
-        return adapter
-
-    def skip_first_batches(self, n):
-        return SequenceParallelLoader(self.new_adapter, self.loader, n)
-
-
-def sequence_parallel_loader(adapt, pad_token_id, loader, model):
-    """accelerate's Ulysses adapter (`adapt`) around the train loader, equal lengths first on gloo."""
-    if torch.distributed.get_backend() == "gloo":
-        loader = SameLengthInGroup(loader, pad_token_id)
-    return SequenceParallelLoader(functools.partial(adapt, loader, model), loader)
-
-
-def gradient_divisor(training_args, sp):
-    """What DDP/DeepSpeed divide the gradients summed over all ranks by: the data-parallel size, world / N.
-    Except DeepSpeed 0.19's ZeRO-3 reduce-scatter (on by default), which divides by the world size even under
-    sequence parallelism (stage3 __avg_scatter_grads; its all-reduce path and ZeRO-1/2 divide by world / N).
-    tests/test_sequence_parallel.py checks the gradient norms of both stages against one process."""
-    ds = training_args.deepspeed
-    if isinstance(ds, str):
-        with open(ds) as f:
-            ds = json.load(f)
-    zero = (ds or {}).get("zero_optimization", {})
-    if sp > 1 and int(zero.get("stage", 0)) == 3 and zero.get("reduce_scatter", True):
-        return training_args.world_size
-    return training_args.world_size // sp
-
-
-def data_parallel_size(training_args, world=None):
-    return (world or training_args.world_size) // training_args.sequence_parallel_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2104,7 +969,7 @@ class FinetuneTrainer(Trainer):
         if self.get_sp_size() > 1:
             self.accelerator.deepspeed_ulysses_dl_adapter = functools.partial(
                 sequence_parallel_loader, self.accelerator.deepspeed_ulysses_dl_adapter,
-                getattr(self.data_collator, "pad_token_id", 0))
+                functools.partial(pad_batch, pad_token_id=getattr(self.data_collator, "pad_token_id", 0)))
 
     def _all_reduce(self, tensor):
         if self.args.world_size > 1:
@@ -2186,16 +1051,8 @@ class FinetuneTrainer(Trainer):
         loader = kwargs.get("train_dataloader")
         if not isinstance(loader, SequenceParallelLoader):
             return super()._run_epoch(**kwargs)
-        # A resumed epoch is fast-forwarded with accelerate's skip_first_batches, which rebuilds a plain
-        # DataLoader: route it to the sequence-parallel loader's own, for this epoch only.
-        import transformers.trainer as hf_trainer
-
-        skip = hf_trainer.skip_first_batches
-        hf_trainer.skip_first_batches = lambda dl, n: dl.skip_first_batches(n) if dl is loader else skip(dl, n)
-        try:
+        with skip_first_batches_routed_to(loader):  # a resumed epoch skips through the sequence-parallel loader
             return super()._run_epoch(**kwargs)
-        finally:
-            hf_trainer.skip_first_batches = skip
 
     def training_step(self, *args, **kwargs):
         # What this returns is only logged, as the mean over all ranks: the N ranks of a sequence-parallel
@@ -2309,67 +1166,6 @@ def save_model(trainer, tokenizer, output_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data report (--dry_run); the memory estimate and the other numbers it uses are in finetune_report.py
-# ---------------------------------------------------------------------------------------------
-
-
-def data_report(train, evaluation, reports, tokenizer, model_args, data_args, training_args, lora_args,
-                packing):
-    world = data_args.dry_run_world_size or training_args.world_size
-    sp = training_args.sequence_parallel_size
-    micro = training_args.per_device_train_batch_size
-    global_batch = micro * data_parallel_size(training_args, world) * training_args.gradient_accumulation_steps
-    stats = token_stats(train)
-    lengths = np.asarray(train["length"][:])
-    grouped = training_args.train_sampling_strategy == "group_by_length"
-    report = {
-        "train": {**reports[0], "tokens": stats,
-                  "padding_share": padding_share(lengths, micro, packing, grouped, training_args.seed,
-                                                 micro * training_args.gradient_accumulation_steps)},
-        "batching": "packing" if packing else ("length-grouped padding" if grouped else "padding"),
-        "world_size": world, "sequence_parallel_size": sp, "data_parallel_size": data_parallel_size(training_args, world),
-        "global_batch_size": global_batch,
-        "steps_per_epoch": math.ceil(len(train) / global_batch),  # = Trainer's ceil(ceil(N/micro/world)/accum)
-    }
-    first = train[0]
-    report["first_sample_marked"] = marked_text(tokenizer, first["input_ids"], first["labels"])
-    if evaluation is not None:
-        report["eval"] = {**reports[1], "tokens": token_stats(evaluation)}
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    method = "q-lora" if lora_args.q_lora else "lora" if training_args.use_lora else "full"
-    # The peak is set by the largest micro-batch: micro x longest sample when padding, the micro longest
-    # samples end to end when packing.
-    longest = np.sort(lengths)[-micro:]
-    micro_tokens = int(longest.sum()) if packing else micro * int(longest[-1])
-    stage = zero_stage(training_args)
-    dtype_bytes = 2 if (training_args.bf16 or training_args.fp16 or lora_args.q_lora) else 4
-    estimate = functools.partial(estimate_memory_gb, config, world=world, micro_tokens=micro_tokens,
-                                 dtype_bytes=dtype_bytes, lora_r=lora_args.lora_r,
-                                 grad_ckpt=training_args.gradient_checkpointing, sp=sp,
-                                 loss_chunk=training_args.loss_chunk_tokens)
-    report["memory_estimate"] = {
-        "method": method, "zero_stage": stage, "world_size": world, "sequence_parallel_size": sp,
-        "per_device_micro_batch_tokens": micro_tokens // sp,
-        **estimate(method=method, stage=stage),
-        "total_gb_by_method_and_zero_stage": {  # Q-LoRA cannot run under ZeRO-3
-            m: {f"zero{z}": None if (m, z) == ("q-lora", 3) else estimate(method=m, stage=z)["total_gb"]
-                for z in (0, 2, 3)} for m in ("full", "lora", "q-lora")},
-    }
-    return report
-
-
-def log_data_summary(report):
-    t = report["train"]
-    log0(f"data: {t['samples']} samples from {t['records_valid']} valid records "
-         f"({sum(f['records'] for f in t['files'].values())} read in {len(t['files'])} files); "
-         f"truncated {t['truncated']}, dropped {t['dropped'] or 0}, invalid {t['invalid'] or 0}")
-    s = t["tokens"]
-    log0(f"tokens: {s['tokens']:,} total, {s['trained_tokens']:,} trained; length mean {s['mean']} "
-         f"p50 {s['p50']} p90 {s['p90']} p99 {s['p99']} max {s['max']}; padding share {t['padding_share']:.1%} "
-         f"with {report['batching']}")
-
-
-# ---------------------------------------------------------------------------------------------
 # train()
 # ---------------------------------------------------------------------------------------------
 
@@ -2399,6 +1195,38 @@ def write_report(report, output_dir):
         json.dump(report, f, indent=2)
 
 
+def finish_dry_run(report, training_args):
+    sample = report["first_sample_marked"]
+    log0("first sample, trained parts in [[...]]:\n" + (sample if len(sample) < 4000 else sample[:4000] + " ..."))
+    if training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        write_report(report, training_args.output_dir)
+        log0(f"dry run: report written to {training_args.output_dir}/data_report.json")
+    return report
+
+
+def log_run_plan(report, training_args, attn, n_train):
+    """The batch plan as this run will train it (after a resume on another number of processes has changed
+    the accumulation): logged, and written into the report."""
+    plan = batch_plan(training_args, n_train)
+    report.update(plan)
+    sp, dp, world = plan["sequence_parallel_size"], plan["data_parallel_size"], plan["world_size"]
+    topology = (f"{dp} data-parallel x {sp} sequence-parallel ({world} processes; each sample split across the "
+                "sequence-parallel group)" if sp > 1 else f"{world} processes")
+    log0(f"method: {report['memory_estimate']['method']}, attention: {attn}, batching: {report['batching']}, "
+         f"global batch size {plan['global_batch_size']} = {plan['per_device_batch_size']} per device x {topology} "
+         f"x {plan['gradient_accumulation_steps']} accumulation, {plan['steps_per_epoch']} steps per epoch")
+
+
+def make_collator(tokenizer, attn, packing, sp):
+    if packing:
+        return PackingCollator(flash_attention=attn == "flash_attention_2" and sp == 1, pad_to_multiple_of=sp,
+                               pad_token_id=tokenizer.pad_token_id)
+    # rows a multiple of 8 feed GPU kernels best; sequence parallelism cuts them into sp equal shards
+    multiple = math.lcm(8 if torch.cuda.is_available() else 1, sp)
+    return PaddingCollator(tokenizer.pad_token_id, multiple if multiple > 1 else None)
+
+
 def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_args(argv)
     validate_args(model_args, data_args, training_args, lora_args)
@@ -2410,44 +1238,26 @@ def train(argv=None):
     train_data, eval_data, reports = load_datasets(data_args, training_args, tokenizer)
     if data_args.show_masking:
         return show_masking(tokenizer, train_data, data_args.show_masking)
-    report = data_report(train_data, eval_data, reports, tokenizer, model_args, data_args, training_args, lora_args,
-                         packing)
+    first = train_data[0]
+    report = data_report(train_data, eval_data, reports, marked_text(tokenizer, first["input_ids"], first["labels"]),
+                         load_model_config(model_args, training_args), data_args, training_args, lora_args, packing)
     log_data_summary(report)
     if data_args.dry_run:
-        sample = report["first_sample_marked"]
-        log0("first sample, trained parts in [[...]]:\n" + (sample if len(sample) < 4000 else sample[:4000] + " ..."))
-        if training_args.process_index == 0:
-            os.makedirs(training_args.output_dir, exist_ok=True)
-            write_report(report, training_args.output_dir)
-            log0(f"dry run: report written to {training_args.output_dir}/data_report.json")
-        return report
+        return finish_dry_run(report, training_args)
 
     finish_training_args(training_args, eval_data is not None)
     checkpoint = find_resume_checkpoint(training_args)
     adapt_to_world_size(checkpoint, training_args)
-    sp, accumulation = training_args.sequence_parallel_size, training_args.gradient_accumulation_steps  # as resumed
-    dp = training_args.world_size // sp
-    topology = (f"{dp} data-parallel x {sp} sequence-parallel ({training_args.world_size} "
-                "processes; each sample split across the sequence-parallel group)" if sp > 1
-                else f"{training_args.world_size} processes")
-    log0(f"method: {report['memory_estimate']['method']}, attention: {attn}, batching: {report['batching']}, "
-         f"global batch size {training_args.per_device_train_batch_size * dp * accumulation} = "
-         f"{training_args.per_device_train_batch_size} per device x {topology} x {accumulation} accumulation, "
-         f"{report['steps_per_epoch']} steps per epoch")
+    log_run_plan(report, training_args, attn, len(train_data))
     model = load_model(model_args, training_args, lora_args, attn)
-    # rows a multiple of 8 feed GPU kernels best; sequence parallelism cuts them into sp equal shards
-    multiple = math.lcm(8 if torch.cuda.is_available() else 1, sp)
-    collator = (PackingCollator(flash_attention=attn == "flash_attention_2" and sp == 1,
-                                pad_to_multiple_of=sp, pad_token_id=tokenizer.pad_token_id) if packing
-                else PaddingCollator(tokenizer.pad_token_id, multiple if multiple > 1 else None))
     callbacks = [LossPlotCallback(), PreemptionCallback()]
     if training_args.early_stopping_patience:
         callbacks.append(transformers.EarlyStoppingCallback(training_args.early_stopping_patience))
     trainer = FinetuneTrainer(
         model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
-        data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
-        loss_balance=data_args.loss_balance, source_names=reports[0]["sources"],
-        eval_source_names=reports[1]["sources"] if eval_data is not None else None,
+        data_collator=make_collator(tokenizer, attn, packing, training_args.sequence_parallel_size),
+        processing_class=tokenizer, callbacks=callbacks, loss_balance=data_args.loss_balance,
+        source_names=reports[0]["sources"], eval_source_names=reports[1]["sources"] if eval_data is not None else None,
     )
 
     if checkpoint:

@@ -11,6 +11,7 @@ import signal
 import torch
 import transformers
 
+from finetune_distributed import convert_to_universal, load_universal_on_resume, unshare_adam_step
 from finetune_report import log0
 
 # transformers' --enable_jit_checkpoint is not enough here: it handles SIGTERM only, and each rank acts
@@ -42,13 +43,7 @@ class PreemptionCallback(transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         for name in PREEMPT_SIGNALS:
             signal.signal(getattr(signal, name), self._record)
-        # DeepSpeed 0.19's ZeRO-3 universal load gives all parameter groups ONE `step` tensor, which torch's
-        # Adam then increments in place once per group: bias correction drifts. One tensor per state again.
-        while optimizer is not None:
-            for opt_state in getattr(optimizer, "state", {}).values():
-                if isinstance(opt_state, dict) and torch.is_tensor(opt_state.get("step")):
-                    opt_state["step"] = opt_state["step"].clone()
-            optimizer = getattr(optimizer, "optimizer", None)
+        unshare_adam_step(optimizer)  # after a universal resume (a DeepSpeed workaround)
 
     def on_step_end(self, args, state, control, **kwargs):
         flag = torch.tensor([self.signal], dtype=torch.int64, device=args.device)
@@ -101,12 +96,6 @@ def checkpoint_layout(path, training_args):
 def _to_universal(checkpoint):
     """global_stepK/ -> global_stepK_universal/ (built in a temporary directory and renamed), then
     `latest_universal`, written last: a conversion cut short is simply redone."""
-    import argparse
-    import contextlib
-    import io
-
-    from deepspeed.checkpoint import ds_to_universal
-
     if os.path.isfile(os.path.join(checkpoint, "latest_universal")):
         return
     with open(os.path.join(checkpoint, "latest")) as f:
@@ -115,11 +104,7 @@ def _to_universal(checkpoint):
     shutil.rmtree(target + ".tmp", ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
     log0(f"{checkpoint} was written by another number of processes: converting it to a universal checkpoint")
-    args = argparse.Namespace(input_folder=os.path.join(checkpoint, tag), output_folder=target + ".tmp",
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)  # ZeRO-1/2 record no layout info: plain data parallel
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; errors still raise
-        ds_to_universal.main(args)
+    convert_to_universal(os.path.join(checkpoint, tag), target + ".tmp")
     os.rename(target + ".tmp", target)
     with open(os.path.join(checkpoint, "latest_universal.tmp"), "w") as f:
         f.write(os.path.basename(target))
@@ -144,18 +129,7 @@ def adapt_to_world_size(checkpoint, training_args):
         log0(f"WARNING: resuming on {training_args.world_size} processes instead of {layout['world_size']}: the "
              f"global batch {old} is not a multiple of {unit} (per device x processes), so it becomes "
              f"{unit * training_args.gradient_accumulation_steps}; the remaining steps see the data in another order.")
-    from accelerate.utils import DeepSpeedPlugin
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-
-    ds = training_args.deepspeed
-    if isinstance(ds, str):
-        with open(ds) as f:
-            ds = json.load(f)
-    training_args.deepspeed = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
-    # Rebuilt as Trainer does for hyperparameter sweeps: the "auto" batch values follow the new accumulation.
-    training_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training_args.deepspeed)
-    training_args.hf_deepspeed_config.trainer_config_process(training_args)
-    training_args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training_args.hf_deepspeed_config)
+    load_universal_on_resume(training_args)
 
 
 def record_exit_code(code):

@@ -1,8 +1,9 @@
 """What finetune.py reports and plans with: rank-0 logging, the per-device memory estimate (and the loss chunk
-size its budget allows), the padding share of a batching, token statistics, and the loss plot. Pure functions of
-their arguments; finetune.py imports them (README: "Memory estimate", "Loss plot and TensorBoard")."""
+size its budget allows), the padding share of a batching, token statistics, the data report (--dry_run,
+data_report.json) and its log lines, and the loss plot. Functions of their arguments; finetune.py imports them
+(README: "Memory estimate", "Loss plot and TensorBoard")."""
 
-import math
+import functools
 import os
 
 import numpy as np
@@ -145,3 +146,59 @@ def token_stats(dataset):
     return {"samples": int(len(lengths)), "tokens": int(lengths.sum()), "trained_tokens": int(trained.sum()),
             "mean": round(float(lengths.mean()), 1), "p50": pct(50), "p90": pct(90), "p99": pct(99),
             "max": int(lengths.max())}
+
+
+
+
+def data_report(train, evaluation, reports, first_sample_marked, config, data_args, training_args, lora_args,
+                packing):
+    """The data report (OUTPUT_DIR/data_report.json, --dry_run): per-file counts, token statistics, the batch plan,
+    padding share, the first sample with its trained parts marked, and the memory estimate."""
+    from finetune_distributed import batch_plan, zero_stage
+
+    plan = batch_plan(training_args, len(train), data_args.dry_run_world_size)
+    world, sp, micro = plan["world_size"], plan["sequence_parallel_size"], plan["per_device_batch_size"]
+    stats = token_stats(train)
+    lengths = np.asarray(train["length"][:])
+    grouped = training_args.train_sampling_strategy == "group_by_length"
+    report = {
+        "train": {**reports[0], "tokens": stats,
+                  "padding_share": padding_share(lengths, micro, packing, grouped, training_args.seed,
+                                                 micro * training_args.gradient_accumulation_steps)},
+        "batching": "packing" if packing else ("length-grouped padding" if grouped else "padding"),
+        **plan,
+    }
+    report["first_sample_marked"] = first_sample_marked
+    if evaluation is not None:
+        report["eval"] = {**reports[1], "tokens": token_stats(evaluation)}
+    method = "q-lora" if lora_args.q_lora else "lora" if training_args.use_lora else "full"
+    # The peak is set by the largest micro-batch: micro x longest sample when padding, the micro longest
+    # samples end to end when packing.
+    longest = np.sort(lengths)[-micro:]
+    micro_tokens = int(longest.sum()) if packing else micro * int(longest[-1])
+    stage = zero_stage(training_args)
+    dtype_bytes = 2 if (training_args.bf16 or training_args.fp16 or lora_args.q_lora) else 4
+    estimate = functools.partial(estimate_memory_gb, config, world=world, micro_tokens=micro_tokens,
+                                 dtype_bytes=dtype_bytes, lora_r=lora_args.lora_r,
+                                 grad_ckpt=training_args.gradient_checkpointing, sp=sp,
+                                 loss_chunk=training_args.loss_chunk_tokens)
+    report["memory_estimate"] = {
+        "method": method, "zero_stage": stage, "world_size": world, "sequence_parallel_size": sp,
+        "per_device_micro_batch_tokens": micro_tokens // sp,
+        **estimate(method=method, stage=stage),
+        "total_gb_by_method_and_zero_stage": {  # Q-LoRA cannot run under ZeRO-3
+            m: {f"zero{z}": None if (m, z) == ("q-lora", 3) else estimate(method=m, stage=z)["total_gb"]
+                for z in (0, 2, 3)} for m in ("full", "lora", "q-lora")},
+    }
+    return report
+
+
+def log_data_summary(report):
+    t = report["train"]
+    log0(f"data: {t['samples']} samples from {t['records_valid']} valid records "
+         f"({sum(f['records'] for f in t['files'].values())} read in {len(t['files'])} files); "
+         f"truncated {t['truncated']}, dropped {t['dropped'] or 0}, invalid {t['invalid'] or 0}")
+    s = t["tokens"]
+    log0(f"tokens: {s['tokens']:,} total, {s['trained_tokens']:,} trained; length mean {s['mean']} "
+         f"p50 {s['p50']} p90 {s['p90']} p99 {s['p99']} max {s['max']}; padding share {t['padding_share']:.1%} "
+         f"with {report['batching']}")

@@ -62,7 +62,7 @@ def build_tokenizer(vocab_size=2048):
     sys.path.insert(0, os.path.dirname(HERE))
     from transformers import PreTrainedTokenizerFast
 
-    from finetune import CHATML_TEMPLATE
+    from finetune_template import CHATML_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import run_finetune, write_jsonl
 import finetune as ft
+import finetune_data as fd
 
 
 def chat(i=0, **extra):
@@ -21,7 +22,7 @@ def chat(i=0, **extra):
 
 
 def read(path):
-    return [(line, str(r) if isinstance(r, ft.RecordError) else r) for line, r in ft.read_json_records(str(path))]
+    return [(line, str(r) if isinstance(r, ft.RecordError) else r) for line, r in fd.read_json_records(str(path))]
 
 
 def data_error(path):
@@ -67,7 +68,7 @@ class TestNothingLostOrDoubled:
         later.write_text(json.dumps(chat(1)) + "\n" + json.dumps([chat(2)]) + "\n")
         assert read(later)[1][0] == 2
         with pytest.raises(ft.RecordError, match="must be a JSON object, got list"):
-            ft.normalize_record(read(later)[1][1], "messages")
+            fd.normalize_record(read(later)[1][1], "messages")
         unclosed = tmp_path / "unclosed.json"
         unclosed.write_text(json.dumps([chat(1)], indent=1)[:-1])
         assert "not closed" in data_error(unclosed)
@@ -99,7 +100,7 @@ class TestNothingLostOrDoubled:
         write_jsonl(tmp_path / "d" / "task" / "UPPER.JSONL", [chat()])
         write_jsonl(tmp_path / "elsewhere" / "b.jsonl", [chat()])
         os.symlink(tmp_path / "elsewhere", tmp_path / "d" / "linked")
-        files, skipped = ft.list_data_files(str(tmp_path / "d"))
+        files, skipped = fd.list_data_files(str(tmp_path / "d"))
         assert files == [(str(tmp_path / "d" / "linked" / "b.jsonl"), "linked"),
                          (str(tmp_path / "d" / "task" / "UPPER.JSONL"), "task"),
                          (str(tmp_path / "d" / "task" / "a.jsonl"), "task")]
@@ -107,11 +108,11 @@ class TestNothingLostOrDoubled:
                            "ignored": [str(tmp_path / "d" / "notes.txt")]}
         os.symlink(tmp_path / "d", tmp_path / "d" / "task" / "back")
         with pytest.raises(ValueError, match="a folder that contains the link: a loop"):
-            ft.list_data_files(str(tmp_path / "d"))
+            fd.list_data_files(str(tmp_path / "d"))
         os.remove(tmp_path / "d" / "task" / "back")
         os.symlink(tmp_path / "nowhere", tmp_path / "d" / "dangling.jsonl")
         with pytest.raises(ValueError, match="broken symbolic link"):
-            ft.list_data_files(str(tmp_path / "d"))
+            fd.list_data_files(str(tmp_path / "d"))
         os.remove(tmp_path / "d" / "dangling.jsonl")
         a, b = tmp_path / "d" / "task" / "a.jsonl", tmp_path / "elsewhere" / "b.jsonl"
         for spec in (f"{a},{a}", f"{tmp_path / 'd'},{b}", f"{a},{tmp_path / 'd' / 'task'}:2"):
@@ -173,16 +174,16 @@ class TestRecordValidation:
     ])
     def test_invalid(self, record, expected):
         with pytest.raises(ft.RecordError) as e:
-            ft.normalize_record(record, "messages")
+            fd.normalize_record(record, "messages")
         assert str(e.value).startswith(expected), str(e.value)
 
     def test_valid_and_openai_weight(self):
         calls = {"messages": [{"role": "user", "content": "w"}, {"role": "assistant", "tool_calls": [
             {"function": {"name": "f", "arguments": '{"city": "Paris"}'}}], "id": "x", "thinking": "ok"},
             {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
-        msgs, _ = ft.normalize_record(calls, "messages")  # unrelated extra keys stay allowed
+        msgs, _ = fd.normalize_record(calls, "messages")  # unrelated extra keys stay allowed
         assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
-        msgs, _ = ft.normalize_record({"messages": chat(1)["messages"] + [
+        msgs, _ = fd.normalize_record({"messages": chat(1)["messages"] + [
             {"role": "user", "content": "q"}, {"role": "assistant", "content": "b", "weight": 0}]}, "messages")
         assert msgs[3]["loss_weight"] == 0 and not ft.is_trained(msgs[3])  # OpenAI fine-tuning's weight
 
@@ -191,7 +192,7 @@ class TestRecordValidation:
                                  {"from": "function_call", "value": '{"name": "f", "arguments": "nope"}'},
                                  {"from": "observation", "value": "x"}, {"from": "gpt", "value": "ok"}]}
         with pytest.raises(ft.RecordError, match=r"conversations\[1\].value.arguments: not valid JSON"):
-            ft.normalize_record(bad, "sharegpt")
+            fd.normalize_record(bad, "sharegpt")
 
 
 class TestUserErrorsExit2:
@@ -295,12 +296,12 @@ class TestFileKinds:
         write_jsonl(tmp_path / "run:3" / "c.jsonl", [chat()])
         write_jsonl(tmp_path / "d.jsonl", [chat()])
         spec = f"{tmp_path}/a\\,b.jsonl:2, {tmp_path}/run:3,{tmp_path}/run:3:0.5,{tmp_path}/d.jsonl"
-        assert ft.parse_data_spec(spec) == [(f"{tmp_path}/a,b.jsonl", 2.0), (f"{tmp_path}/run:3", 1.0),
+        assert fd.parse_data_spec(spec) == [(f"{tmp_path}/a,b.jsonl", 2.0), (f"{tmp_path}/run:3", 1.0),
                                             (f"{tmp_path}/run:3", 0.5), (f"{tmp_path}/d.jsonl", 1.0)]
         with pytest.raises(FileNotFoundError, match=r"a,b.jsonl' does not exist|a does not exist"):
-            ft.parse_data_spec(f"{tmp_path}/a,b.jsonl")
+            fd.parse_data_spec(f"{tmp_path}/a,b.jsonl")
         with pytest.raises(FileNotFoundError, match="x.jsonl:abc does not exist"):
-            ft.parse_data_spec(f"{tmp_path}/x.jsonl:abc")
+            fd.parse_data_spec(f"{tmp_path}/x.jsonl:abc")
         # repeating --data_path adds entries; a YAML list is joined the same way (commas escaped)
         flags = ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "out")]
         _, dargs, _, _ = ft.parse_args(flags + ["--data_path", "a", "--data-path=b", "--data_path", "c"])
@@ -308,7 +309,7 @@ class TestFileKinds:
         cfg = tmp_path / "c.yaml"
         cfg.write_text(f"data_path:\n  - {tmp_path}/a,b.jsonl\n  - {tmp_path}/d.jsonl\neval_data_path: null\n")
         _, dargs, _, _ = ft.parse_args([str(cfg), *flags])
-        assert ft.parse_data_spec(dargs.data_path) == [(f"{tmp_path}/a,b.jsonl", 1.0), (f"{tmp_path}/d.jsonl", 1.0)]
+        assert fd.parse_data_spec(dargs.data_path) == [(f"{tmp_path}/a,b.jsonl", 1.0), (f"{tmp_path}/d.jsonl", 1.0)]
         assert dargs.eval_data_path is None
 
 
@@ -318,14 +319,14 @@ class TestErrorTotals:
         bad.write_text("{nope\n" * 100 + json.dumps(chat()) + "\n")
         entries, _ = ft.resolve_data_spec(str(bad))
         with pytest.raises(ft.DataError) as e:
-            list(ft._normalized_rows(entries, "auto", False, {"files": {}, "invalid": {}, "rows": 0}))
+            list(fd.normalized_rows(entries, "auto", False, {"files": {}, "invalid": {}, "rows": 0}))
         lines = str(e.value).splitlines()
         assert len(lines) == 21 and lines[19].startswith(f"{bad}:20: json: invalid JSON")
         assert lines[20] == "(100 invalid records in all; the first 20 are shown)"
         (tmp_path / "z.jsonl.gz").write_bytes(gzip.compress(b"{}\n" * 100)[:-12])
         entries, _ = ft.resolve_data_spec(f"{bad},{tmp_path / 'z.jsonl.gz'}")
         with pytest.raises(ft.DataError) as e:
-            list(ft._normalized_rows(entries, "auto", True, {"files": {}, "invalid": {}, "rows": 0}))
+            list(fd.normalized_rows(entries, "auto", True, {"files": {}, "invalid": {}, "rows": 0}))
         assert "corrupt or truncated gzip" in str(e.value) and "at least 100 invalid records" in str(e.value)
 
     def test_every_sample_too_long_names_model_max_length(self, tiny_model, tmp_path, monkeypatch, capsys):

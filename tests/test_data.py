@@ -14,6 +14,8 @@ import pytest
 
 from conftest import SHARED, read_log_history, run_finetune, write_jsonl
 import finetune as ft
+import finetune_data as fd
+import finetune_report as fr
 
 QWEN25 = SHARED / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
 GLAIVE = SHARED / "data" / "glaive_toolcall_en_demo.json"
@@ -24,7 +26,7 @@ def chat(q="What is 2+2?", a="4", **extra):
 
 
 def records(path):
-    return [(line, r if not isinstance(r, ft.RecordError) else f"ERROR {r}") for line, r in ft.read_json_records(path)]
+    return [(line, r if not isinstance(r, ft.RecordError) else f"ERROR {r}") for line, r in fd.read_json_records(path)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,25 +94,25 @@ def test_every_format_normalizes_to_messages():
               "history": [["Hi", "Hello!"]]}
     rounds = {"chat_rounds": [{"role": "system", "content": "Be brief."}, {"role": "human", "content": "Hi"},
                               {"role": "bot", "content": "Hello!"}]}
-    assert [ft.detect_format(r) for r in (openai, sharegpt, alpaca, rounds)] == [
+    assert [fd.detect_format(r) for r in (openai, sharegpt, alpaca, rounds)] == [
         "messages", "sharegpt", "alpaca", "chat_rounds"]
 
-    msgs, tools = ft.normalize_record(openai, "messages")
+    msgs, tools = fd.normalize_record(openai, "messages")
     assert msgs[0] == {"role": "system", "content": "Be brief."}
     assert msgs[2]["content"] == "" and msgs[2]["tool_calls"] == [{**CALL, "id": "c1"}]  # arguments: a dict
     assert msgs[3] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
     assert tools == [{"type": "function", "function": TOOL_SCHEMA}]
 
-    msgs, tools = ft.normalize_record(sharegpt, "sharegpt")
+    msgs, tools = fd.normalize_record(sharegpt, "sharegpt")
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool", "assistant"]
     assert msgs[2]["tool_calls"] == [CALL]
     assert tools == [{"type": "function", "function": TOOL_SCHEMA}]
 
-    msgs, tools = ft.normalize_record(alpaca, "alpaca")
+    msgs, tools = fd.normalize_record(alpaca, "alpaca")
     assert msgs == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Translate\nBonjour"},
                     {"role": "assistant", "content": "Hello"}]
-    msgs, _ = ft.normalize_record(rounds, "chat_rounds")
+    msgs, _ = fd.normalize_record(rounds, "chat_rounds")
     assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
 
 
@@ -149,7 +151,7 @@ def test_every_format_normalizes_to_messages():
 ])
 def test_invalid_records_name_field_and_problem(record, fmt, expected):
     with pytest.raises(ft.RecordError) as e:
-        ft.normalize_record(record, fmt)
+        fd.normalize_record(record, fmt)
     assert str(e.value).startswith(expected), str(e.value)
 
 
@@ -286,16 +288,16 @@ def test_estimate_memory_gb_formula(tiny_model):
 
     config = AutoConfig.from_pretrained(tiny_model)
     config.hidden_size, config.intermediate_size, config.vocab_size = 1024, 2816, 32000
-    full = ft.estimate_memory_gb(config, "full", 0, 1, 2048, 2, 64, False)
+    full = fr.estimate_memory_gb(config, "full", 0, 1, 2048, 2, 64, False)
     gib = 1024 ** 3
     assert full["weights"] == round(full["params"] * 2 / gib, 3)
     assert full["optimizer"] == round(full["params"] * 12 / gib, 3)
-    z3 = ft.estimate_memory_gb(config, "full", 3, 8, 2048, 2, 64, False)
+    z3 = fr.estimate_memory_gb(config, "full", 3, 8, 2048, 2, 64, False)
     assert z3["weights"] == round(full["params"] * 2 / 8 / gib, 3) and z3["total_gb"] < full["total_gb"]
-    lora = ft.estimate_memory_gb(config, "lora", 0, 1, 2048, 2, 64, False)
-    qlora = ft.estimate_memory_gb(config, "q-lora", 0, 1, 2048, 2, 64, False)
+    lora = fr.estimate_memory_gb(config, "lora", 0, 1, 2048, 2, 64, False)
+    qlora = fr.estimate_memory_gb(config, "q-lora", 0, 1, 2048, 2, 64, False)
     assert lora["trainable_params"] < full["params"] and qlora["weights"] < lora["weights"] < full["total_gb"]
-    ckpt = ft.estimate_memory_gb(config, "full", 0, 1, 2048, 2, 64, True)
+    ckpt = fr.estimate_memory_gb(config, "full", 0, 1, 2048, 2, 64, True)
     assert ckpt["activations"] < full["activations"]
 
 

@@ -19,6 +19,7 @@ from conftest import ROOT, read_log_history, run_finetune
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune as ft
+import finetune_report as fr
 
 DEMO = ROOT / "examples" / "demo_data.jsonl"  # 18 conversations, 2 sources
 CHUNK = 7
@@ -231,11 +232,11 @@ def test_chunk_size_is_automatic_and_bounded(tiny_model):
     config.vocab_size = 151_936
     gib = 1024 ** 3
     for tokens in (16_384, 100_000):
-        est = ft.estimate_memory_gb(config, "full", 0, 1, tokens, 2, 64, False)
+        est = fr.estimate_memory_gb(config, "full", 0, 1, tokens, 2, 64, False)
         assert est["logits"] == round(441 * 151_936 * (2 + 8) / gib, 3)
-    assert ft.estimate_memory_gb(config, "full", 0, 1, 100, 2, 64, False)["logits"] == round(
+    assert fr.estimate_memory_gb(config, "full", 0, 1, 100, 2, 64, False)["logits"] == round(
         100 * 151_936 * 10 / gib, 3)
-    assert ft.estimate_memory_gb(config, "full", 0, 1, 16_384, 2, 64, False, loss_chunk=64)["logits"] == round(
+    assert fr.estimate_memory_gb(config, "full", 0, 1, 16_384, 2, 64, False, loss_chunk=64)["logits"] == round(
         64 * 151_936 * 10 / gib, 3)
 
 

@@ -17,7 +17,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import SHARED
-from finetune import IGNORE_INDEX, ChatRenderer, _with_template_arguments, tokenize_conversation
+from finetune import IGNORE_INDEX, tokenize_conversation
+from finetune_template import ChatRenderer, _with_template_arguments
 from test_masking import FAMILY, TEMPLATES, TOOL_CLOSING, spans, with_template
 
 REAL = ["llama-spm", "gpt-2", "deepseek-llm"]

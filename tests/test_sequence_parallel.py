@@ -138,7 +138,7 @@ def test_bad_combinations_refused_before_loading(tiny_model, long_data, tmp_path
          "Use --packing false"),
         ([*dry, 3, "--sequence_parallel_size", 3, "--deepspeed", ZERO3],  # 4 heads, 2 key/value heads
          "4 attention heads and 2 key/value heads; Ulysses gives each rank heads / N of them. Use one of [2, 4]"),
-        ([*dry, 2, "--sequence_parallel_size", 0], "must be 1 (off) or more"),
+        ([*dry, 2, "--sequence_parallel_size", 0], "must be a finite number >= 1 (1 (off) or more)"),
     ]
     for extra, message in cases:
         proc = run_finetune([*base, *extra], check=False)

@@ -1,0 +1,417 @@
+"""Distributed plumbing for finetune.py and every workaround for a library's internals, in one place.
+
+- the DeepSpeed config, read by one function (deepspeed_config; zero_stage);
+- how a run batches (batch_plan: data-parallel size, global batch, steps per epoch);
+- sequence parallelism (DeepSpeed Ulysses through accelerate): the checks, the loader wrappers, the
+  gradient divisor;
+- library notices the user cannot act on, dropped where they arise (quiet_known_notices);
+- LIBRARY_INTERNALS: every private method, attribute or behaviour of transformers, accelerate, DeepSpeed and
+  Jinja that finetune relies on, with why and the version it was checked against. tests/test_library_internals.py
+  probes each entry and fails naming it when a library changes it.
+"""
+
+import contextlib
+import functools
+import json
+import math
+import os
+
+import torch
+
+# Library notices that tell the user nothing to act on: logger name -> test of the record. Each is narrow.
+KNOWN_NOTICES = {
+    # On CPUs with AVX512-BF16, bitsandbytes tries the optional `kernels` package for a faster 4-bit
+    # CPU matmul and falls back to its own; only "not installed" is silenced, real failures still show.
+    "bitsandbytes.backends.cpu.ops": lambda r: "gemm_4bit_forward" in r.msg and "'kernels'" in str(r.args),
+    # No GPU: DeepSpeed says it runs on CPU, which is the plan (finetune.sh chose gloo for it).
+    "DeepSpeed": lambda r: "Setting accelerator to CPU" in r.getMessage() and not torch.cuda.is_available(),
+    # torchrun with ONE process: accelerate starts a process group of size 1, which transformers takes
+    # for a mis-launched DDP run. With 2+ processes it never fires; with 1 there is nothing to fix.
+    "transformers.training_args": lambda r: "parallel_mode != ParallelMode.DISTRIBUTED" in r.msg
+    and os.environ.get("WORLD_SIZE", "1") == "1",
+    # DeepSpeed + accumulation: Trainer accumulates itself and gives accelerate 1 on purpose, and
+    # DeepSpeed gets the real value from the config; the "mismatch" is by design.
+    "accelerate.accelerator": lambda r: "Gradient accumulation steps mismatch" in r.getMessage(),
+    # Checkpoints written within a second of each other (short runs): step order is used, as wanted.
+    "transformers.trainer_utils": lambda r: "mtime may not be reliable" in r.msg,
+}
+
+
+def quiet_known_notices():
+    """Drop KNOWN_NOTICES where they arise (loggers are filtered before the libraries are imported:
+    bitsandbytes speaks on import)."""
+    import logging
+
+    for name, is_notice in KNOWN_NOTICES.items():
+        logging.getLogger(name).addFilter(lambda record, is_notice=is_notice: not is_notice(record))
+
+
+def deepspeed_config(training_args):
+    """--deepspeed as a dict ({} without DeepSpeed): the file it names, read here and nowhere else, or the dict
+    it already is (a config given in code, or rebuilt for a universal resume)."""
+    ds = training_args.deepspeed
+    if not ds:
+        return {}
+    if isinstance(ds, dict):
+        return ds
+    if not os.path.isfile(ds):
+        raise FileNotFoundError(f"--deepspeed {ds} does not exist.")
+    try:
+        with open(ds) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"--deepspeed {ds} is not valid JSON: {e}") from None
+
+
+def zero_stage(training_args):
+    return int(deepspeed_config(training_args).get("zero_optimization", {}).get("stage", 0))
+
+
+def start_cpu_deepspeed_state(training_args):
+    """DeepSpeed without GPUs (CPU runs and tests under torchrun): accelerate picks no process-group backend
+    then and every rank would believe it is alone (world_size 1). Start its shared state with the
+    --ddp_backend (gloo) first; TrainingArguments and Trainer then reuse it. Called from
+    TrainingArguments._setup_devices."""
+    if training_args.deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        try:
+            PartialState(backend=training_args.ddp_backend or "gloo", timeout=training_args.ddp_timeout_delta)
+        finally:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        training_args.accelerator_config.use_configured_state = True
+
+
+
+# Sequence parallelism: DeepSpeed Ulysses through the HF Trainer (--sequence_parallel_size N)
+# accelerate's ParallelismConfig(sp_backend="deepspeed") makes N consecutive ranks one group: DeepSpeed's
+# data loader adapter gathers the group's batches, turns labels into shift_labels (before cutting, so the
+# target across a shard boundary is kept) and gives each rank 1/N of every row (all per-token columns);
+# the attention all-to-all gives each rank all positions for 1/N of the heads. ZeRO still partitions over
+# all ranks; gradients are summed over all ranks and divided by the data-parallel size (world / N).
+SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def setup_sequence_parallel(training_args, world, attn, packing, text_config):
+    """Refuse what Ulysses cannot run (exactly) before anything is loaded; else set the Trainer's
+    parallelism_config. world: the number of processes; text_config(): the model's (text) config."""
+    n = training_args.sequence_parallel_size
+    if n == 1:
+        return
+    if world % n:
+        raise ValueError(f"--sequence_parallel_size {n} must divide the number of processes ({world}): launch a "
+                         f"multiple of {n} processes (torchrun --nproc_per_node / finetune.sh GPUS_PER_NODE, "
+                         "NNODES) or lower it.")
+    if not training_args.deepspeed:
+        raise ValueError("--sequence_parallel_size needs DeepSpeed: add --deepspeed ds_config_zero2.json "
+                         "(or ds_config_zero3.json).")
+    if attn not in SP_ATTENTION:
+        raise ValueError(f"--sequence_parallel_size needs --attn_implementation {' or '.join(SP_ATTENTION)} "
+                         f"(got {attn}): Ulysses drops the attention mask and relies on causal kernels.")
+    if packing and not attn.startswith("flash_attention"):
+        raise ValueError(f"--packing true with --sequence_parallel_size needs flash-attention: with {attn}, "
+                         "Ulysses attends causally over the whole packed row, across sample boundaries. "
+                         "Use --packing false (padding is exact) or --attn_implementation flash_attention_2.")
+    config = text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % n or (kv_heads % n and n % kv_heads):
+        usable = [d for d in range(2, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
+        raise ValueError(f"--sequence_parallel_size {n}: this model has {heads} attention heads and {kv_heads} "
+                         f"key/value heads; Ulysses gives each rank heads / N of them. Use one of {usable}.")
+    from accelerate import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    training_args.parallelism_config = ParallelismConfig(
+        sp_backend="deepspeed", sp_size=n,
+        sp_handler=DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=attn))
+
+
+class SameLengthInGroup:
+    """A train loader whose batches are padded to the longest of the sequence-parallel group's current
+    batches. DeepSpeed's adapter all-gathers the group's batches, which gloo (CPU) accepts only when all
+    have the same shape; NCCL takes different lengths, so GPUs skip this."""
+
+    def __init__(self, loader, pad):
+        self.loader, self.pad = loader, pad  # pad(batch, length): the collator's padding
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):  # set_epoch, dataset, ...
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        from deepspeed.utils import groups
+
+        for batch in self.loader:
+            length = torch.tensor([batch["input_ids"].shape[1]])
+            torch.distributed.all_reduce(length, torch.distributed.ReduceOp.MAX,
+                                         group=groups._get_sequence_parallel_group())
+            yield self.pad(batch, int(length))
+
+
+class SequenceParallelLoader:
+    """What the Trainer iterates: a fresh DeepSpeed adapter per epoch (one adapter would carry the last
+    epoch's unfinished iterator into the next: one update lost and the next epoch's order taken from the
+    wrong epoch), the set_epoch it hides, and a fast-forward for resuming mid-epoch (accelerate's
+    skip_first_batches knows only DataLoaders): the skipped micro-batches are loaded and dropped."""
+
+    def __init__(self, new_adapter, loader, skip=0):
+        self.new_adapter, self.loader, self.skip, self.set_epoch = new_adapter, loader, skip, loader.set_epoch
+
+    def __len__(self):
+        return len(self.new_adapter())
+
+    def __iter__(self):
+        adapter = iter(self.new_adapter())
+        for _ in range(self.skip):
+            next(adapter)
+        return adapter
+
+    def skip_first_batches(self, n):
+        return SequenceParallelLoader(self.new_adapter, self.loader, n)
+
+
+def sequence_parallel_loader(adapt, pad, loader, model):
+    """accelerate's Ulysses adapter (`adapt`) around the train loader, equal lengths first on gloo."""
+    if torch.distributed.get_backend() == "gloo":
+        loader = SameLengthInGroup(loader, pad)
+    return SequenceParallelLoader(functools.partial(adapt, loader, model), loader)
+
+
+def gradient_divisor(training_args, sp):
+    """What DDP/DeepSpeed divide the gradients summed over all ranks by: the data-parallel size, world / N.
+    Except DeepSpeed 0.19's ZeRO-3 reduce-scatter (on by default), which divides by the world size even under
+    sequence parallelism (stage3 __avg_scatter_grads; its all-reduce path and ZeRO-1/2 divide by world / N).
+    tests/test_sequence_parallel.py checks the gradient norms of both stages against one process."""
+    zero = deepspeed_config(training_args).get("zero_optimization", {})
+    if sp > 1 and int(zero.get("stage", 0)) == 3 and zero.get("reduce_scatter", True):
+        return training_args.world_size
+    return training_args.world_size // sp
+
+
+def batch_plan(training_args, n_samples, world=None):
+    """The one place that says how a run batches: processes, data-parallel size (processes / sequence-parallel
+    size), micro-batch, accumulation, global batch and optimizer steps per epoch (= the Trainer's
+    ceil(ceil(N / micro / dp) / accumulation) up to the last partial step). Called again after a resume on another
+    number of processes has changed the accumulation."""
+    world = world or training_args.world_size
+    sp, micro = training_args.sequence_parallel_size, training_args.per_device_train_batch_size
+    accumulation = training_args.gradient_accumulation_steps
+    dp = world // sp
+    global_batch = micro * dp * accumulation
+    return {"world_size": world, "sequence_parallel_size": sp, "data_parallel_size": dp,
+            "per_device_batch_size": micro, "gradient_accumulation_steps": accumulation,
+            "global_batch_size": global_batch, "steps_per_epoch": math.ceil(n_samples / global_batch)}
+
+
+@contextlib.contextmanager
+def skip_first_batches_routed_to(loader):
+    """The Trainer fast-forwards a resumed epoch with transformers.trainer.skip_first_batches (accelerate's),
+    which rebuilds a plain DataLoader; for the duration of one epoch, route it to `loader`'s own
+    skip_first_batches (the sequence-parallel loader knows how to skip its micro-batches)."""
+    import transformers.trainer as hf_trainer
+
+    skip = hf_trainer.skip_first_batches
+    hf_trainer.skip_first_batches = lambda dl, n: dl.skip_first_batches(n) if dl is loader else skip(dl, n)
+    try:
+        yield
+    finally:
+        hf_trainer.skip_first_batches = skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume on another number of processes: DeepSpeed universal checkpoints (used by finetune_preemption.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def convert_to_universal(input_folder, output_folder):
+    """DeepSpeed's ds_to_universal, called as its command line would (it has no function API): a namespace of
+    its argparse options."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # ZeRO-1/2 record no layout info: plain data parallel
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; errors still raise
+        ds_to_universal.main(args)
+
+
+def load_universal_on_resume(training_args):
+    """Switch the DeepSpeed config to loading the universal checkpoint, rebuilt as the Trainer does for
+    hyperparameter sweeps so that its "auto" batch values follow the (rescaled) accumulation."""
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    ds = deepspeed_config(training_args)
+    training_args.deepspeed = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+    training_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training_args.deepspeed)
+    training_args.hf_deepspeed_config.trainer_config_process(training_args)
+    training_args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training_args.hf_deepspeed_config)
+
+
+def unshare_adam_step(optimizer):
+    """DeepSpeed 0.19's ZeRO-3 universal load gives all parameter groups ONE `step` tensor, which torch's Adam
+    then increments in place once per group: bias correction drifts. One tensor per state again."""
+    while optimizer is not None:
+        for opt_state in getattr(optimizer, "state", {}).values():
+            if isinstance(opt_state, dict) and torch.is_tensor(opt_state.get("step")):
+                opt_state["step"] = opt_state["step"].clone()
+        optimizer = getattr(optimizer, "optimizer", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The library internals finetune relies on
+# ---------------------------------------------------------------------------------------------
+# Requirements are ranges, so an upgrade can change any of these. Each entry: what is used, where, why, the
+# version it was checked against, and a probe (tests/test_library_internals.py) that is true while the shape
+# it relies on is still there. Behaviour (not only shape) is covered by the tests named in `tested_by`.
+
+
+def _has(obj_path, *names):
+    import importlib
+
+    module, _, attr = obj_path.partition(":")
+    obj = importlib.import_module(module)
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return all(hasattr(obj, n) for n in names)
+
+
+def _params(obj_path):
+    import inspect
+
+    module, _, attr = obj_path.partition(":")
+    obj = __import__(module, fromlist=["_"])
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return list(inspect.signature(obj).parameters)
+
+
+def _source_has(obj_path, text):
+    import inspect
+
+    module, _, attr = obj_path.partition(":")
+    obj = __import__(module, fromlist=["_"])
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return text in inspect.getsource(obj)
+
+
+LIBRARY_INTERNALS = [
+    dict(what="transformers TrainingArguments._setup_devices (cached_property, overridden)",
+         where="finetune.TrainingArguments -> start_cpu_deepspeed_state",
+         why="DeepSpeed on CPU under torchrun: start accelerate's state with gloo before transformers does",
+         checked="transformers 5.24.0, accelerate 1.15.0", tested_by="test_distributed.py",
+         probe=lambda: isinstance(vars(__import__("transformers").TrainingArguments).get("_setup_devices"),
+                                  functools.cached_property)
+         and "use_configured_state" in _dataclass_fields("transformers.trainer_pt_utils:AcceleratorConfig")),
+    dict(what="transformers Trainer._get_train_sampler and LengthGroupedSampler.lengths",
+         where="finetune.FinetuneTrainer._get_train_sampler",
+         why="group_by_length reads the precomputed `length` column once instead of row by row",
+         checked="transformers 5.24.0", tested_by="test_throughput.py",
+         probe=lambda: _params("transformers:Trainer._get_train_sampler") == ["self", "train_dataset"]
+         and _source_has("transformers.trainer_pt_utils:LengthGroupedSampler.__init__", "self.lengths")),
+    dict(what="transformers Trainer._run_epoch(train_dataloader=...) calling transformers.trainer.skip_first_batches",
+         where="finetune.FinetuneTrainer._run_epoch -> skip_first_batches_routed_to",
+         why="a resumed sequence-parallel epoch is fast-forwarded by our loader, not by a rebuilt DataLoader",
+         checked="transformers 5.24.0", tested_by="test_sequence_parallel.py (mid-epoch resume)",
+         probe=lambda: "train_dataloader" in _params("transformers:Trainer._run_epoch")
+         and _has("transformers.trainer", "skip_first_batches")
+         and _source_has("transformers:Trainer._run_epoch", "skip_first_batches(")),
+    dict(what="transformers Trainer.get_batch_samples(epoch_iterator, num_batches, device)",
+         where="finetune.FinetuneTrainer.get_batch_samples",
+         why="the loss weights of a whole optimizer step are computed from all of its micro-batches",
+         checked="transformers 5.24.0", tested_by="test_loss_memory.py, test_after_training.py",
+         probe=lambda: _params("transformers:Trainer.get_batch_samples")
+         == ["self", "epoch_iterator", "num_batches", "device"]),
+    dict(what="transformers Trainer.loss_is_scaled_for_ga (attribute read by training_step)",
+         where="finetune.FinetuneTrainer.__init__",
+         why="compute_loss already divides by the step-wide weight: the Trainer must not divide by accumulation",
+         checked="transformers 5.24.0", tested_by="test_after_training.py",
+         probe=lambda: _source_has("transformers:Trainer.training_step", "loss_is_scaled_for_ga")),
+    dict(what="transformers Trainer.evaluation_loop: metric_key_prefix is positional argument 4",
+         where="finetune.FinetuneTrainer.evaluation_loop",
+         why="the eval loss is replaced by the exact token mean under the same prefix",
+         checked="transformers 5.24.0", tested_by="test_after_training.py",
+         probe=lambda: _params("transformers:Trainer.evaluation_loop")[5:6] == ["metric_key_prefix"]),
+    dict(what="transformers chat_template_utils._compile_jinja_template, _alias_reasoning_fields, "
+              "_plain_template_data; Jinja Template.globals/.root_render_func/.blocks, Environment.context_class/"
+              ".concat/.handle_exception",
+         where="finetune_template.ChatRenderer",
+         why="render a conversation's prefixes without apply_chat_template's per-call copies (falls back to the "
+             "public API when these are missing or render differently)",
+         checked="transformers 5.24.0, jinja2 3.1", tested_by="test_masking_real.py",
+         probe=lambda: _has("transformers.utils.chat_template_utils", "_compile_jinja_template",
+                            "_alias_reasoning_fields", "_plain_template_data")
+         and _jinja_template_has("context_class", "concat", "handle_exception", "root_render_func", "blocks",
+                                 "globals")),
+    dict(what="accelerate Accelerator.deepspeed_ulysses_dl_adapter",
+         where="finetune.FinetuneTrainer.__init__ -> sequence_parallel_loader",
+         why="wrap DeepSpeed's sequence-parallel loader adapter (equal lengths on gloo, a fresh adapter per epoch)",
+         checked="accelerate 1.15.0", tested_by="test_sequence_parallel.py",
+         probe=lambda: _source_has("accelerate:Accelerator", "deepspeed_ulysses_dl_adapter")),
+    dict(what="DeepSpeed deepspeed.utils.groups._get_sequence_parallel_group",
+         where="finetune_distributed.SameLengthInGroup",
+         why="all-reduce the batch length within the sequence-parallel group (gloo needs equal shapes)",
+         checked="deepspeed 0.19.8", tested_by="test_sequence_parallel.py",
+         probe=lambda: _has("deepspeed.utils.groups", "_get_sequence_parallel_group")),
+    dict(what="DeepSpeed ZeRO-3 reduce-scatter divides gradients by the world size (stage3 __avg_scatter_grads)",
+         where="finetune_distributed.gradient_divisor",
+         why="under sequence parallelism the loss is scaled so that the gradient is the data-parallel mean",
+         checked="deepspeed 0.19.8", tested_by="test_sequence_parallel.py (gradient norms vs 1 process)",
+         probe=lambda: _has("deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3",
+                            "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads")),
+    dict(what="DeepSpeed deepspeed.checkpoint.ds_to_universal.main(args) with its argparse options",
+         where="finetune_distributed.convert_to_universal",
+         why="convert a checkpoint for a resume on another number of processes (no function API)",
+         checked="deepspeed 0.19.8", tested_by="test_preemption.py, test_distributed.py",
+         probe=lambda: _params("deepspeed.checkpoint.ds_to_universal:main") == ["args"]
+         and all(_source_has("deepspeed.checkpoint.ds_to_universal:", f"args.{o}") for o in
+                 ("input_folder", "output_folder", "num_extract_workers", "num_merge_workers", "strict",
+                  "keep_temp_folder", "inject_missing_state"))),
+    dict(what="transformers HfTrainerDeepSpeedConfig.trainer_config_process; TrainingArguments.hf_deepspeed_config "
+              "and .deepspeed_plugin reassigned",
+         where="finetune_distributed.load_universal_on_resume",
+         why="the DeepSpeed config rebuilt with load_universal and the rescaled accumulation",
+         checked="transformers 5.24.0, accelerate 1.15.0", tested_by="test_preemption.py",
+         probe=lambda: _has("transformers.integrations.deepspeed:HfTrainerDeepSpeedConfig", "trainer_config_process")),
+    dict(what="DeepSpeed 0.19 ZeRO-3 universal load shares one Adam `step` tensor between parameter groups",
+         where="finetune_distributed.unshare_adam_step (from PreemptionCallback.on_train_begin)",
+         why="torch's Adam increments it once per group in place: bias correction would drift",
+         checked="deepspeed 0.19.8, torch 2.13.0", tested_by="test_preemption.py (bit-exact resume 2 -> 1)",
+         probe=lambda: _source_has("torch.optim.adam:_single_tensor_adam", "step_t += 1")
+         or _source_has("torch.optim.adam:_single_tensor_adam", "step_t.add_(1)")),
+    dict(what="library log messages matched by text (bitsandbytes, DeepSpeed, transformers, accelerate)",
+         where="finetune_distributed.quiet_known_notices",
+         why="notices the user cannot act on are dropped narrowly; a changed text only shows the notice again",
+         checked="transformers 5.24.0, accelerate 1.15.0, deepspeed 0.19.8, bitsandbytes 0.49",
+         tested_by="test_console.py (fails on any warning line)",
+         probe=lambda: all(_module_exists(name) for name in KNOWN_NOTICES if name != "DeepSpeed")),
+]
+
+
+def _module_exists(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _jinja_template_has(*names):
+    import jinja2
+
+    template = jinja2.Environment().from_string("x")
+    return all(hasattr(template, n) or hasattr(template.environment, n) for n in names)
+
+
+def _dataclass_fields(obj_path):
+    import dataclasses
+
+    module, _, attr = obj_path.partition(":")
+    return [f.name for f in dataclasses.fields(getattr(__import__(module, fromlist=["_"]), attr))]

@@ -1,0 +1,338 @@
+"""Chat-template rendering for finetune.py and chat.py: which characters of a rendered conversation the model is
+trained on, found by one rule from how the template renders (no template is known in advance); the template's
+end-of-turn tokens; the built-in ChatML template for tokenizers that have none.
+
+Interface: render_conversation(tokenizer, messages, tools) -> (text, [trained character region per assistant
+turn]); end_of_turn_tokens(tokenizer); ChatRenderer (the fast renderer it uses); CHATML_TEMPLATE.
+finetune.py turns the regions into token labels (tokenize_conversation); chat.py uses the end tokens to stop.
+"""
+
+import functools
+import json
+import re
+
+from finetune_data import RecordError
+
+# Used when a tokenizer has no chat template: Qwen's ChatML, tool-aware enough for plain chats.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+# The whole conversation is rendered by the model's own template and tokenized once, so input_ids are
+# exactly what `apply_chat_template` gives (the prefixes the rule compares are rendered, never tokenized).
+# What to train is found by one rule, from how the template renders (nothing is searched for in the text,
+# so no template needs to be known in advance):
+#
+#   the trained part of assistant turn i is what render(messages[:i+1]) adds to the generation prompt
+#   render(messages[:i], add_generation_prompt=True): the model's answer, its tool calls and everything
+#   the template writes to close the turn (all of its end tokens).
+#
+# The prompt is matched whitespace aside (hand-written templates indent it differently from the turn). If
+# it is not a prefix of the turn (the template renders the turn with other text, e.g. DeepSeek-LLM's
+# prompt 'Assistant:' and the turn 'Assistant: answer'), the turn starts where the two
+# first differ. A template that supplies an empty reasoning block when thinking is off (Qwen3) has that
+# block as part of a prompt: it is not trained when the template inserts it on its own. Text a template
+# appends after every conversation (Command-R's next-turn opener) is not part of the turn.
+# Templates that render a turn differently once later messages follow (Qwen3 strips earlier reasoning,
+# Mistral moves the system prompt into the last user turn) are mapped through the turn's content: the
+# characters of the full text that change when only this turn's content changes are where it is.
+# Tokens are trained if they overlap the trained characters, so a token that carries the separator space
+# and the first word ('▁two', 'Ġtwo') is trained.
+
+SENTINEL = "\ue000\ue001"  # private-use characters: never in real text, never stripped by a template
+# Passed to the generation prompt to ask for the template's thinking-off prompt (Qwen3, SmolLM3, GLM: enable_thinking;
+# DeepSeek-V3.1, Granite: thinking); templates that do not know them ignore them.
+THINKING_OFF = {"enable_thinking": False, "thinking": False}
+_TEMPLATE_FACTS = {}
+
+
+class ChatRenderer:
+    """render(messages, add_generation_prompt=False, **template_kwargs) -> text, exactly as
+    tokenizer.apply_chat_template(messages, tools=tools, tokenize=False) renders it (the same compiled template,
+    None-valued keys dropped, reasoning fields aliased, tools as plain data, the special tokens as variables).
+    It is called several times per conversation, so what apply_chat_template redoes on every call is done once:
+    each message is prepared once (our messages are JSON data already: no defensive deep copy), and the Jinja
+    context is built from a plain dict of the template's globals."""
+
+    def __init__(self, tokenizer, tools=None):
+        self.tokenizer, self.tools = tokenizer, tools
+        self.prepared = {}  # id(message) -> (message, prepared); the message is kept so its id stays unique
+        try:
+            from transformers.utils import chat_template_utils as ctu
+
+            self.template = ctu._compile_jinja_template(tokenizer.get_chat_template(None, tools))
+            self.alias, self.plain = ctu._alias_reasoning_fields, ctu._plain_template_data
+        except (ImportError, AttributeError):  # another transformers: its public API, one call per render
+            self.template = None
+            return
+        self.globals = dict(self.template.globals)
+        self.variables = {**self.globals, **self.plain(dict(tokenizer.special_tokens_map)), "tools": self.plain(tools),
+                          "documents": None}
+
+    def _prepare(self, message):
+        hit = self.prepared.get(id(message))
+        if hit is None or hit[0] is not message:
+            hit = self.prepared[id(message)] = (message, self.alias([{k: v for k, v in message.items()
+                                                                       if v is not None}])[0])
+        return hit[1]
+
+    def __call__(self, messages, add_generation_prompt=False, **template_kwargs):
+        if self.template is None:
+            return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **template_kwargs)
+        env = self.template.environment
+        context = env.context_class(env, {**self.variables, **self.plain(template_kwargs),
+                                          "messages": [self._prepare(m) for m in messages],
+                                          "add_generation_prompt": add_generation_prompt},
+                                    self.template.name, self.template.blocks, globals=self.globals)
+        try:
+            return env.concat(self.template.root_render_func(context))
+        except Exception:
+            env.handle_exception()
+
+
+def _common_prefix(a, b):
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # binary search on slice equality: C-speed comparisons
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a, b):
+    return _common_prefix(a[::-1], b[::-1])
+
+
+def _special_tokens(tokenizer):
+    specials = set(tokenizer.all_special_tokens)
+    specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def _snap_out_of_specials(text, k, specials):
+    """k moved back to the start of a special token that text[k-1:k+1] would cut in two ('<|' is shared by
+    '<|im_end|>' and '<|im_start|>' but is no boundary)."""
+    for s in specials:
+        p = text.find(s, max(0, k - len(s) + 1))
+        if 0 <= p < k < p + len(s):
+            k = p
+    return k
+
+
+def _template_facts(tokenizer, render):
+    """(specials, has a thinking-off prompt, renders like apply_chat_template) for this tokenizer and template,
+    from one probe chat; cached."""
+    key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map))
+    if key not in _TEMPLATE_FACTS:
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
+        try:
+            same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False)
+            thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
+        except Exception:
+            same, thinking_off = True, False  # the template refuses the probe; real conversations will say why
+        _TEMPLATE_FACTS[key] = (tuple(_special_tokens(tokenizer)), thinking_off, same)
+    return _TEMPLATE_FACTS[key]
+
+
+def _prompt_end(render, messages, i, prompt, turn, specials):
+    """Where the generation prompt of turn i ends in `turn` (= render(messages[:i+1])) when the prompt is not a
+    prefix of it: the template renders the turn's opener differently (DeepSeek-R1's prompt ends in '<think>\\n'),
+    or the history (a system prompt moved into the last user turn, a tool result closed differently when it is
+    last). Both are aligned after the previous message's content, and, if what stands right before the turn's
+    content is the prompt's own ending, the prompt ends there."""
+    start = _snap_out_of_specials(turn, _common_prefix(prompt, turn), specials)
+    if i > 0:
+        before = {**messages[i - 1], "content": SENTINEL}
+        probe = messages[:i - 1] + [before]
+        in_prompt = _diff(prompt, render(probe, True))
+        in_turn = _diff(turn, render(probe + [messages[i]]))
+        if in_prompt and in_turn:
+            k = in_turn[1] + _common_prefix(prompt[in_prompt[1]:], turn[in_turn[1]:])
+            start = max(start, _snap_out_of_specials(turn, k, specials))
+    c = (_where_content(render, turn, messages[:i + 1], i) or (None,))[0]
+    if c is not None and c > start and turn[c - _common_suffix(prompt, turn[:c]):c].strip():
+        start = c
+    return start
+
+
+def _after_prompt(prompt, turn):
+    """Where `prompt` ends in `turn` if the turn starts with it, whitespace aside (hand-written templates often
+    indent the generation prompt, or end it with another newline, than the turn they render), else None."""
+    if turn.startswith(prompt):
+        return len(prompt)
+    i = j = _common_prefix(prompt, turn)
+    while i < len(prompt):
+        if prompt[i].isspace():
+            i += 1
+            continue
+        while j < len(turn) and turn[j].isspace():
+            j += 1
+        if j == len(turn) or turn[j] != prompt[i]:
+            return None
+        i, j = i + 1, j + 1
+    if prompt[-1:].isspace():  # the prompt ends with whitespace: so does what it supplies of the turn
+        while j < len(turn) and turn[j].isspace():
+            j += 1
+    return j
+
+
+def _generated_part(prompts, turn, specials, eos, prompt_end, history):
+    """(start, end) in `turn` (= render(messages[:i+1])) of what the model generates for its last turn, given
+    the generation prompts the template gives for messages[:i] (default first, then thinking-off).
+    prompt_end(): _prompt_end for the default prompt; history(): render(messages[:i]) (both lazy)."""
+    full = [k for k in (_after_prompt(p, turn) for p in prompts) if k is not None]
+    start = max(full) if full else prompt_end()
+    end = len(turn)
+    # Text the template writes after the last message of any conversation (an unconditional next-turn opener,
+    # Command-R) ends the generation prompt and history() too: it is not part of the turn. It starts at a
+    # special token, and after the EOS token if the shared text has one (nothing after EOS is generated).
+    shared = _common_suffix(prompts[0], turn[start:]) if prompts[0][-1:] == turn[-1:] else 0
+    if shared and turn[end - shared:].strip():
+        tail = turn[end - shared:]
+        cut = tail.rfind(eos) + len(eos) if eos and eos in tail else \
+            min((p for p in (tail.find(s) for s in specials) if p >= 0), default=None)
+        if cut is not None and cut < len(tail) and history().endswith(tail[cut:]):
+            end -= len(tail) - cut
+    return start, max(start, end)
+
+
+@functools.lru_cache(maxsize=64)
+def _ends_with_special(specials):
+    """A test of whether a text ends with one of `specials` (a tuple), reading only the text's last characters."""
+    pattern = re.compile("(?:" + "|".join(map(re.escape, specials)) + r")\Z") if specials else re.compile(r"(?!)")
+    longest = max(map(len, specials), default=0)
+    return lambda text: pattern.search(text, max(0, len(text) - longest)) is not None
+
+
+def _trim_after_end_token(text, start, end, specials):
+    """Whitespace after a turn's final special token is never generated: not trained."""
+    body = text[start:end].rstrip()
+    if len(body) == end - start or not body:
+        return start, end
+    return (start, start + len(body)) if _ends_with_special(specials)(body) else (start, end)
+
+
+def _diff(text, other):
+    """(start, end) of the characters of `text` that differ from `other`, or None if they are equal."""
+    if text == other:
+        return None
+    a = _common_prefix(text, other)
+    return a, len(text) - _common_prefix(text[a:][::-1], other[a:][::-1])
+
+
+def _content_probes(message):
+    """Copies of an assistant message with its content, and separately its tool call names, replaced by a
+    sentinel: some templates render only one of the two."""
+    probes = [{**message, "content": SENTINEL}]
+    if message.get("tool_calls"):
+        probes.append({**message, "tool_calls": [{**c, "function": {**c["function"], "name": SENTINEL}}
+                                                 for c in message["tool_calls"]]})
+    return probes
+
+
+def _where_content(render, text, messages, i):
+    """(start, end) of the characters of `text` (render of messages) that turn i's content and tool calls
+    decide, or None if the template does not render them."""
+    diffs = []
+    for k, probe in enumerate(_content_probes(messages[i])):
+        try:
+            d = _diff(text, render(messages[:i] + [probe] + messages[i + 1:]))
+        except Exception:
+            if k == 0:
+                raise
+            continue
+        if d:
+            diffs.append(d)
+    return (min(d[0] for d in diffs), max(d[1] for d in diffs)) if diffs else None
+
+
+def _map_turn(render, text, messages, i, turn, start, end, specials):
+    """Turn i's trained region in `text`, when the template renders it there differently from `turn` (its
+    render as the last message): the turn's content is located in both, and what surrounds it in `turn`
+    (reasoning, tool calls, end tokens) is kept where `text` has it too."""
+    in_text = _where_content(render, text, messages, i)
+    in_turn = _where_content(render, turn, messages[:i + 1], i)
+    if in_text is None or in_turn is None:
+        return 0, 0  # the template does not render this turn here: nothing to train
+    before, after = turn[start:in_turn[0]], turn[in_turn[1]:end]
+    lead = _common_suffix(before, text[:in_text[0]])
+    if not before[len(before) - lead:].strip():
+        lead = 0  # only whitespace in common: the opener's own newline, not something the model writes
+    trail = _snap_out_of_specials(text, in_text[1] + _common_prefix(after, text[in_text[1]:]), specials)
+    rest = text[trail:]
+    if trail == in_text[1] and any(after.lstrip().startswith(s) for s in specials):
+        # nothing of the closing matches: the template closes the turn with another end token once more
+        # messages follow (gpt-oss: <|end|> where the last turn has <|return|>); that token is the closing
+        closing = next((s for s in specials if rest.lstrip().startswith(s)), None)
+        trail += len(rest) - len(rest.lstrip()) + len(closing) if closing else 0
+    return in_text[0] - lead, max(trail, in_text[1])
+
+
+def _arguments_as_strings(messages):
+    """Tool-call arguments as JSON strings, for templates that print them as they are (functionary)."""
+    return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
+        c["function"]["arguments"], ensure_ascii=False)}} if not isinstance(c["function"].get("arguments"), str)
+        else c for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+
+
+def _with_template_arguments(render, messages):
+    """Messages as this template renders them right, and their render. Arguments are given as a dict (what
+    HF documents and most templates pass to tojson); a template that cannot render a dict (raises, or prints
+    its Python repr) gets them as a JSON string instead."""
+    calls = [c["function"].get("arguments") for m in messages for c in m.get("tool_calls") or []]
+    dicts = [a for a in calls if isinstance(a, dict) and a]
+    try:
+        text = render(messages)
+        if not any(repr(a) in text for a in dicts):
+            return messages, text
+    except Exception:
+        if not dicts:
+            raise
+    messages = _arguments_as_strings(messages)
+    return messages, render(messages)
+
+
+def render_conversation(tokenizer, messages, tools=None):
+    """-> (text, [(start, end) character region to train, for each assistant turn]). Raises RecordError if
+    the template refuses the conversation."""
+    try:
+        render = ChatRenderer(tokenizer, tools)
+        specials, thinking_off, same = _template_facts(tokenizer, render)
+        if not same:  # this transformers renders differently from what ChatRenderer mirrors: use its own API
+            render.template = None
+        messages, text = _with_template_arguments(render, messages)
+        regions = []
+        for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+            prompts = [render(messages[:i], True)] + ([render(messages[:i], True, **THINKING_OFF)] if thinking_off else [])
+            turn = render(messages[:i + 1]) if i + 1 < len(messages) else text
+            start, end = _generated_part(prompts, turn, specials, tokenizer.eos_token,
+                                         lambda: _prompt_end(render, messages, i, prompts[0], turn, specials),
+                                         lambda: render(messages[:i]))
+            if not text.startswith(turn[:end]):
+                start, end = _map_turn(render, text, messages, i, turn, start, end, specials)
+            regions.append(_trim_after_end_token(text, start, end, specials))
+    except Exception as e:  # jinja raise_exception, undefined fields, type errors inside the template
+        raise RecordError("messages", f"the chat template refuses this conversation: {e}") from None
+    return text, regions
+
+
+def end_of_turn_tokens(tokenizer):
+    """The special tokens the template writes to close an assistant text turn (e.g. ['<|im_end|>'],
+    ['<|END_RESPONSE|>', '<|END_OF_TURN_TOKEN|>']): where generation must stop."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
+    text, ((_, end),) = render_conversation(tokenizer, probe)
+    closing = text[text.find(SENTINEL) + len(SENTINEL):end]
+    specials = _special_tokens(tokenizer)
+    found, k = [], 0
+    while k < len(closing):
+        s = next((s for s in specials if closing.startswith(s, k)), None)
+        found += [s] if s else []
+        k += len(s) if s else 1
+    return found
