@@ -36,7 +36,11 @@ CHATML_TEMPLATE = (
 # prompt 'Assistant:' and the turn 'Assistant: answer'), the turn starts where the two
 # first differ. A template that supplies an empty reasoning block when thinking is off (Qwen3) has that
 # block as part of a prompt: it is not trained when the template inserts it on its own. Text a template
-# appends after every conversation (Command-R's next-turn opener) is not part of the turn.
+# appends after every conversation (Command-R's next-turn opener) is not part of the turn. Nor is the template's
+# turn opener (the special token its generation prompt starts with: <|im_start|>, <|START_OF_TURN_TOKEN|>) where it
+# stands after the turn's content and tool calls: there the next message has begun, also when a turn has no end
+# token of its own and the next message opens like the text written after every conversation (Command-R+ tool use:
+# a tool-call turn ends with ']```\n', the tool result and the closing instructions open alike).
 # Templates that render a turn differently once later messages follow (Qwen3 strips earlier reasoning,
 # Mistral moves the system prompt into the last user turn) are mapped through the turn's content: the
 # characters of the full text that change when only this turn's content changes are where it is.
@@ -127,17 +131,23 @@ def _snap_out_of_specials(text, k, specials):
 
 
 def _template_facts(tokenizer, render):
-    """(specials, has a thinking-off prompt, renders like apply_chat_template) for this tokenizer and template,
-    from one probe chat; cached."""
+    """(specials, has a thinking-off prompt, renders like apply_chat_template, turn opener) for this tokenizer and
+    template, from one probe chat; cached. The turn opener is the special token that the generation prompt starts
+    with (what it adds to the conversation: '<|im_start|>', '<|start_header_id|>', '<|START_OF_TURN_TOKEN|>'), or
+    None when it adds no special token."""
     key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map))
     if key not in _TEMPLATE_FACTS:
+        specials = _special_tokens(tokenizer)
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
         try:
             same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False)
             thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
+            prompt, history = render(probe[:1], True), render(probe[:1])
+            added = prompt[_snap_out_of_specials(prompt, _common_prefix(prompt, history), specials):]
+            opener = next((s for s in specials if added.lstrip().startswith(s)), None)
         except Exception:
-            same, thinking_off = True, False  # the template refuses the probe; real conversations will say why
-        _TEMPLATE_FACTS[key] = (tuple(_special_tokens(tokenizer)), thinking_off, same)
+            same, thinking_off, opener = True, False, None  # the template refuses the probe; real conversations say why
+        _TEMPLATE_FACTS[key] = (tuple(specials), thinking_off, same, opener)
     return _TEMPLATE_FACTS[key]
 
 
@@ -275,6 +285,14 @@ def _map_turn(render, text, messages, i, turn, start, end, specials):
     return in_text[0] - lead, max(trail, in_text[1])
 
 
+def _before_next_opener(render, text, messages, i, start, end, opener):
+    """The end of turn i's trained region cut where the template's turn opener stands after the turn's content
+    and tool calls: there the next message (or the text written after every conversation) has begun."""
+    content = _where_content(render, text, messages, i)
+    at = text.find(opener, max(start, content[1]), end) if content else -1
+    return end if at < 0 else at
+
+
 def _arguments_as_strings(messages):
     """Tool-call arguments as JSON strings, for templates that print them as they are (functionary)."""
     return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
@@ -304,7 +322,7 @@ def render_conversation(tokenizer, messages, tools=None):
     the template refuses the conversation."""
     try:
         render = ChatRenderer(tokenizer, tools)
-        specials, thinking_off, same = _template_facts(tokenizer, render)
+        specials, thinking_off, same, opener = _template_facts(tokenizer, render)
         if not same:  # this transformers renders differently from what ChatRenderer mirrors: use its own API
             render.template = None
         messages, text = _with_template_arguments(render, messages)
@@ -317,6 +335,8 @@ def render_conversation(tokenizer, messages, tools=None):
                                          lambda: render(messages[:i]))
             if not text.startswith(turn[:end]):
                 start, end = _map_turn(render, text, messages, i, turn, start, end, specials)
+            if opener and opener in text[start:end]:
+                end = _before_next_opener(render, text, messages, i, start, end, opener)
             regions.append(_trim_after_end_token(text, start, end, specials))
     except Exception as e:  # jinja raise_exception, undefined fields, type errors inside the template
         raise RecordError("messages", f"the chat template refuses this conversation: {e}") from None
