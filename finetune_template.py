@@ -1,14 +1,16 @@
 """Chat-template rendering for finetune.py and chat.py: which characters of a rendered conversation the model is
 trained on, found by one rule from how the template renders (no template is known in advance); the template's
-end-of-turn tokens; the built-in ChatML template for tokenizers that have none.
+end-of-turn tokens and turn markers; the built-in templates (ChatML) for tokenizers that have none.
 
 Interface: render_conversation(tokenizer, messages, tools) -> (text, [trained character region per assistant
-turn]); end_of_turn_tokens(tokenizer); ChatRenderer (the fast renderer it uses); CHATML_TEMPLATE.
-finetune.py turns the regions into token labels (tokenize_conversation); chat.py uses the end tokens to stop.
+turn]); end_of_turn_tokens(tokenizer); turn_markers(tokenizer); chat_template_source(flag); ChatRenderer (the fast
+renderer it uses); BUILTIN_TEMPLATES. finetune.py turns the regions into token labels (tokenize_conversation);
+finetune_tokens.py makes the markers single tokens and the end tokens eos; chat.py uses the end tokens to stop.
 """
 
 import functools
 import json
+import os
 import re
 
 from finetune_data import RecordError
@@ -20,6 +22,26 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+# --chat_template NAME; chatml is also what a tokenizer without a chat template gets.
+BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+
+def check_chat_template_flag(flag):
+    if flag and flag not in BUILTIN_TEMPLATES and not os.path.isfile(flag):
+        raise FileNotFoundError(f"--chat_template {flag}: no such file, and not a built-in template "
+                                f"({', '.join(BUILTIN_TEMPLATES)}).")
+
+
+def chat_template_source(flag, tokenizer):
+    """--chat_template (a built-in name, a Jinja file, or None) -> (template text, what it is, for the log)."""
+    if flag in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[flag], f"{flag} (built-in)"
+    if flag:
+        with open(flag, encoding="utf-8") as f:
+            return f.read(), flag
+    if tokenizer.chat_template:
+        return tokenizer.chat_template, "the tokenizer's"
+    return CHATML_TEMPLATE, "chatml (built-in ChatML: the tokenizer has none)"
 
 
 # The whole conversation is rendered by the model's own template and tokenized once, so input_ids are
@@ -343,16 +365,62 @@ def render_conversation(tokenizer, messages, tools=None):
     return text, regions
 
 
-def end_of_turn_tokens(tokenizer):
-    """The special tokens the template writes to close an assistant text turn (e.g. ['<|im_end|>'],
-    ['<|END_RESPONSE|>', '<|END_OF_TURN_TOKEN|>']): where generation must stop."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
-    text, ((_, end),) = render_conversation(tokenizer, probe)
-    closing = text[text.find(SENTINEL) + len(SENTINEL):end]
-    specials = _special_tokens(tokenizer)
+def _specials_in(text, specials):
+    """The special tokens in `text`, in order."""
     found, k = [], 0
-    while k < len(closing):
-        s = next((s for s in specials if closing.startswith(s, k)), None)
+    while k < len(text):
+        s = next((s for s in specials if text.startswith(s, k)), None)
         found += [s] if s else []
         k += len(s) if s else 1
     return found
+
+
+PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "A probe",
+                                                "parameters": {"type": "object", "properties": {}}}}
+
+
+def end_of_turn_tokens(tokenizer):
+    """The special tokens the template writes to close an assistant turn, where generation must stop: every one
+    that closes a text turn (e.g. ['<|im_end|>'], ['<|END_RESPONSE|>', '<|END_OF_TURN_TOKEN|>']), then the last one
+    of a tool-call turn where that is another (Llama 3.1's and functionary's <|eom_id|>)."""
+    specials = _special_tokens(tokenizer)
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
+    try:
+        text, ((_, end),) = render_conversation(tokenizer, probe)
+    except RecordError:  # a tool-use template that renders only with tools (Hermes)
+        text, ((_, end),) = render_conversation(tokenizer, probe, [PROBE_TOOL])
+    found = _specials_in(text[text.find(SENTINEL) + len(SENTINEL):end], specials)
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "probe", "arguments": {}}}]}
+    try:  # a template that renders no tool calls closes this turn as a text turn
+        text, ((start, end),) = render_conversation(tokenizer, probe[:1] + [call], [PROBE_TOOL])
+        last = _specials_in(text[start:end].rstrip(), specials)[-1:]
+        if last and text[start:end].rstrip().endswith(last[0]) and last[0] not in found:
+            found += last
+    except RecordError:
+        pass
+    return found
+
+
+# What a turn marker looks like: <|im_start|>, <｜User｜>, <start_of_turn>, </s>, <think> (not '<<SYS>>' nor text
+# in angle brackets with spaces). Bracketed markers ([INST]) are written as plain text by the models that use them.
+_MARKER = re.compile(r"(?<!<)<(?:\|[^<>|\s]+\||｜[^<>｜\s]+｜|/?[A-Za-z_][\w.:-]*)>(?!>)")
+
+
+def turn_markers(tokenizer):
+    """The marker strings the template writes between a user message and the answer and after the answer (the
+    user's and the assistant's closings and headers, its generation prompt), in order of first appearance: what
+    must be single tokens for a model to learn whose turn it is and where it ends. Found by rendering a probe
+    chat; what the template writes before the first user message (BOS, a system header, a tools preamble with
+    its placeholders) is left out."""
+    chat = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": SENTINEL}] * 2
+    for tools in (None, [PROBE_TOOL]):  # a tool-use template may render only with tools (Hermes)
+        try:
+            render = ChatRenderer(tokenizer, tools)
+            pieces = render(chat).split(SENTINEL)[1:] + render(chat[:-1], True).split(SENTINEL)[-1:]
+            break
+        except Exception:
+            continue
+    else:
+        return []
+    return list(dict.fromkeys(m for piece in pieces for m in _MARKER.findall(piece)))
