@@ -58,7 +58,7 @@ from finetune_tokens import (fit_model_to_tokenizer, keep_adapter_small, lora_to
                              prepare_tokenizer, save_stop_tokens)
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "3"  # bump when tokenization output changes, to invalidate old caches
+CACHE_VERSION = "4"  # bump when tokenization output changes, to invalidate old caches
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # ---------------------------------------------------------------------------------------------

@@ -126,6 +126,11 @@ def lora_token_indices(model, new_ids):
     (a tied head follows its embeddings in peft), or None without new tokens."""
     if not new_ids:
         return None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled() and not torch.cuda.is_available():  # peft gathers the rows on a CUDA device
+        raise ValueError("LoRA with new tokens under ZeRO-3 needs GPUs (peft's trainable tokens); on CPU use "
+                         "ds_config_zero2.json or no DeepSpeed, or a --chat_template whose markers are tokens.")
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or head.weight is emb.weight:
         return list(new_ids)
