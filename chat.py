@@ -41,7 +41,8 @@ def parse_args(argv=None):
 
 
 def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=False):
-    """-> (model, tokenizer). An adapter directory is loaded on top of its base model (not merged)."""
+    """-> (model, tokenizer). An adapter directory is loaded on top of its base model (not merged), the base's
+    vocabulary grown as in training when the adapter added tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,37 +58,35 @@ def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=Fals
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:
             raise SystemExit("error: adapter_config.json names no base model; pass --base.")
-        log(f"loading base {base} + adapter {model_dir}")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), model_dir)
-    else:
-        log(f"loading {model_dir}")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     has_tokenizer = os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir if has_tokenizer or not base else base,
                                               trust_remote_code=trust_remote_code)
-    if not tokenizer.chat_template:
+    if os.path.isfile(adapter_config):
+        from finetune_tokens import prepare_base_for_adapter
+
+        log(f"loading base {base} + adapter {model_dir}")
+        # the base's embeddings and head fitted to the tokens the adapter was trained with (finetune_tokens.py)
+        base_model = prepare_base_for_adapter(AutoModelForCausalLM.from_pretrained(base, **kwargs), tokenizer,
+                                              model_dir)
+        model = PeftModel.from_pretrained(base_model, model_dir)
+    else:
+        log(f"loading {model_dir}")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if not tokenizer.chat_template:  # not a finetune.py output (it saves the template it trained with)
         from finetune_template import CHATML_TEMPLATE
 
-        log("WARNING: the tokenizer has no chat template; using ChatML (as finetune.py does).")
+        log("the tokenizer has no chat template; using the built-in chatml, as finetune.py does")
         tokenizer.chat_template = CHATML_TEMPLATE
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
 
 def stop_token_ids(model, tokenizer):
-    """EOS ids of the generation config and tokenizer, plus the template's end-of-turn token
+    """EOS ids of the generation config and tokenizer, plus the template's end-of-turn tokens
     (<|im_end|>, <|eot_id|>, <end_of_turn>...): a chat model must stop at the end of its turn."""
-    from finetune_template import end_of_turn_tokens
+    from finetune_tokens import stop_token_ids as stops
 
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    for token in end_of_turn_tokens(tokenizer):
-        tok = tokenizer.encode(token, add_special_tokens=False)
-        if len(tok) == 1:
-            ids.add(tok[0])
-    return sorted(ids)
+    return sorted(stops(tokenizer, model.generation_config.eos_token_id))
 
 
 def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, top_p=1.0):

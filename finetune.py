@@ -53,10 +53,12 @@ from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_d
 from finetune_preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback,  # noqa: E402
                                  adapt_to_world_size, record_exit_code)
 from finetune_report import data_report, log0, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
-from finetune_template import CHATML_TEMPLATE, render_conversation  # noqa: E402
+from finetune_template import check_chat_template_flag, chat_template_source, render_conversation  # noqa: E402
+from finetune_tokens import (fit_model_to_tokenizer, keep_adapter_small, lora_token_indices,  # noqa: E402
+                             prepare_tokenizer, save_stop_tokens)
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "3"  # bump when tokenization output changes, to invalidate old caches
+CACHE_VERSION = "4"  # bump when tokenization output changes, to invalidate old caches
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +78,8 @@ class ModelArguments:
                   "flash-attn is installed, else sdpa."},
     )
     chat_template: Optional[str] = field(
-        default=None, metadata={"help": "Path to a Jinja chat template that replaces the tokenizer's own."}
+        default=None, metadata={"help": "A built-in template (chatml) or a Jinja file, replacing the tokenizer's "
+                                "own (default: its own, else chatml). See README, Base models."}
     )
 
 
@@ -264,8 +267,7 @@ def validate_args(model_args, data_args, training_args, lora_args):
         shared = [file for file, _ in files if file_id(file) in train_files]
         if shared:
             log0(f"note: --eval_data_path files also in --data_path (evaluated on training data): {', '.join(shared)}")
-    if model_args.chat_template and not os.path.isfile(model_args.chat_template):
-        raise FileNotFoundError(f"--chat_template {model_args.chat_template} does not exist.")
+    check_chat_template_flag(model_args.chat_template)
     if lora_args.q_lora:
         training_args.use_lora = True  # Q-LoRA means LoRA on a 4-bit base; never silently full fine-tuning
         if zero_stage(training_args) == 3:
@@ -449,6 +451,7 @@ def marked_text(tokenizer, input_ids, labels, mark=("[[", "]]")):
 
 def show_masking(tokenizer, dataset, n):
     """--show_masking N: print N samples with their trained parts marked."""
+    print(f"turn end: {' '.join(tokenizer.finetune_vocabulary['turn_end_tokens'])}; eos {tokenizer.eos_token}")
     for k in range(min(n, len(dataset))):
         row = dataset[k]
         print(f"----- sample {k} ({row['length']} tokens, {row['n_trained']} trained; [[trained]]) -----")
@@ -468,12 +471,8 @@ def load_tokenizer(model_args, training_args):
                                 "or hub id.") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("A fast tokenizer (tokenizer.json) is needed for exact label masking.")
-    if model_args.chat_template:
-        with open(model_args.chat_template, encoding="utf-8") as f:
-            tokenizer.chat_template = f.read()
-    elif not tokenizer.chat_template:
-        log0("WARNING: the tokenizer has no chat template; using ChatML (<|im_start|>role ... <|im_end|>).")
-        tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template, which = chat_template_source(model_args.chat_template, tokenizer)
+    log0(prepare_tokenizer(tokenizer, which))  # turn markers made single tokens, the turn end the eos
     if tokenizer.pad_token is None:  # padded positions are masked out of attention and loss anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -799,7 +798,7 @@ def load_model_config(model_args, training_args):
     return _model_config(model_args.model_name_or_path, training_args.cache_dir, model_args.trust_remote_code)
 
 
-def load_model(model_args, training_args, lora_args, attn_implementation):
+def load_model(model_args, training_args, lora_args, attn_implementation, tokenizer=None):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "cache_dir": training_args.cache_dir,
               "trust_remote_code": model_args.trust_remote_code}
@@ -812,6 +811,8 @@ def load_model(model_args, training_args, lora_args, attn_implementation):
             kwargs["device_map"] = {"": training_args.local_process_index}
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    # embeddings and head fitted to the tokenizer (new rows: the mean of the others), its turn end an eos
+    new_ids = fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else []
     if not training_args.use_lora:
         return model
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -829,11 +830,14 @@ def load_model(model_args, training_args, lora_args, attn_implementation):
             r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
             target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
             bias=lora_args.lora_bias, use_dora=lora_args.use_dora, task_type="CAUSAL_LM",
+            trainable_token_indices=lora_token_indices(model, new_ids),  # the new tokens' rows only
         ))
+    keep_adapter_small(model, new_ids)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the embeddings
     trainable, total = model.get_nb_trainable_parameters()
-    log0(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    log0(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%"
+         f"{f', the rows of {len(new_ids)} new tokens included' if new_ids else ''})")
     return model
 
 
@@ -1152,6 +1156,7 @@ def save_model(trainer, tokenizer, output_dir):
     trainer.save_model(output_dir)
     if trainer.args.should_save:
         tokenizer.save_pretrained(output_dir)
+        save_stop_tokens(trainer.accelerator.unwrap_model(trainer.model), output_dir)
         from safetensors import safe_open
 
         for name in ("model.safetensors", "adapter_model.safetensors"):
@@ -1241,6 +1246,7 @@ def train(argv=None):
     first = train_data[0]
     report = data_report(train_data, eval_data, reports, marked_text(tokenizer, first["input_ids"], first["labels"]),
                          load_model_config(model_args, training_args), data_args, training_args, lora_args, packing)
+    report["vocabulary"] = tokenizer.finetune_vocabulary
     log_data_summary(report)
     if data_args.dry_run:
         return finish_dry_run(report, training_args)
@@ -1249,7 +1255,7 @@ def train(argv=None):
     checkpoint = find_resume_checkpoint(training_args)
     adapt_to_world_size(checkpoint, training_args)
     log_run_plan(report, training_args, attn, len(train_data))
-    model = load_model(model_args, training_args, lora_args, attn)
+    model = load_model(model_args, training_args, lora_args, attn, tokenizer)
     callbacks = [LossPlotCallback(), PreemptionCallback()]
     if training_args.early_stopping_patience:
         callbacks.append(transformers.EarlyStoppingCallback(training_args.early_stopping_patience))

@@ -388,6 +388,14 @@ LIBRARY_INTERNALS = [
          checked="deepspeed 0.19.8, torch 2.13.0", tested_by="test_preemption.py (bit-exact resume 2 -> 1)",
          probe=lambda: _source_has("torch.optim.adam:_single_tensor_adam", "step_t += 1")
          or _source_has("torch.optim.adam:_single_tensor_adam", "step_t.add_(1)")),
+    dict(what="peft PeftModel.save_pretrained(save_embedding_layers=...), called by transformers Trainer._save as "
+              "self.model.save_pretrained(...)",
+         where="finetune_tokens.keep_adapter_small (from finetune.load_model)",
+         why="with new tokens (a resized vocabulary) peft's 'auto' would save the whole embeddings and head with "
+             "every adapter, and warn; the trained rows are in the adapter already (trainable_token_indices)",
+         checked="peft 0.21.2, transformers 5.24.0", tested_by="test_base_model.py (adapter size, merged model)",
+         probe=lambda: "save_embedding_layers" in _params("peft:PeftModel.save_pretrained")
+         and _source_has("transformers:Trainer._save", "self.model.save_pretrained(")),
     dict(what="library log messages matched by text (bitsandbytes, DeepSpeed, transformers, accelerate)",
          where="finetune_distributed.quiet_known_notices",
          why="notices the user cannot act on are dropped narrowly; a changed text only shows the notice again",

@@ -1,14 +1,16 @@
 """Chat-template rendering for finetune.py and chat.py: which characters of a rendered conversation the model is
 trained on, found by one rule from how the template renders (no template is known in advance); the template's
-end-of-turn tokens; the built-in ChatML template for tokenizers that have none.
+end-of-turn tokens and turn markers; the built-in templates (ChatML) for tokenizers that have none.
 
 Interface: render_conversation(tokenizer, messages, tools) -> (text, [trained character region per assistant
-turn]); end_of_turn_tokens(tokenizer); ChatRenderer (the fast renderer it uses); CHATML_TEMPLATE.
-finetune.py turns the regions into token labels (tokenize_conversation); chat.py uses the end tokens to stop.
+turn]); end_of_turn_tokens(tokenizer); turn_markers(tokenizer); chat_template_source(flag); ChatRenderer (the fast
+renderer it uses); BUILTIN_TEMPLATES. finetune.py turns the regions into token labels (tokenize_conversation);
+finetune_tokens.py makes the markers single tokens and the end tokens eos; chat.py uses the end tokens to stop.
 """
 
 import functools
 import json
+import os
 import re
 
 from finetune_data import RecordError
@@ -20,6 +22,26 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+# --chat_template NAME; chatml is also what a tokenizer without a chat template gets.
+BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+
+def check_chat_template_flag(flag):
+    if flag and flag not in BUILTIN_TEMPLATES and not os.path.isfile(flag):
+        raise FileNotFoundError(f"--chat_template {flag}: no such file, and not a built-in template "
+                                f"({', '.join(BUILTIN_TEMPLATES)}).")
+
+
+def chat_template_source(flag, tokenizer):
+    """--chat_template (a built-in name, a Jinja file, or None) -> (template text, what it is, for the log)."""
+    if flag in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[flag], f"{flag} (built-in)"
+    if flag:
+        with open(flag, encoding="utf-8") as f:
+            return f.read(), flag
+    if tokenizer.chat_template:
+        return tokenizer.chat_template, "the tokenizer's"
+    return CHATML_TEMPLATE, "chatml (built-in ChatML: the tokenizer has none)"
 
 
 # The whole conversation is rendered by the model's own template and tokenized once, so input_ids are
@@ -36,7 +58,11 @@ CHATML_TEMPLATE = (
 # prompt 'Assistant:' and the turn 'Assistant: answer'), the turn starts where the two
 # first differ. A template that supplies an empty reasoning block when thinking is off (Qwen3) has that
 # block as part of a prompt: it is not trained when the template inserts it on its own. Text a template
-# appends after every conversation (Command-R's next-turn opener) is not part of the turn.
+# appends after every conversation (Command-R's next-turn opener) is not part of the turn. Nor is the template's
+# turn opener (the special token its generation prompt starts with: <|im_start|>, <|START_OF_TURN_TOKEN|>) where it
+# stands after the turn's content and tool calls: there the next message has begun, also when a turn has no end
+# token of its own and the next message opens like the text written after every conversation (Command-R+ tool use:
+# a tool-call turn ends with ']```\n', the tool result and the closing instructions open alike).
 # Templates that render a turn differently once later messages follow (Qwen3 strips earlier reasoning,
 # Mistral moves the system prompt into the last user turn) are mapped through the turn's content: the
 # characters of the full text that change when only this turn's content changes are where it is.
@@ -127,17 +153,23 @@ def _snap_out_of_specials(text, k, specials):
 
 
 def _template_facts(tokenizer, render):
-    """(specials, has a thinking-off prompt, renders like apply_chat_template) for this tokenizer and template,
-    from one probe chat; cached."""
+    """(specials, has a thinking-off prompt, renders like apply_chat_template, turn opener) for this tokenizer and
+    template, from one probe chat; cached. The turn opener is the special token that the generation prompt starts
+    with (what it adds to the conversation: '<|im_start|>', '<|start_header_id|>', '<|START_OF_TURN_TOKEN|>'), or
+    None when it adds no special token."""
     key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map))
     if key not in _TEMPLATE_FACTS:
+        specials = _special_tokens(tokenizer)
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
         try:
             same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False)
             thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
+            prompt, history = render(probe[:1], True), render(probe[:1])
+            added = prompt[_snap_out_of_specials(prompt, _common_prefix(prompt, history), specials):]
+            opener = next((s for s in specials if added.lstrip().startswith(s)), None)
         except Exception:
-            same, thinking_off = True, False  # the template refuses the probe; real conversations will say why
-        _TEMPLATE_FACTS[key] = (tuple(_special_tokens(tokenizer)), thinking_off, same)
+            same, thinking_off, opener = True, False, None  # the template refuses the probe; real conversations say why
+        _TEMPLATE_FACTS[key] = (tuple(specials), thinking_off, same, opener)
     return _TEMPLATE_FACTS[key]
 
 
@@ -275,6 +307,14 @@ def _map_turn(render, text, messages, i, turn, start, end, specials):
     return in_text[0] - lead, max(trail, in_text[1])
 
 
+def _before_next_opener(render, text, messages, i, start, end, opener):
+    """The end of turn i's trained region cut where the template's turn opener stands after the turn's content
+    and tool calls: there the next message (or the text written after every conversation) has begun."""
+    content = _where_content(render, text, messages, i)
+    at = text.find(opener, max(start, content[1]), end) if content else -1
+    return end if at < 0 else at
+
+
 def _arguments_as_strings(messages):
     """Tool-call arguments as JSON strings, for templates that print them as they are (functionary)."""
     return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
@@ -304,7 +344,7 @@ def render_conversation(tokenizer, messages, tools=None):
     the template refuses the conversation."""
     try:
         render = ChatRenderer(tokenizer, tools)
-        specials, thinking_off, same = _template_facts(tokenizer, render)
+        specials, thinking_off, same, opener = _template_facts(tokenizer, render)
         if not same:  # this transformers renders differently from what ChatRenderer mirrors: use its own API
             render.template = None
         messages, text = _with_template_arguments(render, messages)
@@ -317,22 +357,70 @@ def render_conversation(tokenizer, messages, tools=None):
                                          lambda: render(messages[:i]))
             if not text.startswith(turn[:end]):
                 start, end = _map_turn(render, text, messages, i, turn, start, end, specials)
+            if opener and opener in text[start:end]:
+                end = _before_next_opener(render, text, messages, i, start, end, opener)
             regions.append(_trim_after_end_token(text, start, end, specials))
     except Exception as e:  # jinja raise_exception, undefined fields, type errors inside the template
         raise RecordError("messages", f"the chat template refuses this conversation: {e}") from None
     return text, regions
 
 
-def end_of_turn_tokens(tokenizer):
-    """The special tokens the template writes to close an assistant text turn (e.g. ['<|im_end|>'],
-    ['<|END_RESPONSE|>', '<|END_OF_TURN_TOKEN|>']): where generation must stop."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
-    text, ((_, end),) = render_conversation(tokenizer, probe)
-    closing = text[text.find(SENTINEL) + len(SENTINEL):end]
-    specials = _special_tokens(tokenizer)
+def _specials_in(text, specials):
+    """The special tokens in `text`, in order."""
     found, k = [], 0
-    while k < len(closing):
-        s = next((s for s in specials if closing.startswith(s, k)), None)
+    while k < len(text):
+        s = next((s for s in specials if text.startswith(s, k)), None)
         found += [s] if s else []
         k += len(s) if s else 1
     return found
+
+
+PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "A probe",
+                                                "parameters": {"type": "object", "properties": {}}}}
+
+
+def end_of_turn_tokens(tokenizer):
+    """The special tokens the template writes to close an assistant turn, where generation must stop: every one
+    that closes a text turn (e.g. ['<|im_end|>'], ['<|END_RESPONSE|>', '<|END_OF_TURN_TOKEN|>']), then the last one
+    of a tool-call turn where that is another (Llama 3.1's and functionary's <|eom_id|>)."""
+    specials = _special_tokens(tokenizer)
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
+    try:
+        text, ((_, end),) = render_conversation(tokenizer, probe)
+    except RecordError:  # a tool-use template that renders only with tools (Hermes)
+        text, ((_, end),) = render_conversation(tokenizer, probe, [PROBE_TOOL])
+    found = _specials_in(text[text.find(SENTINEL) + len(SENTINEL):end], specials)
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "probe", "arguments": {}}}]}
+    try:  # a template that renders no tool calls closes this turn as a text turn
+        text, ((start, end),) = render_conversation(tokenizer, probe[:1] + [call], [PROBE_TOOL])
+        last = _specials_in(text[start:end].rstrip(), specials)[-1:]
+        if last and text[start:end].rstrip().endswith(last[0]) and last[0] not in found:
+            found += last
+    except RecordError:
+        pass
+    return found
+
+
+# What a turn marker looks like: <|im_start|>, <｜User｜>, <start_of_turn>, </s>, <think> (not '<<SYS>>' nor text
+# in angle brackets with spaces). Bracketed markers ([INST]) are written as plain text by the models that use them.
+_MARKER = re.compile(r"(?<!<)<(?:\|[^<>|\s]+\||｜[^<>｜\s]+｜|/?[A-Za-z_][\w.:-]*)>(?!>)")
+
+
+def turn_markers(tokenizer):
+    """The marker strings the template writes between a user message and the answer and after the answer (the
+    user's and the assistant's closings and headers, its generation prompt), in order of first appearance: what
+    must be single tokens for a model to learn whose turn it is and where it ends. Found by rendering a probe
+    chat; what the template writes before the first user message (BOS, a system header, a tools preamble with
+    its placeholders) is left out."""
+    chat = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": SENTINEL}] * 2
+    for tools in (None, [PROBE_TOOL]):  # a tool-use template may render only with tools (Hermes)
+        try:
+            render = ChatRenderer(tokenizer, tools)
+            pieces = render(chat).split(SENTINEL)[1:] + render(chat[:-1], True).split(SENTINEL)[-1:]
+            break
+        except Exception:
+            continue
+    else:
+        return []
+    return list(dict.fromkeys(m for piece in pieces for m in _MARKER.findall(piece)))

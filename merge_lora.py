@@ -6,7 +6,9 @@ The result is an ordinary transformers checkpoint (safetensors, sharded above --
 tokenizer (and chat template) the adapter was trained with; its logits equal base + adapter up to the
 rounding of --dtype. The merge itself is peft's `merge_and_unload`; this script adds what peft leaves to
 you: choosing the dtype, refusing a quantized base, not clobbering an existing directory, copying the
-tokenizer, and writing atomically.
+tokenizer, growing the base's vocabulary as training did (when it added the template's turn tokens: the
+trained rows are merged in), writing the template's turn end as an eos of config.json and
+generation_config.json (generation stops there), and writing atomically.
 
 Q-LoRA adapters are merged into the original, non-quantized base model (what you pass as --base),
 never into 4-bit weights: merging into NF4 weights would round the merged result to 4 bits.
@@ -77,6 +79,8 @@ def merge(args):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from finetune_tokens import prepare_base_for_adapter, write_stop_tokens
+
     config = AutoConfig.from_pretrained(base, trust_remote_code=args.trust_remote_code)
     if getattr(config, "quantization_config", None):
         raise SystemExit(f"error: the base {base} is a quantized checkpoint; merge into the original "
@@ -89,12 +93,15 @@ def merge(args):
     method = "DoRA" if adapter_config.get("use_dora") else "LoRA"
     log(f"loading base {base} ({str(dtype).replace('torch.', '')}) and {method} adapter {args.adapter}")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    model = PeftModel.from_pretrained(model, args.adapter)
+    tokenizer = load_tokenizer(args.adapter, base, args.trust_remote_code)
+    # tokens added in training: the base's embeddings and head grown as they were (finetune_tokens.py); the
+    # adapter holds the trained rows, which the merge writes into them
+    model = PeftModel.from_pretrained(prepare_base_for_adapter(model, tokenizer, args.adapter), args.adapter)
     # peft computes each delta (B @ A * scale, and DoRA's magnitude rescaling) in fp32 on CPU and
     # safe_merge checks the merged weights for NaN/inf before replacing them.
     model = model.merge_and_unload(safe_merge=True)
     model.config.use_cache = True  # training turns the KV cache off; generation wants it
-    tokenizer = load_tokenizer(args.adapter, base, args.trust_remote_code)
+    write_stop_tokens(model, tokenizer)  # the template's turn end: an eos of config.json and generation_config.json
 
     # Write next to the destination, then swap it in: an interrupted merge never leaves a half model.
     out = os.path.normpath(args.output)

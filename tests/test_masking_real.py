@@ -113,7 +113,9 @@ def covered_characters(tok, text, labels):
     return covered, enc["input_ids"]
 
 
-def check(tok, name, messages):
+def check(tok, name, messages, closing=None, tool_closing=None):
+    """name: a FAMILY template (its closings are FAMILY's and TOOL_CLOSING's), or any other name with the
+    closings given."""
     tools = TOOLS if any(m.get("tool_calls") or m["role"] == "tool" for m in messages) or "Hermes" in name else None
     try:
         messages, text = _with_template_arguments(ChatRenderer(tok, tools), messages)  # the form it renders
@@ -126,7 +128,8 @@ def check(tok, name, messages):
     covered, ids = covered_characters(tok, text, out["labels"])
     assert ids == out["input_ids"]
     render = functools.partial(tok.apply_chat_template, tools=tools, tokenize=False)
-    closing = FAMILY[name][2]
+    closing = closing if closing is not None else FAMILY[name][2]
+    tool_closing = tool_closing if tool_closing is not None else TOOL_CLOSING.get(name, closing)
     owned = np.zeros(len(text), dtype=bool)
     for j, m in enumerate(messages):
         chars = sorted(where(text, render, messages, j))
@@ -140,7 +143,7 @@ def check(tok, name, messages):
         if chars:  # what closes the turn comes right after it (after whitespace) and is trained too
             end = chars[-1] + 1
             end += len(text[end:]) - len(text[end:].lstrip())
-            close = TOOL_CLOSING.get(name, closing) if m.get("tool_calls") else closing
+            close = tool_closing if m.get("tool_calls") else closing
             if text.startswith(close, end):
                 assert covered[end:end + len(close)].all(), ("end of turn not trained", close, text)
                 owned[end:end + len(close)] = True
@@ -314,3 +317,41 @@ def test_prompt_that_differs_from_the_turn_only_in_whitespace(real):
     marked = __import__("finetune").marked_text(tok, out["input_ids"], out["labels"])
     assert marked.count("[[") == 2 and "### Response:\n[[two</s>]]" in marked, marked
     assert "### Response:\n[[### Response: No</s>]]" in marked, marked
+
+
+# Command-R+ tool-use shape: a system block opens every conversation; a tool-call turn ends with "\n]```\n" and no
+# end token; the tool result opens with <|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>, as does the instruction block written
+# after every conversation (before the generation prompt).
+COMMAND_R_PLUS_TOOLS = (
+    "{{ bos_token }}<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|># Preamble\n{% if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] | trim }}{% set msgs = messages[1:] %}{% else %}Be helpful.{% set msgs = messages %}"
+    "{% endif %}<|END_OF_TURN_TOKEN|>{% for m in msgs %}{% if m.role == 'user' %}"
+    "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{{ m.content | trim }}<|END_OF_TURN_TOKEN|>"
+    "{% elif m.role == 'assistant' and m.tool_calls %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{{ m.content | trim }}"
+    "\nAction:\n```json\n[\n{% for c in m.tool_calls %}    {\n        \"tool_name\": \"{{ c.function.name }}\",\n"
+    "        \"parameters\": {{ c.function.arguments | tojson }}\n    }{% if not loop.last %},\n{% endif %}"
+    "{% endfor %}{{ '\\n]```\\n' }}{% elif m.role == 'assistant' %}"
+    "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{{ m.content | trim }}<|END_OF_TURN_TOKEN|>{% elif m.role == 'tool' %}"
+    "<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|><results>\n{{ m.content | trim }}</results><|END_OF_TURN_TOKEN|>"
+    "{% endif %}{% endfor %}<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Write 'Action:' followed by a json-formatted "
+    "list of actions.<|END_OF_TURN_TOKEN|>{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+    "{% endif %}")
+
+
+@pytest.mark.parametrize("real", REAL)
+def test_tool_call_turn_without_end_token_before_a_shared_opener(real):
+    """The trained part of each turn ends where the template ends it: the tool-call turn at ']```\n' (the tool
+    result's header, which the text written after every conversation starts with too, is not trained), the text
+    turns at <|END_OF_TURN_TOKEN|> (nothing of the next header nor of the closing instruction block)."""
+    tok = copy.deepcopy(real_tokenizer(real))
+    tok.chat_template = COMMAND_R_PLUS_TOOLS
+    tok.add_special_tokens({"additional_special_tokens": [
+        "<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|SYSTEM_TOKEN|>",
+        "<|CHATBOT_TOKEN|>"]})
+    tok.bos_token, tok.eos_token = "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"
+    results = {label: check(tok, "command-r-plus-tool-use", copy.deepcopy(msgs), closing="<|END_OF_TURN_TOKEN|>",
+                            tool_closing="") for label, msgs in CONVERSATIONS.items()}
+    assert set(results.values()) == {"ok"}, results
+    texts = spans(tokenize_conversation(tok, CONVERSATIONS["tool_dict_args"], 100000, tools=TOOLS), tok)
+    assert texts[0].endswith('"city": "Paris"}\n    }\n]```\n') and "<|START_OF_TURN_TOKEN|>" not in texts[0], texts
+    assert texts[1].strip() == "It is 21 degrees.<|END_OF_TURN_TOKEN|>", texts
