@@ -58,8 +58,8 @@ class ChatRenderer:
     each message is prepared once (our messages are JSON data already: no defensive deep copy), and the Jinja
     context is built from a plain dict of the template's globals."""
 
-    def __init__(self, tokenizer, tools=None):
-        self.tokenizer, self.tools = tokenizer, tools
+    def __init__(self, tokenizer, tools=None, template_kwargs=None):
+        self.tokenizer, self.tools, self.kwargs = tokenizer, tools, template_kwargs or {}
         self.prepared = {}  # id(message) -> (message, prepared); the message is kept so its id stays unique
         try:
             from transformers.utils import chat_template_utils as ctu
@@ -81,6 +81,7 @@ class ChatRenderer:
         return hit[1]
 
     def __call__(self, messages, add_generation_prompt=False, **template_kwargs):
+        template_kwargs = {**self.kwargs, **template_kwargs}  # --chat_template_kwargs, then the call's own
         if self.template is None:
             return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt, **template_kwargs)
@@ -129,11 +130,13 @@ def _snap_out_of_specials(text, k, specials):
 def _template_facts(tokenizer, render):
     """(specials, has a thinking-off prompt, renders like apply_chat_template) for this tokenizer and template,
     from one probe chat; cached."""
-    key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map))
+    key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map),
+           json.dumps(render.kwargs, sort_keys=True))
     if key not in _TEMPLATE_FACTS:
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
         try:
-            same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False)
+            same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False,
+                                                                  **render.kwargs)
             thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
         except Exception:
             same, thinking_off = True, False  # the template refuses the probe; real conversations will say why
@@ -299,11 +302,12 @@ def _with_template_arguments(render, messages):
     return messages, render(messages)
 
 
-def render_conversation(tokenizer, messages, tools=None):
-    """-> (text, [(start, end) character region to train, for each assistant turn]). Raises RecordError if
-    the template refuses the conversation."""
+def render_conversation(tokenizer, messages, tools=None, template_kwargs=None):
+    """-> (text, [(start, end) character region to train, for each assistant turn]). template_kwargs
+    (--chat_template_kwargs, e.g. enable_thinking) go to every render. Raises RecordError if the template
+    refuses the conversation."""
     try:
-        render = ChatRenderer(tokenizer, tools)
+        render = ChatRenderer(tokenizer, tools, template_kwargs)
         specials, thinking_off, same = _template_facts(tokenizer, render)
         if not same:  # this transformers renders differently from what ChatRenderer mirrors: use its own API
             render.template = None
@@ -323,11 +327,11 @@ def render_conversation(tokenizer, messages, tools=None):
     return text, regions
 
 
-def end_of_turn_tokens(tokenizer):
+def end_of_turn_tokens(tokenizer, template_kwargs=None):
     """The special tokens the template writes to close an assistant text turn (e.g. ['<|im_end|>'],
     ['<|END_RESPONSE|>', '<|END_OF_TURN_TOKEN|>']): where generation must stop."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
-    text, ((_, end),) = render_conversation(tokenizer, probe)
+    text, ((_, end),) = render_conversation(tokenizer, probe, template_kwargs=template_kwargs)
     closing = text[text.find(SENTINEL) + len(SENTINEL):end]
     specials = _special_tokens(tokenizer)
     found, k = [], 0
