@@ -568,7 +568,7 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     temporary folder, removed on any failure, and renamed into place when complete (atomic: a crash never
     leaves a half-written cache that looks complete)."""
     entries, skipped = data_sources(data_args, spec)
-    for kind, why in (("hidden", "hidden, skipped"), ("ignored", "not .jsonl/.json(.gz), ignored")):
+    for kind, why in (("hidden", "hidden, skipped"), ("ignored", "not read (other types, metadata, other splits)")):
         if skipped[kind]:
             log0(f"data: {len(skipped[kind])} {why}: {', '.join(skipped[kind][:5])}{' ...' if len(skipped[kind]) > 5 else ''}")
     path = os.path.join(cache_root, _cache_key(entries, tokenizer, data_args, training_args))

@@ -13,7 +13,6 @@ held_out_counts; the errors DataError (a file or the data as a whole) and Record
 import csv
 import difflib
 import gzip
-import io
 import json
 import math
 import re
@@ -118,8 +117,9 @@ def _nul_problem(text):
 def _wrapper_key(value):
     """The key of a JSON object that holds the records as a list (e.g. {"version": 1, "data": [...]})."""
     if isinstance(value, dict) and detect_format(value) is None:
-        for key, items in value.items():
-            if isinstance(items, list) and items and isinstance(items[0], dict):
+        for key, items in value.items():  # a list of records, not of messages ({"conversation": [{"role": ...}]})
+            if isinstance(items, list) and items and isinstance(items[0], dict) and (
+                    detect_format(items[0]) or not {"role", "from", "content", "value"} & set(items[0])):
                 return key
     return None
 
@@ -311,8 +311,9 @@ def columns_suggestion(keys):
 
 def no_format(keys, what="keys"):
     names = ", ".join(map(repr, keys)) or "none"
+    typos = "".join(f"; {k!r}{near_miss(k)}" for k in keys if near_miss(k))
     return (f"{what} {names} fit no format (messages, conversations, chat_rounds, instruction+output, "
-            f"prompt+completion, text); map yours with --columns, e.g. --columns {columns_suggestion(keys)}")
+            f"prompt+completion, text); map yours with --columns, e.g. --columns {columns_suggestion(keys)}{typos}")
 
 
 def _text(content, where):
@@ -654,17 +655,21 @@ class _TablePlan:
         except RecordError as e:
             raise DataError(f"{path}: {e}") from None
         keys = list(mapping.values())
+        absent = [f"{n}={k}" for n, k in (options.get("columns") or {}).items() if n not in types]
+        absent = f" (the mapping {', '.join(absent)} names no column of this table)" if absent else ""
         fmt = fmt or detect_format(dict.fromkeys(keys))
         if fmt is None:
-            raise DataError(f"{path}: {no_format(list(types), 'columns')}")
+            raise DataError(f"{path}: {no_format(list(types), 'columns')}{absent}")
         for key in keys:
             if near_miss(key):
                 raise DataError(f"{path}: column {key!r}: unknown key{near_miss(key)}; rename it (--columns "
                                 f"{key}={near_miss(key).split(chr(39))[1]}) or drop it")
         missing = [k for k in REQUIRED[fmt] if k not in keys]
         if missing:
+            how = ("the entry's columns in its dataset_info.json" if options.get("label") else
+                   f"--columns NAME={missing[0]}")
             raise DataError(f"{path}: no column {missing[0]!r}: the {fmt} format needs {' and '.join(REQUIRED[fmt])} "
-                            f"(columns: {', '.join(types)}); map one with --columns NAME={missing[0]}")
+                            f"(columns: {', '.join(types)}); map one with {how}{absent}")
         wanted = FORMAT_READS[fmt] + ("source",)
         self.names = [n for n in types if mapping.get(n) in wanted]
         self.keys = [mapping[n] for n in self.names]
@@ -752,8 +757,16 @@ def _csv_records(path, kind, options, fmt, seen):
         raw.close()
         raise DataError(f"{path}: text encoded as {encoding}, not UTF-8; convert it, e.g. iconv -f {encoding} -t "
                         f"UTF-8 {path} > {path}.utf8")
-    with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, strict=True)
+    def lines():  # decoded one line at a time, so that bad UTF-8 is named by its line
+        for line_no, line in enumerate(raw, 1):
+            try:
+                yield line.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{line_no}: not valid UTF-8; convert it, e.g. iconv -f latin1 -t UTF-8 "
+                                f"{path} > {path}.utf8") from None
+
+    with raw:
+        reader = csv.reader(lines(), delimiter=delimiter, strict=True)
         try:
             header = next(reader, None)
             if not header:
@@ -779,9 +792,6 @@ def _csv_records(path, kind, options, fmt, seen):
         except csv.Error as e:
             raise DataError(f"{path}:{reader.line_num}: not valid {kind.upper()} ({e}; a quote inside a quoted "
                             "field is written twice: \"\")") from None
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8; convert it, e.g. iconv -f latin1 -t UTF-8 "
-                            f"{path} > {path}.utf8") from None
 
 
 def _text_lines(path):
@@ -857,7 +867,6 @@ def normalized_rows(entries, data_format, skip_invalid, stats):
                             raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
                         fmt = fmt or detect_format(record)
                         if fmt is None:
-                            _check_keys(record)  # a typo of a format's key says so
                             raise RecordError("record", no_format(list(record)))
                         fstats["format"] = fmt
                         conversation = {"text": normalize_text(record)} if fmt == "text" else \

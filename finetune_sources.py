@@ -106,7 +106,8 @@ def _save_to_disk_kind(folder):
 def list_data_files(path):
     """A file -> [(file, source)]; a folder -> its data files, recursively, following symbolic links to folders (a
     link to a folder that contains it is an error); source = the first-level sub-folder (one per task) or the
-    folder's own name. A sub-folder written by save_to_disk is read as such (its Arrow files). Also returns what was
+    folder's own name. A sub-folder written by save_to_disk or laid out as a dataset repository is read as such
+    (its default split). Also returns what was
     not read, to be said once in the log and report: hidden files and folders (.ipynb_checkpoints/, .git/, ...),
     metadata (README.md, dataset_info.json, ...) and files of other types."""
     skipped = {"hidden": [], "ignored": []}
@@ -127,10 +128,10 @@ def list_data_files(path):
             names = sorted(os.listdir(folder))
         except OSError as e:
             raise ValueError(f"--data_path: cannot read folder {folder}: {e.strerror}") from None
-        if folder != root and _save_to_disk_kind(folder):
-            saved, skip = saved_dataset_files(folder, None, folder)
-            files.extend((f, source_of(folder)) for f in saved)
-            skipped["ignored"].extend(skip)
+        if folder != root and (_save_to_disk_kind(folder) or is_hub_folder(folder)):  # read as what it is
+            found, _, skip = dataset_folder_files(folder, None, folder)
+            files.extend((f, source_of(folder)) for f, _ in found)
+            skipped["ignored"].extend(skip["ignored"])
             return
         for name in names:
             full = os.path.join(folder, name)
@@ -206,10 +207,12 @@ def saved_dataset_files(folder, select, label):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{folder}/state.json: not a readable save_to_disk state ({type(e).__name__}: {e}); "
                         "save the dataset again.") from None
+    if not files:
+        raise DataError(f"{label}: no records (an empty table), the saved split has no rows.")
     missing = [f for f in files if not os.path.isfile(f)]
-    if missing or not files:
-        raise DataError(f"{folder}: state.json lists {', '.join(missing) or 'no Arrow files'}, not there; "
-                        "save the dataset again (copy every data-*.arrow file).")
+    if missing:
+        raise DataError(f"{folder}: state.json lists {', '.join(missing)}, not there; save the dataset again (copy "
+                        "every data-*.arrow file).")
     return files, others
 
 
@@ -241,7 +244,8 @@ def is_hub_folder(folder):
 def hub_folder_files(base, select, label, readme=None):
     """The files of one subset and split of a dataset repository, by datasets' own rules: the README.md `configs`
     (data_files, data_dir, default) or, without configs, split names in file names (data/train-00000-of-00001.parquet,
-    test.csv, ...). base: a local folder or hf://datasets/ORG/NAME. -> (files, options, other splits' names)."""
+    test.csv, ...). base: a local folder or hf://datasets/ORG/NAME. -> (files, options, the other splits, as the
+    entries that would read them)."""
     from datasets.data_files import get_data_patterns, resolve_pattern, sanitize_patterns
     from datasets.utils.metadata import MetadataConfigs
 
@@ -286,7 +290,7 @@ def hub_folder_files(base, select, label, readme=None):
     where = f"subset {subset!r}, " if configs else ""
     log0(f"data: {label}: {where}split {split!r}, {len(files)} files" +
          (f" (other splits: {', '.join(s for s in patterns if s != split)})" if len(patterns) > 1 else ""))
-    return files, options, [s for s in patterns if s != split]
+    return files, options, [f"{bare}[{subset}:{s}]" if configs else f"{bare}[{s}]" for s in patterns if s != split]
 
 
 def _one_kind(files, label):
@@ -361,7 +365,7 @@ def _download_split(repo, select, label):
         where = fs.resolve_path(url)
         files.append(hh.hf_hub_download(repo, where.path_in_repo, repo_type="dataset", revision=where.revision))
     files, ignored = _one_kind(files, label)
-    return [(f, repo.split("/")[-1]) for f in files], options, {"hidden": [], "ignored": ignored}
+    return [(f, repo.split("/")[-1]) for f in files], options, {"hidden": [], "ignored": ignored + others}
 
 
 def dataset_folder_files(folder, select, label, hub=False):
@@ -370,9 +374,9 @@ def dataset_folder_files(folder, select, label, hub=False):
     if _save_to_disk_kind(folder):
         files, others = saved_dataset_files(folder, select, label)
         return [(f, source) for f in files], {}, {"hidden": [], "ignored": others}
-    files, options, _ = hub_folder_files(folder, select, label)
+    files, options, others = hub_folder_files(folder, select, label)
     files, ignored = _one_kind(files, label)
-    return [(f, source) for f in files], options, {"hidden": [], "ignored": ignored}
+    return [(f, source) for f in files], options, {"hidden": [], "ignored": ignored + others}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +425,7 @@ def dataset_spec(dataset_dir, names, flag="--dataset"):
         if not item:
             continue
         name, sep, ratio = item.rpartition(":")
-        name, ratio = (name, f":{ratio}") if sep and name not in info else (item, "")
+        name, ratio = (item, "") if item in info or not sep else (name, f":{ratio}")
         if name not in info:
             raise ValueError(f"{flag} {name}: no such entry in {path}{suggest(name, list(info))}; its SFT entries: "
                              f"{', '.join(_sft_names(info))}.")
