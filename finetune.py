@@ -46,7 +46,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traine
 
 from finetune_cli import check_ranges, parse_args as parse_flags  # noqa: E402
 from finetune_data import (DataError, RecordError, held_out_split, invalid_reason, is_trained,  # noqa: E402
-                           normalized_rows, tally)
+                           normalized_rows, sample_indices, tally)
 from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_divisor,  # noqa: E402
                                   sequence_parallel_loader, setup_sequence_parallel, skip_first_batches_routed_to,
                                   start_cpu_deepspeed_state, zero_stage)
@@ -85,28 +85,22 @@ class ModelArguments:
 class DataArguments:
     data_path: str = field(
         default=None,
-        metadata={"help": "Training data, comma-separated entries (a comma inside a name is written \\,): files "
-                  "(.jsonl/.json, optionally .gz; .parquet, .arrow, .csv, .tsv; .txt), folders (all data files below "
-                  "it; a Hugging Face dataset folder or save_to_disk folder is read as such), Hub dataset ids "
-                  "(org/name). ENTRY[SPLIT] or ENTRY[SUBSET:SPLIT] selects a split; append :RATIO to sample an entry "
-                  "(e.g. a.jsonl:0.5,org/name[test],b/:2). See README, Data sources."},
+        metadata={"help": "Training data, comma-separated (a comma in a name is written \\,): files (.jsonl/.json(.gz), "
+                  ".parquet, .arrow, .csv, .tsv, .txt), folders (Hub dataset and save_to_disk folders read as such), "
+                  "Hub ids (org/name). [SPLIT] or [SUBSET:SPLIT] after an entry selects a split, :RATIO samples it "
+                  "(e.g. a.jsonl:0.5,org/name[test],b/:2). README: Data sources."},
     )
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same syntax."})
-    dataset: Optional[str] = field(
-        default=None, metadata={"help": "LLaMA-Factory's flag: entries of DATASET_DIR/dataset_info.json, comma-separated "
-                                "(NAME:RATIO samples one); read in addition to --data_path."})
-    dataset_dir: str = field(default="data", metadata={"help": "The folder with LLaMA-Factory's dataset_info.json "
-                                                        "(for --dataset, --eval_dataset)."})
+    dataset: Optional[str] = field(default=None, metadata={"help": "LLaMA-Factory's flag: entries of DATASET_DIR/"
+                                   "dataset_info.json, comma-separated (NAME:RATIO samples one), added to --data_path."})
+    dataset_dir: str = field(default="data", metadata={"help": "The folder of LLaMA-Factory's dataset_info.json."})
     eval_dataset: Optional[str] = field(default=None, metadata={"help": "Evaluation entries of dataset_info.json."})
-    columns: Optional[str] = field(
-        default=None, metadata={"help": "Rename a source's columns (or JSON keys) to a format's keys: SRC=KEY,... "
-                                "e.g. question=prompt,answer=completion or conversation=messages."})
-    val_size: Optional[float] = field(
-        default=None, metadata={"help": "Hold out this share (< 1) or number (>= 1) of the training samples as the "
-                                "evaluation set, per source, the same for a --seed. Not with --eval_data_path."})
-    chat_template_kwargs: Optional[str] = field(
-        default=None, metadata={"help": "JSON object passed to the chat template when rendering the data, e.g. "
-                                "'{\"enable_thinking\": false}' (chat.py reads it from the output folder)."})
+    columns: Optional[str] = field(default=None, metadata={"help": "Rename columns (or JSON keys) to a format's keys: "
+                                   "NAME=KEY,... e.g. question=prompt,answer=completion or conversation=messages."})
+    val_size: Optional[float] = field(default=None, metadata={"help": "Hold out this share (< 1) or number (>= 1) of "
+                                      "the training samples for evaluation, per source, fixed by --seed."})
+    chat_template_kwargs: Optional[str] = field(default=None, metadata={"help": "JSON object for the chat template "
+                                                "when the data is rendered, e.g. '{\"enable_thinking\": false}'."})
     lazy_preprocess: bool = field(
         default=True,
         metadata={"help": "Kept for compatibility with Qwen's script. Preprocessing always runs once into an "
@@ -412,9 +406,8 @@ def _encode(tokenizer, texts, regions):
 
 def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False,
                      template_kwargs=None):
-    """[(messages, tools) or plain text] -> [(input_ids, labels, status)] with numpy arrays; see tokenize_many.
-    Plain text (the text format) has no chat template: the tokenizer's own special tokens (a BOS where it adds
-    one), the text and the EOS token, every token trained."""
+    """[(messages, tools) or plain text] -> [(input_ids, labels, status)] with numpy arrays; see tokenize_many. Plain
+    text (the text format): no chat template, the tokenizer's own BOS (if any) + text + EOS, every token trained."""
     empty = np.zeros(0, dtype=np.int64)
     results, texts, pending = [None] * len(conversations), [], []
     plain = [i for i, c in enumerate(conversations) if isinstance(c, str)]
@@ -651,7 +644,7 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
         keep, held = held_out_split(keep, np.asarray(tokenized["source"][:])[keep], data_args.val_size,
                                     training_args.seed)
         report["held_out"] = {"val_size": data_args.val_size, **_save_split(tokenized.select(held), tmp, "eval")}
-    final = tokenized.select(_sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
+    final = tokenized.select(sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
     return {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
             "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
             "truncated": truncated, "samples_before_ratio": int(len(keep)), **_save_split(final, tmp, "data"),
@@ -664,25 +657,6 @@ def _save_split(dataset, tmp, name):
     per_source = dict(zip(*np.unique(dataset["source"][:], return_counts=True)))
     dataset.remove_columns(["origin", "status", "entry", "source"]).save_to_disk(os.path.join(tmp, name))
     return {"samples": len(dataset), "samples_per_source": {str(k): int(v) for k, v in per_source.items()}}
-
-
-def _sample_indices(entry_col, keep, entries, seed):
-    """Per-entry sampling ratios: <1 takes a random subset, >1 repeats (whole copies + a random rest).
-    An entry left with no sample is an error: a source must not vanish without a word."""
-    entry_col = np.asarray(entry_col)[keep]
-    rng, out = np.random.default_rng(seed), []
-    for e, entry in enumerate(entries):
-        idx = keep[entry_col == e]
-        count = entry.options.get("num_samples")  # dataset_info.json's num_samples: that many samples
-        ratio = entry.ratio * (count / len(idx) if count and len(idx) else 1)
-        whole, frac = int(ratio), ratio - int(ratio)
-        out += [idx] * whole + [rng.permutation(idx)[: int(round(len(idx) * frac))]]
-        if sum(len(i) for i in out[-whole - 1:]) == 0:
-            raise DataError(f"{entry.options.get('label') or '--data_path entry ' + entry.path}:{ratio:g} keeps no "
-                            f"sample of its {len(idx)}"
-                            + (f"; use a ratio of at least {1 / len(idx):.3g}" if len(idx) else
-                               " (all its records are invalid or dropped)") + ".")
-    return np.sort(np.concatenate(out)) if out else keep
 
 
 def load_datasets(data_args, training_args, tokenizer):

@@ -7,7 +7,7 @@ prompt/completion: every record becomes `messages` + `tools`; TRL's text stays t
 
 Interface: read_records(path, options) -> (line | 'row N', record); normalized_rows(entries, ...) yields validated
 rows for datasets.Dataset.from_generator; detect_format, normalize_record, normalize_text, is_trained,
-held_out_counts; the errors DataError (a file or the data as a whole) and RecordError (one record).
+held_out_counts, held_out_split, sample_indices; the errors DataError (a file or the data as a whole) and RecordError (one record).
 """
 
 import csv
@@ -18,6 +18,8 @@ import math
 import re
 import sys
 import zlib
+
+import numpy as np
 
 from finetune_cli import suggest
 from finetune_report import log0
@@ -922,11 +924,28 @@ def held_out_counts(sizes, val_size):
 def held_out_split(keep, sources, val_size, seed):
     """keep: sample indices, sources: their source names -> (training indices, held-out indices), per source,
     at random for this seed (the same split on every run with the same data and seed)."""
-    import numpy as np
-
     keep, sources = np.asarray(keep), np.asarray(sources)
     names = sorted(set(sources.tolist()))
     counts = held_out_counts([int((sources == s).sum()) for s in names], val_size)
     rng = np.random.default_rng(seed)
     held = np.sort(np.concatenate([rng.permutation(keep[sources == s])[:c] for s, c in zip(names, counts)]))
     return np.setdiff1d(keep, held), held
+
+
+def sample_indices(entry_col, keep, entries, seed):
+    """Per-entry sampling ratios: <1 takes a random subset, >1 repeats (whole copies + a random rest).
+    An entry left with no sample is an error: a source must not vanish without a word."""
+    entry_col = np.asarray(entry_col)[keep]
+    rng, out = np.random.default_rng(seed), []
+    for e, entry in enumerate(entries):
+        idx = keep[entry_col == e]
+        count = entry.options.get("num_samples")  # dataset_info.json's num_samples: that many samples
+        ratio = entry.ratio * (count / len(idx) if count and len(idx) else 1)
+        whole, frac = int(ratio), ratio - int(ratio)
+        out += [idx] * whole + [rng.permutation(idx)[: int(round(len(idx) * frac))]]
+        if sum(len(i) for i in out[-whole - 1:]) == 0:
+            raise DataError(f"{entry.options.get('label') or '--data_path entry ' + entry.path}:{ratio:g} keeps no "
+                            f"sample of its {len(idx)}"
+                            + (f"; use a ratio of at least {1 / len(idx):.3g}" if len(idx) else
+                               " (all its records are invalid or dropped)") + ".")
+    return np.sort(np.concatenate(out)) if out else keep

@@ -519,6 +519,8 @@ def locate(item, flag="--data_path"):
     if os.path.isdir(base):
         if os.path.isfile(os.path.join(base, "dataset_info.json")) and not _save_to_disk_kind(base):
             info = read_dataset_info(os.path.join(base, "dataset_info.json"))
+            if info is not None and select:
+                return llamafactory_entry(os.path.join(base, "dataset_info.json"), select)
             if info is not None:
                 raise ValueError(f"{flag} {base}: LLaMA-Factory's data folder (its dataset_info.json names the data); "
                                  f"read its entries with --dataset_dir {base} --dataset NAME[,NAME...] (entries: "

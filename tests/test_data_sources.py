@@ -327,6 +327,7 @@ def make_llamafactory_dir(root):
     write_jsonl(root / "openai_chat.jsonl", [{"conv": [{"role": "user", "content": f"u{i}"},
                                                        {"role": "assistant", "content": f"r{i}"}]} for i in range(2)])
     write_jsonl(root / "c4_demo.jsonl", [{"text": f"Raw text {i}."} for i in range(4)])
+    write_jsonl(root / "with_system.jsonl", [{"instruction": "i", "output": "o", "system": "NOT MAPPED"}])
     info = {
         "alpaca_en_demo": {"file_name": "alpaca_en_demo.json"},
         "identity": {"file_name": "identity.json"},
@@ -337,6 +338,7 @@ def make_llamafactory_dir(root):
                          "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                                   "assistant_tag": "assistant"}},
         "c4_demo": {"file_name": "c4_demo.jsonl", "columns": {"prompt": "text"}},
+        "with_system": {"file_name": "with_system.jsonl"},  # LLaMA-Factory reads `system` only when mapped
         "dpo_en_demo": {"file_name": "dpo_en_demo.json", "ranking": True, "formatting": "sharegpt",
                         "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
         "typo": {"file_name": "alpaca_en_dmeo.json"},
@@ -348,16 +350,18 @@ def make_llamafactory_dir(root):
 def test_llamafactory_dataset_info(tiny_model, tmp_path, monkeypatch, capsys):
     lf = make_llamafactory_dir(tmp_path / "data")
     ds, report, tok, _ = build(tiny_model, tmp_path, "", "--dataset_dir", lf, "--dataset",
-                               "alpaca_en_demo:0.1,identity,glaive_toolcall_en_demo:0.02,my_qa,role_content,c4_demo",
+                               "alpaca_en_demo:0.1,identity,glaive_toolcall_en_demo:0.02,my_qa,role_content,c4_demo,with_system",
                                "--model_max_length", "4096")
     assert report["samples_per_source"] == {"alpaca_en_demo": 100, "identity": 91, "glaive_toolcall_en_demo": 6,
-                                            "my_qa": 5, "role_content": 2, "c4_demo": 4}
+                                            "my_qa": 5, "role_content": 2, "c4_demo": 4, "with_system": 1}
     formats = {Path(f).name: s["format"] for f, s in report["files"].items()}
     assert formats == {"alpaca_en_demo.json": "alpaca", "identity.json": "alpaca", "glaive_toolcall_en_demo.json":
-                       "sharegpt", "part-0.parquet": "alpaca", "openai_chat.jsonl": "sharegpt", "c4_demo.jsonl": "text"}
+                       "sharegpt", "part-0.parquet": "alpaca", "openai_chat.jsonl": "sharegpt", "c4_demo.jsonl": "text",
+                       "with_system.jsonl": "alpaca"}
     texts = texts_of(tok, ds)
     assert any(t.startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nq0") for t in texts)
     assert "Raw text 0.<|im_end|>" in texts  # LLaMA-Factory's pretraining entry (prompt only): the text format
+    assert not any("NOT MAPPED" in t for t in texts)
     lf_flags = ["--dataset_dir", lf, "--dataset"]
     cases = [("dpo_en_demo", "--dataset dpo_en_demo: " + lf + "/dataset_info.json describes preference data "
               "(ranking: true), not supervised fine-tuning data"),
