@@ -37,7 +37,31 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available).")
     p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--chat_template_kwargs", default=None,
+                   help="JSON object for the chat template, e.g. '{\"enable_thinking\": false}' (default: what "
+                   "finetune.py trained with, from MODEL/data_report.json).")
     return p.parse_args(argv)
+
+
+def template_kwargs(args):
+    """--chat_template_kwargs, else those the data was rendered with (MODEL/data_report.json), else {}."""
+    text, where = args.chat_template_kwargs, "--chat_template_kwargs"
+    if text is None:
+        try:
+            with open(os.path.join(args.model, "data_report.json")) as f:
+                kwargs = json.load(f).get("chat_template_kwargs") or {}
+        except (OSError, ValueError):
+            kwargs = {}
+        if kwargs:
+            log(f"chat template kwargs from training ({args.model}/data_report.json): {json.dumps(kwargs)}")
+        return kwargs
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {where} is not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(kwargs, dict):
+        raise SystemExit(f"error: {where} must be a JSON object, e.g. '{{\"enable_thinking\": false}}'.")
+    return kwargs
 
 
 def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=False):
@@ -81,26 +105,26 @@ def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=Fals
     return model.to(device).eval(), tokenizer
 
 
-def stop_token_ids(model, tokenizer):
+def stop_token_ids(model, tokenizer, kwargs=None):
     """EOS ids of the generation config and tokenizer, plus the template's end-of-turn tokens
     (<|im_end|>, <|eot_id|>, <end_of_turn>...): a chat model must stop at the end of its turn."""
     from finetune_tokens import stop_token_ids as stops
 
-    return sorted(stops(tokenizer, model.generation_config.eos_token_id))
+    return sorted(stops(tokenizer, model.generation_config.eos_token_id, template_kwargs=kwargs))
 
 
-def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, top_p=1.0):
-    """One assistant reply (text) to `messages`."""
+def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, kwargs=None):
+    """One assistant reply (text) to `messages`; kwargs: the chat template's (--chat_template_kwargs)."""
     import torch
 
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
+                                        return_dict=True, **(kwargs or {}))
     enc = {k: v.to(model.device) for k, v in enc.items()}
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True,
-                             eos_token_id=stop_token_ids(model, tokenizer),
+                             eos_token_id=stop_token_ids(model, tokenizer, kwargs),
                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                              else tokenizer.eos_token_id, **sampling)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -108,6 +132,7 @@ def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, to
 
 def main(argv=None):
     args = parse_args(argv)
+    kwargs = template_kwargs(args)
     from finetune_distributed import quiet_known_notices
 
     quiet_known_notices()  # first: drops known library notices (e.g. bitsandbytes on CPU) before they are imported
@@ -118,7 +143,8 @@ def main(argv=None):
         transformers.set_seed(args.seed)
     model, tokenizer = load(args.model, args.base, args.dtype, args.device, args.trust_remote_code)
     system = [{"role": "system", "content": args.system}] if args.system else []
-    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "kwargs": kwargs}
 
     if args.prompt is not None:
         print(generate(model, tokenizer, system + [{"role": "user", "content": args.prompt}], **options), flush=True)

@@ -45,14 +45,15 @@ import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: E402
 
 from finetune_cli import check_ranges, parse_args as parse_flags  # noqa: E402
-from finetune_data import (DataError, RecordError, file_id, invalid_reason, is_trained,  # noqa: E402
-                           normalized_rows, resolve_data_spec, tally)
+from finetune_data import (DataError, RecordError, held_out_split, invalid_reason, is_trained,  # noqa: E402
+                           normalized_rows, sample_indices, tally)
 from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_divisor,  # noqa: E402
                                   sequence_parallel_loader, setup_sequence_parallel, skip_first_batches_routed_to,
                                   start_cpu_deepspeed_state, zero_stage)
 from finetune_preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback,  # noqa: E402
                                  adapt_to_world_size, record_exit_code)
 from finetune_report import data_report, log0, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
+from finetune_sources import check_data_flags, file_id, resolve_data_spec  # noqa: E402
 from finetune_template import check_chat_template_flag, chat_template_source, render_conversation  # noqa: E402
 from finetune_tokens import (fit_model_to_tokenizer, keep_adapter_small, lora_token_indices,  # noqa: E402
                              prepare_tokenizer, save_stop_tokens)
@@ -87,11 +88,22 @@ class ModelArguments:
 class DataArguments:
     data_path: str = field(
         default=None,
-        metadata={"help": "Training data: files (.jsonl/.json, optionally .gz) or folders, comma-separated "
-                  "(a comma inside a name is written \\,). A folder means all data files below it (hidden ones "
-                  "skipped); append :RATIO to sample an entry (e.g. a.jsonl:0.5,b/:2)."},
+        metadata={"help": "Training data, comma-separated (a comma in a name is written \\,): files (.jsonl/.json(.gz), "
+                  ".parquet, .arrow, .csv, .tsv, .txt), folders (Hub dataset and save_to_disk folders read as such), "
+                  "Hub ids (org/name). [SPLIT] or [SUBSET:SPLIT] after an entry selects a split, :RATIO samples it "
+                  "(e.g. a.jsonl:0.5,org/name[test],b/:2). README: Data sources."},
     )
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same syntax."})
+    dataset: Optional[str] = field(default=None, metadata={"help": "LLaMA-Factory's flag: entries of DATASET_DIR/"
+                                   "dataset_info.json, comma-separated (NAME:RATIO samples one), added to --data_path."})
+    dataset_dir: str = field(default="data", metadata={"help": "The folder of LLaMA-Factory's dataset_info.json."})
+    eval_dataset: Optional[str] = field(default=None, metadata={"help": "Evaluation entries of dataset_info.json."})
+    columns: Optional[str] = field(default=None, metadata={"help": "Rename columns (or JSON keys) to a format's keys: "
+                                   "NAME=KEY,... e.g. question=prompt,answer=completion or conversation=messages."})
+    val_size: Optional[float] = field(default=None, metadata={"help": "Hold out this share (< 1) or number (>= 1) of "
+                                      "the training samples for evaluation, per source, fixed by --seed."})
+    chat_template_kwargs: Optional[str] = field(default=None, metadata={"help": "JSON object for the chat template "
+                                                "when the data is rendered, e.g. '{\"enable_thinking\": false}'."})
     lazy_preprocess: bool = field(
         default=True,
         metadata={"help": "Kept for compatibility with Qwen's script. Preprocessing always runs once into an "
@@ -99,8 +111,9 @@ class DataArguments:
     )
     data_format: str = field(
         default="auto",
-        metadata={"help": "auto | messages | sharegpt | alpaca | chat_rounds. auto detects it per file.",
-                  "choices": ["auto", "messages", "sharegpt", "alpaca", "chat_rounds"]},
+        metadata={"help": "auto | messages | sharegpt | alpaca | chat_rounds | prompt_completion | text. auto "
+                  "detects it per file.", "choices": ["auto", "messages", "sharegpt", "alpaca", "chat_rounds",
+                                                     "prompt_completion", "text"]},
     )
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Drop invalid records (reported with counts) instead of stopping."}
@@ -139,6 +152,8 @@ class DataArguments:
         default=None, metadata={"help": "World size assumed by --dry_run's estimates (default: this launch's)."}
     )
     resolved: dict = field(default_factory=dict, init=False, repr=False)  # data_sources(): not a flag
+    column_map: dict = field(default_factory=dict, init=False, repr=False)  # --columns, parsed
+    template_kwargs: dict = field(default_factory=dict, init=False, repr=False)  # --chat_template_kwargs, parsed
 
 
 @dataclass
@@ -252,8 +267,7 @@ def validate_args(model_args, data_args, training_args, lora_args):
     """Fail fast, before any data is read or any model, process group or output directory is touched."""
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a model directory or hub id).")
-    if not data_args.data_path:
-        raise ValueError("--data_path is required (a .jsonl/.json file, a folder, or a comma-separated list).")
+    check_data_flags(data_args)  # --dataset entries join --data_path; --columns, --val_size, --chat_template_kwargs
     check_ranges(training_args, lora_args, data_args)
     check_model_path(model_args.model_name_or_path,
                      "tokenizer" if data_args.show_masking else "config" if data_args.dry_run else "weights")
@@ -262,9 +276,9 @@ def validate_args(model_args, data_args, training_args, lora_args):
         check_writable_dir(dataset_cache_root(data_args), "--dataset_cache_dir")
     # missing entries, bad ratios, folder problems, the same file twice; eval files that are also trained on
     # are said (an overfitting check may want that; a held-out set must not)
-    train_files = {file_id(f) for _, _, files in data_sources(data_args, data_args.data_path)[0] for f, _ in files}
-    for _, _, files in data_sources(data_args, data_args.eval_data_path)[0] if data_args.eval_data_path else []:
-        shared = [file for file, _ in files if file_id(file) in train_files]
+    train_files = {file_id(f) for e in data_sources(data_args, data_args.data_path)[0] for f, _ in e.files}
+    for e in data_sources(data_args, data_args.eval_data_path)[0] if data_args.eval_data_path else []:
+        shared = [file for file, _ in e.files if file_id(file) in train_files]
         if shared:
             log0(f"note: --eval_data_path files also in --data_path (evaluated on training data): {', '.join(shared)}")
     check_chat_template_flag(model_args.chat_template)
@@ -292,8 +306,8 @@ def validate_args(model_args, data_args, training_args, lora_args):
                              "LoRA on lm_head; drop the flag or use ds_config_zero2.json / other LoRA targets.")
     if data_args.train_on_prompt and data_args.train_on_last_turn_only:
         raise ValueError("--train_on_prompt and --train_on_last_turn_only exclude each other; pick one.")
-    if training_args.early_stopping_patience and not data_args.eval_data_path:
-        raise ValueError("--early_stopping_patience needs --eval_data_path (it watches eval_loss).")
+    if training_args.early_stopping_patience and not (data_args.eval_data_path or data_args.val_size):
+        raise ValueError("--early_stopping_patience needs --eval_data_path or --val_size (it watches eval_loss).")
     world = (data_args.dry_run and data_args.dry_run_world_size) or int(os.environ.get("WORLD_SIZE", "1"))
     attn = resolve_attn_implementation(model_args.attn_implementation)
     setup_sequence_parallel(training_args, world, attn, use_packing(data_args, attn),
@@ -303,7 +317,7 @@ def validate_args(model_args, data_args, training_args, lora_args):
 def data_sources(data_args, spec):
     """resolve_data_spec(spec), once per run: validate_args resolves (and so checks) what build_dataset reads."""
     if spec not in data_args.resolved:
-        data_args.resolved[spec] = resolve_data_spec(spec)
+        data_args.resolved[spec] = resolve_data_spec(spec, data_args.column_map)
     return data_args.resolved[spec]
 
 
@@ -392,13 +406,20 @@ def _encode(tokenizer, texts, regions):
             for ids, o, r in zip(enc["input_ids"], enc["offset_mapping"], regions)]
 
 
-def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False):
-    """[(messages, tools)] -> [(input_ids, labels, status)] with numpy arrays; see tokenize_many."""
+def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False,
+                     template_kwargs=None):
+    """[(messages, tools) or plain text] -> [(input_ids, labels, status)] with numpy arrays; see tokenize_many. Plain
+    text (the text format): no chat template, the tokenizer's own BOS (if any) + text + EOS, every token trained."""
     empty = np.zeros(0, dtype=np.int64)
     results, texts, pending = [None] * len(conversations), [], []
-    for i, (messages, tools) in enumerate(conversations):
+    plain = [i for i, c in enumerate(conversations) if isinstance(c, str)]
+    eos = tokenizer.eos_token_id
+    for i, ids in zip(plain, tokenizer([conversations[i] for i in plain], verbose=False)["input_ids"] if plain else []):
+        ids = np.asarray(ids + ([eos] if eos is not None and ids[-1:] != [eos] else []), dtype=np.int64)
+        results[i] = _labels_and_cut(ids, [(0, len(ids))], [True], max_length, train_on_prompt=True)
+    for i, (messages, tools) in ((i, c) for i, c in enumerate(conversations) if not isinstance(c, str)):
         try:
-            text, regions = render_conversation(tokenizer, messages, tools)
+            text, regions = render_conversation(tokenizer, messages, tools, template_kwargs)
         except RecordError as e:
             results[i] = (empty, empty, f"error:{e}")
             continue
@@ -483,15 +504,15 @@ def load_tokenizer(model_args, training_args):
 # ---------------------------------------------------------------------------------------------
 
 
-def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_only, sources=None):
+def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_only, sources=None, template_kwargs=None):
     """datasets.map function -> an Arrow table: the batch's other columns, then the tokens, which go to
     Arrow straight from numpy (int32 list arrays), not through per-token Python ints. `sources`
     ({name: index}) adds the source_idx column."""
     import pyarrow as pa
 
     convs = [json.loads(c) for c in batch["conversation"]]
-    out = _tokenize_arrays(tokenizer, [(c["messages"], c["tools"]) for c in convs], max_length,
-                           train_on_prompt, last_turn_only)
+    out = _tokenize_arrays(tokenizer, [c["text"] if "text" in c else (c["messages"], c["tools"]) for c in convs],
+                           max_length, train_on_prompt, last_turn_only, template_kwargs)
     lengths = np.asarray([len(ids) for ids, _, _ in out], dtype=np.int64)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
 
@@ -514,18 +535,20 @@ def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_onl
 def _cache_key(entries, tokenizer, data_args, training_args):
     """Every file's path, size, mtime, inode and ctime (an in-place edit that restores size and mtime
     still changes ctime; a file replaced by another one changes the inode), the ratios, the tokenizer,
-    the template and every setting that changes the tokens."""
+    the template and every setting that changes the tokens; how each entry is read (format, columns, tags)."""
     files = []
-    for path, ratio, entry_files in entries:
-        for file, _ in entry_files:
+    for entry in entries:
+        for file, _ in entry.files:
             st = os.stat(file)
-            files.append([os.path.abspath(file), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, ratio])
+            files.append([os.path.abspath(file), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, entry.ratio,
+                          entry.options])
     h = hashlib.sha256(json.dumps({
         "v": CACHE_VERSION, "files": files, "format": data_args.data_format,
         "template": tokenizer.chat_template, "max_len": training_args.model_max_length,
         "specials": [tokenizer.bos_token, tokenizer.eos_token],
         "prompt": data_args.train_on_prompt, "last": data_args.train_on_last_turn_only,
         "skip": data_args.skip_invalid_records, "seed": training_args.seed,
+        "template_kwargs": data_args.template_kwargs, "val_size": data_args.val_size,
     }, sort_keys=True).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     return h.hexdigest()[:20]
@@ -537,7 +560,7 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     temporary folder, removed on any failure, and renamed into place when complete (atomic: a crash never
     leaves a half-written cache that looks complete)."""
     entries, skipped = data_sources(data_args, spec)
-    for kind, why in (("hidden", "hidden, skipped"), ("ignored", "not .jsonl/.json(.gz), ignored")):
+    for kind, why in (("hidden", "hidden, skipped"), ("ignored", "not read (other types, metadata, other splits)")):
         if skipped[kind]:
             log0(f"data: {len(skipped[kind])} {why}: {', '.join(skipped[kind][:5])}{' ...' if len(skipped[kind]) > 5 else ''}")
     path = os.path.join(cache_root, _cache_key(entries, tokenizer, data_args, training_args))
@@ -585,7 +608,7 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
         fn_kwargs={"tokenizer": tokenizer, "max_length": training_args.model_max_length,
                    "train_on_prompt": data_args.train_on_prompt,
                    "last_turn_only": data_args.train_on_last_turn_only,
-                   "sources": {s: i for i, s in enumerate(sources)}},
+                   "sources": {s: i for i, s in enumerate(sources)}, "template_kwargs": data_args.template_kwargs},
         remove_columns=["conversation"], desc="tokenizing",
     )
     n_raw = len(raw)
@@ -615,32 +638,24 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
                 if "prompt_longer_than_model_max_length" in dropped else "")
         raise DataError(f"{spec}: no sample left to train on (dropped: {dropped}, invalid: {stats['invalid']}){hint}.")
     # Columns are read whole with [:] (iterating a datasets Column goes row by row: minutes at 1M rows).
-    final = tokenized.select(_sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
-    per_source = dict(zip(*np.unique(final["source"][:], return_counts=True)))
-    # source_idx came with the tokens; dropping columns rewrites nothing: save_to_disk is the one pass
-    final = final.remove_columns(["origin", "status", "entry", "source"])
-    final.save_to_disk(os.path.join(tmp, "data"))
+    report = {}
+    if data_args.val_size:  # held out before the ratios: a repeated sample is never in both splits
+        keep, held = held_out_split(keep, np.asarray(tokenized["source"][:])[keep], data_args.val_size,
+                                    training_args.seed)
+        report["held_out"] = {"val_size": data_args.val_size, **_save_split(tokenized.select(held), tmp, "eval")}
+    final = tokenized.select(sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
     return {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
             "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
-            "truncated": truncated, "samples_before_ratio": int(len(keep)), "samples": len(final),
-            "sources": sources, "samples_per_source": {str(k): int(v) for k, v in per_source.items()},
-            "skipped_files": skipped}
+            "truncated": truncated, "samples_before_ratio": int(len(keep)), **_save_split(final, tmp, "data"),
+            "sources": sources, "skipped_files": skipped, **report}
 
 
-def _sample_indices(entry_col, keep, entries, seed):
-    """Per-entry sampling ratios: <1 takes a random subset, >1 repeats (whole copies + a random rest).
-    An entry left with no sample is an error: a source must not vanish without a word."""
-    entry_col = np.asarray(entry_col)[keep]
-    rng, out = np.random.default_rng(seed), []
-    for e, (path, ratio, _) in enumerate(entries):
-        idx = keep[entry_col == e]
-        whole, frac = int(ratio), ratio - int(ratio)
-        out += [idx] * whole + [rng.permutation(idx)[: int(round(len(idx) * frac))]]
-        if sum(len(i) for i in out[-whole - 1:]) == 0:
-            raise DataError(f"--data_path entry {path}:{ratio:g} keeps no sample of its {len(idx)}"
-                            + (f"; use a ratio of at least {1 / len(idx):.3g}" if len(idx) else
-                               " (all its records are invalid or dropped)") + ".")
-    return np.sort(np.concatenate(out)) if out else keep
+def _save_split(dataset, tmp, name):
+    """Saves the tokenized samples under tmp/name -> their counts. source_idx came with the tokens; dropping
+    columns rewrites nothing: save_to_disk is the one pass."""
+    per_source = dict(zip(*np.unique(dataset["source"][:], return_counts=True)))
+    dataset.remove_columns(["origin", "status", "entry", "source"]).save_to_disk(os.path.join(tmp, name))
+    return {"samples": len(dataset), "samples_per_source": {str(k): int(v) for k, v in per_source.items()}}
 
 
 def load_datasets(data_args, training_args, tokenizer):
@@ -679,6 +694,9 @@ def load_datasets(data_args, training_args, tokenizer):
     for p in paths:
         with open(os.path.join(p, "report.json")) as f:
             reports.append(json.load(f))
+    if data_args.val_size:  # the held-out split, saved with the training data (same sources, same source_idx)
+        loaded.append(datasets.load_from_disk(os.path.join(paths[0], "eval")))
+        reports.append({**reports[0]["held_out"], "sources": reports[0]["sources"]})
     train = loaded[0]
     evaluation = loaded[1] if len(loaded) > 1 else None
     return train, evaluation, reports

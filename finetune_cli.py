@@ -48,8 +48,8 @@ def read_config_file(path, actions):
     return flags
 
 
-def join_repeated(argv, names=("data_path", "eval_data_path")):
-    """A repeated --data_path adds its entries (argparse would silently keep only the last one)."""
+def join_repeated(argv, names=("data_path", "eval_data_path", "dataset", "eval_dataset", "columns")):
+    """A repeated --data_path (--dataset, --columns, ...) adds its entries (argparse would keep only the last one)."""
     out, seen = [], {}
     i = 0
     while i < len(argv):

@@ -1,21 +1,25 @@
-"""Reading training data for finetune.py: which files a --data_path names (folders, ratios, links), what a file
-holds (recognised by content: gzip, other encodings, Parquet/ZIP/... refused with the fix), JSONL and JSON
-arrays read record by record with their line numbers, the format adapters (messages, ShareGPT, Alpaca,
-MFTCoder chat_rounds: every record becomes `messages` + `tools`) and record validation
-(`file:line: field: problem`).
+"""Reading training data for finetune.py: what a data file holds (recognised by content: gzip, other encodings,
+stray NUL bytes, Parquet/ZIP/... where JSON is expected), JSONL and JSON arrays read record by record with their line
+numbers, Parquet/Arrow/CSV/TSV tables read row by row (only the columns a format uses; a column of the wrong type
+is one error), --columns renaming, the format adapters (messages, ShareGPT, Alpaca, MFTCoder chat_rounds, TRL's
+prompt/completion: every record becomes `messages` + `tools`; TRL's text stays text) and record validation
+(`file:line: field: problem`, `file:row N: field: problem`). Which files an entry names is finetune_sources.py's.
 
-Interface: resolve_data_spec(spec) -> entries; normalized_rows(entries, ...) yields validated rows for
-datasets.Dataset.from_generator; read_json_records, detect_format, normalize_record, is_trained; the errors
-DataError (a file or the data as a whole) and RecordError (one record).
+Interface: read_records(path, options) -> (line | 'row N', record); normalized_rows(entries, ...) yields validated
+rows for datasets.Dataset.from_generator; detect_format, normalize_record, normalize_text, is_trained,
+held_out_counts, held_out_split, sample_indices; the errors DataError (a file or the data as a whole) and RecordError (one record).
 """
 
+import csv
 import difflib
 import gzip
 import json
 import math
-import os
 import re
+import sys
 import zlib
+
+import numpy as np
 
 from finetune_cli import suggest
 from finetune_report import log0
@@ -25,8 +29,10 @@ class DataError(ValueError):
     """The data cannot be used: one line per problem, each starting with `file:line:` where there is one."""
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".xlsx", ".xls")  # refused with the fix
+# Read in folders; .txt (one text per line) only when named, since folders hold notes and licences as .txt.
+DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".arrow", ".csv", ".tsv")
+READ_SUFFIXES = DATA_SUFFIXES + (".txt",)
+KINDS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT (`from`) and MFTCoder (`role`) speaker names -> our roles.
 SPEAKER_ROLES = {
@@ -47,109 +53,6 @@ class RecordError(ValueError):
     def __init__(self, field_name, problem):
         super().__init__(f"{field_name}: {problem}")
         self.field_name, self.problem = field_name, problem
-
-
-def parse_data_spec(spec):
-    """'a.jsonl:0.5,dir/' -> [(path, ratio)]. Commas separate entries ('\\,' is a comma inside a name); a
-    trailing ':RATIO' is a ratio only if the entry as written is not an existing path (so 'run:3/' works)."""
-    entries = []
-    for item in re.split(r"(?<!\\),", spec):
-        item = os.path.expanduser(item.replace("\\,", ",").strip())
-        if not item:
-            continue
-        path, ratio = item, 1.0
-        head, sep, tail = item.rpartition(":")
-        if sep and head and not os.path.exists(item):
-            try:
-                path, ratio = head, float(tail)
-            except ValueError:
-                raise FileNotFoundError(
-                    f"--data_path: {head} exists, but {tail!r} after ':' is not a ratio (ENTRY:RATIO, e.g. "
-                    f"{head}:0.5)" if os.path.exists(head) else
-                    f"--data_path: {item} does not exist (a ',' inside a name is written '\\,')") from None
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--data_path: {path} does not exist "
-                                    "(entries are separated by ','; a ',' inside a name is written '\\,')")
-        if not (math.isfinite(ratio) and 0 < ratio <= 1000):
-            raise ValueError(f"--data_path: ratio of {path} must be a number > 0 and <= 1000, got {tail!r}.")
-        entries.append((path, ratio))
-    if not entries:
-        raise ValueError(f"--data_path '{spec}' names no file.")
-    return entries
-
-
-def file_id(path):
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def list_data_files(path):
-    """A file -> [(file, source)]; a folder -> its data files, recursively, following symbolic links to
-    folders (a link to a folder that contains it is an error); source = the first-level sub-folder (one per
-    task) or the folder's own name. Also returns what was not read, to be said once in the log and report:
-    hidden files and folders (.ipynb_checkpoints/, .git/, ...) and files of other types."""
-    skipped = {"hidden": [], "ignored": []}
-    if not os.path.isdir(path):
-        suffix = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()
-        if suffix in TABLE_SUFFIXES:
-            raise ValueError(f"--data_path: {path}: {suffix[1:].upper()} files are not supported; give "
-                             f"{'/'.join(DATA_SUFFIXES)} (e.g. pandas: pd.read_{'csv' if suffix in ('.csv', '.tsv') else suffix[1:]}"
-                             f"(...).to_json('data.jsonl', orient='records', lines=True)).")
-        name = os.path.basename(path)
-        for suffix in DATA_SUFFIXES:
-            name = name[: -len(suffix)] if name.endswith(suffix) else name
-        return [(path, name)], skipped
-    root = os.path.normpath(path)
-    files = []
-
-    def walk(folder, ancestors):
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError as e:
-            raise ValueError(f"--data_path: cannot read folder {folder}: {e.strerror}") from None
-        for name in names:
-            full = os.path.join(folder, name)
-            if name.startswith("."):
-                skipped["hidden"].append(full)
-            elif os.path.isdir(full):
-                if file_id(full) in ancestors:
-                    raise ValueError(f"--data_path: {full} links to {os.path.realpath(full)}, a folder that "
-                                     "contains the link: a loop. Remove or fix the link.")
-                walk(full, ancestors | {file_id(full)})
-            elif not os.path.isfile(full):
-                raise ValueError(f"--data_path: {full} is "
-                                 f"{'a broken symbolic link (or a loop of links)' if os.path.islink(full) else 'not a regular file'}"
-                                 "; remove it or fix the link.")
-            elif name.lower().endswith(DATA_SUFFIXES):
-                rel = os.path.relpath(folder, root)
-                files.append((full, os.path.basename(root) if rel == "." else rel.split(os.sep)[0]))
-            else:
-                skipped["ignored"].append(full)
-
-    walk(root, {file_id(root)})
-    if not files:
-        raise FileNotFoundError(f"--data_path: folder {path} has no {'/'.join(DATA_SUFFIXES)} files"
-                                + (f" (skipped hidden: {', '.join(skipped['hidden'][:3])})" if skipped["hidden"] else "")
-                                + (f" (ignored: {', '.join(skipped['ignored'][:3])})" if skipped["ignored"] else "") + ".")
-    return files, skipped
-
-
-def resolve_data_spec(spec):
-    """--data_path -> ([(entry, ratio, [(file, source)])], skipped). A file reached twice (named twice, via
-    a folder and by name, or through a link) is an error: it would silently double its data."""
-    entries, skipped, seen = [], {"hidden": [], "ignored": []}, {}
-    for i, (path, ratio) in enumerate(parse_data_spec(spec)):
-        files, skip = list_data_files(path)
-        for kind in skipped:
-            skipped[kind] += skip[kind]
-        for file, _ in files:
-            other = seen.setdefault(file_id(file), (file, path, i))
-            if other != (file, path, i):
-                raise ValueError(f"--data_path: {file} would be read twice (entries {other[1]!r} and {path!r}"
-                                 + (f", as {other[0]}" if other[0] != file else "") + "); give each file once, "
-                                 f"and use a ratio to repeat data (e.g. {path}:2).")
-        entries.append((path, ratio, files))
-    return entries, skipped
 
 
 # Leading bytes of files that are not JSON text -> what they are.
@@ -177,21 +80,48 @@ def _open_json_text(path):
     f.seek(0)
     kind = next((what for magic, what in MAGIC.items() if head.startswith(magic)), None)
     encoding = next((enc for bom, enc in ENCODINGS.items() if head.startswith(bom)), None)
-    if encoding or (not kind and b"\x00" in head):
+    wide = not kind and _wide_encoding(head)
+    if encoding or wide:
         f.close()
-        raise DataError(f"{path}: text encoded as {encoding or 'UTF-16/UTF-32 (NUL bytes)'}, not UTF-8; convert "
-                        f"it, e.g. iconv -f {encoding or 'UTF-16'} -t UTF-8 {path} > {path}.utf8")
+        raise DataError(f"{path}: text encoded as {encoding or wide + ' (NUL bytes between the characters)'}, not "
+                        f"UTF-8; convert it, e.g. iconv -f {encoding or wide} -t UTF-8 {path} > {path}.utf8")
     if kind:
         f.close()
-        raise DataError(f"{path}: {kind}, not JSON text; give {'/'.join(DATA_SUFFIXES)} files.")
+        named = {"a Parquet file": ".parquet", "an Arrow file": ".arrow"}.get(kind)
+        raise DataError(f"{path}: {kind}, not JSON text; " + (f"name it {named} to read it as such." if named else
+                                                               f"give {'/'.join(READ_SUFFIXES)} files."))
     return f
+
+
+def _wide_encoding(head):
+    """'UTF-16'/'UTF-32' for text without a BOM whose NUL bytes sit at every second (fourth) position, as ASCII
+    characters give; None for UTF-8 with stray NUL bytes (a damaged record, a NUL-filled tail after a crash),
+    whose lines are named by the reader instead."""
+    n = len(head) - len(head) % 4
+    if n < 8 or b"\x00" not in head:
+        return None
+    zero = [head[i:n:4].count(0) > n // 8 for i in range(4)]  # more than half of that position's bytes are NUL
+    return {(False, True, False, True): "UTF-16", (True, False, True, False): "UTF-16",
+            (False, True, True, True): "UTF-32", (True, True, True, False): "UTF-32"}.get(tuple(zero))
+
+
+def _nul_problem(text):
+    """The problem of a record holding NUL bytes, or None."""
+    nul = "\x00" if isinstance(text, str) else b"\x00"
+    if nul not in text:
+        return None
+    if not text.strip(nul + (" \t\r\n" if isinstance(text, str) else b" \t\r\n")):
+        return (f"{text.count(nul)} NUL bytes and nothing else: this part of the file was never written (a crash "
+                "while writing?); cut them off (e.g. tr -d '\\000') or re-create the file")
+    return "NUL bytes (\\x00) inside the record: a damaged line; fix or remove it"
 
 
 def _wrapper_key(value):
     """The key of a JSON object that holds the records as a list (e.g. {"version": 1, "data": [...]})."""
     if isinstance(value, dict) and detect_format(value) is None:
-        for key, items in value.items():
-            if isinstance(items, list) and items and isinstance(items[0], dict):
+        for key, items in value.items():  # a list of records, not of messages ({"conversation": [{"role": ...}]})
+            if isinstance(items, list) and items and isinstance(items[0], dict) and (
+                    detect_format(items[0]) or not {"role", "from", "content", "value"} & set(items[0])):
                 return key
     return None
 
@@ -231,6 +161,10 @@ def read_json_records(path):
                 if not raw.strip():
                     continue
                 was_first, first_line = first_line, False
+                nul = b"\x00" in raw and _nul_problem(raw)
+                if nul:
+                    yield line_no, RecordError("json", nul)
+                    continue
                 try:
                     record = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError:
@@ -306,7 +240,8 @@ def _array_records(path, data):
                 raise DataError(f"{path}:{getattr(e, 'lineno', line)}: invalid JSON ({where}) in an array whose records "
                                 "do not start lines, so the records after it cannot be told apart or counted. "
                                 "Fix the file, or write JSONL (one record per line).") from None
-            yield getattr(e, "lineno", line), RecordError("json", f"invalid JSON ({where})")
+            nul = _nul_problem(text[pos:nxt.start() if nxt else len(text)])
+            yield getattr(e, "lineno", line), RecordError("json", nul or f"invalid JSON ({where})")
             if nxt is None:
                 return  # the broken record was the last one: nothing after it is a record
             line += text.count("\n", pos, nxt.start() + 1)
@@ -316,6 +251,8 @@ def _array_records(path, data):
         line += text.count("\n", pos, end)
         pos = end
     rest = text[pos + 1:]
+    if rest.strip() and not rest.strip(" \t\r\n\x00"):
+        raise DataError(f"{path}:{line}: {_nul_problem(rest)} (after the JSON array, which is complete).")
     if rest.strip():
         extra = line + rest[:len(rest) - len(rest.lstrip())].count("\n")
         raise DataError(f"{path}:{extra}: more data after the JSON array that ends on line {line}; a file holds "
@@ -323,14 +260,62 @@ def _array_records(path, data):
                         "JSONL needs one record object per line, not a list.")
 
 
+# Formats by the key that identifies them, in the order they are tried (a record with `messages` and `text` is
+# messages); alpaca is also recognised by `output`, prompt_completion by `prompt`.
+FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "chat_rounds": ("chat_rounds",),
+               "alpaca": ("instruction", "output"), "prompt_completion": ("completion", "prompt"), "text": ("text",)}
+FORMATS = tuple(FORMAT_KEYS)
+# The keys each format needs (a table without one of these columns is refused before any row is read)
+REQUIRED = {"messages": ("messages",), "sharegpt": ("conversations",), "chat_rounds": ("chat_rounds",),
+            "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+
+
 def detect_format(record):
     if isinstance(record, dict):
-        for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("chat_rounds", "chat_rounds")):
-            if key in record:
+        for fmt, keys in FORMAT_KEYS.items():
+            if any(k in record for k in keys):
                 return fmt
-        if "instruction" in record or "output" in record:
-            return "alpaca"
     return None
+
+
+# What a column a format reads may hold, as Arrow types: text, a list (of messages, turns, pairs), or either.
+TEXT, LIST, EITHER = "text", "a list", "text or a list of messages"
+COLUMN_TYPES = {"instruction": TEXT, "input": TEXT, "output": TEXT, "system": TEXT, "text": TEXT,
+                "prompt": EITHER, "completion": EITHER, "messages": LIST, "conversations": LIST,
+                "chat_rounds": LIST, "history": LIST}
+LIST_KEYS = ("messages", "conversations", "chat_rounds", "history")  # in tables also as JSON text (CSV cells)
+# Column names whose meaning is a format's key: for the --columns suggestion when nothing fits
+COLUMN_GUESSES = {
+    "prompt": ("question", "query", "prompt", "instruction", "input", "problem", "request", "user", "human"),
+    "completion": ("answer", "response", "completion", "output", "solution", "reply", "target", "assistant", "gpt"),
+    "messages": ("conversation", "conversations", "dialog", "dialogue", "chat", "turns", "messages", "history"),
+    "text": ("content", "document", "body", "passage", "article", "raw", "code", "sentence", "text"),
+}
+
+
+def columns_suggestion(keys):
+    """A --columns value that would map these column names to a format, guessed from common names."""
+    def find(kind, taken=()):
+        for guess in COLUMN_GUESSES[kind]:
+            for key in keys:
+                if key not in taken and (key.lower() == guess or guess in key.lower()):
+                    return key
+        return None
+    q = find("prompt")
+    a = find("completion", (q,))
+    if q and a:
+        return f"{q}=prompt,{a}=completion"
+    for kind in ("messages", "text"):
+        if find(kind):
+            return f"{find(kind)}={kind}"
+    return "QUESTION_COLUMN=prompt,ANSWER_COLUMN=completion (or CONVERSATION_COLUMN=messages, TEXT_COLUMN=text)"
+
+
+def no_format(keys, what="keys"):
+    names = ", ".join(map(repr, keys)) or "none"
+    typos = "".join(f"; {k!r}{near_miss(k)}" for k in keys if near_miss(k))
+    return (f"{what} {names} fit no format (messages, conversations, chat_rounds, instruction+output, "
+            f"prompt+completion, text); map yours with --columns, e.g. --columns {columns_suggestion(keys)}{typos}")
 
 
 def _text(content, where):
@@ -431,13 +416,12 @@ def _message(role, content, field_name, item=None, tool_calls=None):
     return msg
 
 
-def _from_messages(record):
-    msgs = record["messages"]
+def _message_list(msgs, field_name):
     if not isinstance(msgs, list) or not msgs:
-        raise RecordError("messages", "must be a non-empty list")
+        raise RecordError(field_name, "must be a non-empty list")
     out = []
     for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
+        where = f"{field_name}[{i}]"
         if not isinstance(m, dict):
             raise RecordError(where, "must be an object with role and content")
         role = m.get("role")
@@ -447,38 +431,50 @@ def _from_messages(record):
             raise RecordError(f"{where}.content", "missing")
         calls = _tool_calls(m["tool_calls"], f"{where}.tool_calls") if m.get("tool_calls") else None
         out.append(_message(role, m.get("content"), f"{where}.content", m, calls))
-    return out, _tools(record.get("tools"))
+    return out
 
 
-def _from_speakers(turns, list_field, speaker_key, text_key, system=None):
+def _from_messages(record, tags=None):
+    return _message_list(record["messages"], "messages"), _tools(record.get("tools"))
+
+
+def _from_speakers(turns, list_field, speaker_key, text_key, system=None, tags=None):
+    """ShareGPT-like turns. tags (LLaMA-Factory's role_tag, content_tag, user_tag, ...) name the keys and
+    speakers exactly; without them, from/value or role/content and any speaker of SPEAKER_ROLES."""
     if not isinstance(turns, list) or not turns:
         raise RecordError(list_field, "must be a non-empty list")
+    roles, calls_by = SPEAKER_ROLES, ("function_call",)
+    if tags:
+        roles = {tags[t]: r for t, r in (("user_tag", "user"), ("assistant_tag", "assistant"), ("system_tag", "system"),
+                                          ("observation_tag", "tool"), ("function_tag", "assistant")) if tags.get(t)}
+        calls_by = (tags.get("function_tag"),)
     out = [_message("system", system, "system")] if system not in (None, "") else []
     for i, t in enumerate(turns):
         where = f"{list_field}[{i}]"
         if not isinstance(t, dict):
             raise RecordError(where, "must be an object")
-        sk, tk = (speaker_key, text_key) if speaker_key in t or "role" not in t else ("role", "content")
+        sk, tk = (tags["role_tag"], tags["content_tag"]) if tags else \
+            (speaker_key, text_key) if speaker_key in t or "role" not in t else ("role", "content")
         speaker = t.get(sk)
-        role = SPEAKER_ROLES.get(speaker)
+        role = roles.get(speaker)
         if role is None:
             raise RecordError(f"{where}.{sk}", f"unknown speaker {speaker!r} "
-                              f"(expected one of {', '.join(sorted(SPEAKER_ROLES))})")
-        calls = _tool_calls(t.get(tk), f"{where}.{tk}") if speaker == "function_call" else None
+                              f"(expected one of {', '.join(sorted(roles))})")
+        calls = _tool_calls(t.get(tk), f"{where}.{tk}") if speaker in calls_by else None
         out.append(_message(role, None if calls else t.get(tk), f"{where}.{tk}", t, calls))
     return out
 
 
-def _from_sharegpt(record):
-    msgs = _from_speakers(record["conversations"], "conversations", "from", "value", record.get("system"))
+def _from_sharegpt(record, tags=None):
+    msgs = _from_speakers(record["conversations"], "conversations", "from", "value", record.get("system"), tags)
     return msgs, _tools(record.get("tools"))
 
 
-def _from_chat_rounds(record):
+def _from_chat_rounds(record, tags=None):
     return _from_speakers(record["chat_rounds"], "chat_rounds", "role", "content", record.get("system")), None
 
 
-def _from_alpaca(record):
+def _from_alpaca(record, tags=None):
     for key in ("instruction", "output", "input", "system"):
         optional = key in ("input", "system")
         if not isinstance(record.get(key), str) and not (optional and record.get(key) is None):
@@ -493,33 +489,85 @@ def _from_alpaca(record):
         msgs += [_message("user", pair[0], f"history[{i}][0]"), _message("assistant", pair[1], f"history[{i}][1]")]
     prompt = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
     msgs += [_message("user", prompt, "instruction"), _message("assistant", record["output"], "output")]
-    return msgs, None
+    return msgs, _tools(record.get("tools"))
+
+
+def _turns(value, field_name, role):
+    """One side of prompt/completion: a string (one `role` turn) or a list of messages."""
+    if isinstance(value, str):
+        return [_message(role, value, field_name)]
+    if isinstance(value, list):
+        return _message_list(value, field_name)
+    raise RecordError(field_name, "missing or null" if value is None else
+                      f"must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _from_prompt_completion(record, tags=None):
+    """TRL's prompt/completion: strings are a user turn and an assistant turn; message lists (conversational) are
+    the conversation, of which only the completion's assistant turns are trained."""
+    prompt = [{**m, "train": False} if m["role"] == "assistant" else m
+              for m in _turns(record.get("prompt"), "prompt", "user")]
+    completion = _turns(record.get("completion"), "completion", "assistant")
+    if not any(m["role"] == "assistant" for m in completion):
+        raise RecordError("completion", "no assistant turn (the completion is what is trained)")
+    system = record.get("system")
+    if system not in (None, ""):
+        if any(m["role"] == "system" for m in prompt):
+            raise RecordError("system", "given twice: as `system` and as a system message in `prompt`")
+        prompt = [_message("system", system, "system")] + prompt
+    return prompt + completion, _tools(record.get("tools"))
 
 
 ADAPTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
-            "chat_rounds": _from_chat_rounds}
+            "chat_rounds": _from_chat_rounds, "prompt_completion": _from_prompt_completion}
 RECORD_KEYS = ("messages", "conversations", "chat_rounds", "tools", "system", "source", "instruction", "input",
-               "output", "history")
-REQUIRED_KEY = {"messages": "messages", "sharegpt": "conversations", "chat_rounds": "chat_rounds",
-                "alpaca": "instruction"}
+               "output", "history", "prompt", "completion", "text")
+REQUIRED_KEY = {fmt: keys[0] for fmt, keys in REQUIRED.items()}
 
 
-def normalize_record(record, fmt):
-    """Any supported record -> (messages, tools), or RecordError naming the field and the problem."""
+def near_miss(key, known=RECORD_KEYS):
+    """' (did you mean ...)' for a key that is a typo of a known one ('mesages'), not one that extends it
+    ('prompt_id', 'source_text'); else ''."""
+    if key in known:
+        return ""
+    hint = suggest(key, known)
+    if hint and re.search(r"(^|_)(" + "|".join(map(re.escape, known)) + r")(_|$)", key):
+        return ""
+    return hint
+
+
+def _check_keys(record):
     if not isinstance(record, dict):
         raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
     for key in record:
-        if key not in RECORD_KEYS and difflib.get_close_matches(key, RECORD_KEYS, n=1, cutoff=0.75):
-            raise RecordError(key, f"unknown key{suggest(key, RECORD_KEYS)}")
+        if near_miss(key):
+            raise RecordError(key, f"unknown key{near_miss(key)}")
+
+
+def normalize_record(record, fmt, tags=None):
+    """Any supported record -> (messages, tools), or RecordError naming the field and the problem."""
+    _check_keys(record)
     if REQUIRED_KEY[fmt] not in record:
         raise RecordError(REQUIRED_KEY[fmt], f"missing (file read as {fmt} format)")
-    messages, tools = ADAPTERS[fmt](record)
+    messages, tools = ADAPTERS[fmt](record, tags)
     assistants = [m for m in messages if m["role"] == "assistant"]
     if not assistants:
         raise RecordError(REQUIRED_KEY[fmt], "no assistant turn to train on")
     if not any(is_trained(m) for m in assistants):
         raise RecordError(REQUIRED_KEY[fmt], "every assistant turn is excluded (train: false / loss_weight: 0)")
     return messages, tools
+
+
+def normalize_text(record):
+    """The text format -> the text (plain text: no chat template, every token trained)."""
+    _check_keys(record)
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise RecordError("text", "missing or null (file read as text format)" if text is None else
+                          f"must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise RecordError("text", "empty")
+    return text
 
 
 def is_trained(message):
@@ -536,11 +584,266 @@ def tally(counter, key, n=1):
     counter[key] = counter.get(key, 0) + n
 
 
+# ---------------------------------------------------------------------------------------------
+# Tables (Parquet, Arrow, CSV/TSV) and plain text, row by row
+# ---------------------------------------------------------------------------------------------
+
+# The keys each format reads (and `source`): the only columns read from a table
+FORMAT_READS = {"messages": ("messages", "tools"), "sharegpt": ("conversations", "system", "tools"),
+                "chat_rounds": ("chat_rounds", "system"), "alpaca": ("instruction", "input", "output", "system",
+                                                                     "history", "tools"),
+                "prompt_completion": ("prompt", "completion", "system", "tools"), "text": ("text",)}
+
+
+def file_kind(path):
+    """json | parquet | arrow | csv | tsv | txt, by the file's name; None for other files."""
+    name = path.lower()
+    if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        return "json"
+    return next((kind for suffix, kind in KINDS.items() if name.endswith(suffix)), None)
+
+
+def rename(keys, columns, only=False):
+    """{name: key} for a record's keys or a table's columns: --columns (or a dataset_info.json entry's columns)
+    applied; with `only`, names not mapped are not read. Two names becoming one key is an error."""
+    out, taken = {}, {}
+    for name in keys:
+        key = columns.get(name, None if only else name)
+        if key is None:
+            continue
+        if key in taken:
+            raise RecordError("columns", f"{taken[key]!r} and {name!r} would both be {key!r}"
+                              + (" (--columns)" if columns else "") + "; map or drop one")
+        taken[key], out[name] = name, key
+    return out
+
+
+def _arrow_type_problem(key, t):
+    """Why an Arrow column of type t cannot be the format's `key`, or None."""
+    import pyarrow as pa
+
+    def is_text(t):
+        return (pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+                or pa.types.is_dictionary(t) and is_text(t.value_type))
+
+    def is_list(t):
+        return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+    want = COLUMN_TYPES.get(key)
+    if want is None or pa.types.is_null(t) or is_text(t) and want != LIST or is_list(t) and want != TEXT:
+        return None
+    if is_text(t) and want == LIST:
+        return None  # a list as JSON text (what a CSV export holds): parsed per row
+    return f"holds {t}, but the {key!r} of a record must be {want}"
+
+
+def _has_struct(t):
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        return True
+    return any(_has_struct(t.field(i).type) for i in range(t.num_fields)) if hasattr(t, "num_fields") else False
+
+
+class _TablePlan:
+    """How a table's rows become records: which columns are read, under which keys; values of nested columns
+    lose their null fields (an Arrow struct has every key of every row: a missing key reads as null), and a
+    list key given as text is parsed as JSON. Refuses, in one line, a table whose columns fit no format, lack one
+    the format needs, or hold the wrong type."""
+
+    def __init__(self, path, types, options, fmt):
+        try:
+            mapping = rename(types, options.get("columns") or {}, options.get("only", False))
+        except RecordError as e:
+            raise DataError(f"{path}: {e}") from None
+        keys = list(mapping.values())
+        absent = [f"{n}={k}" for n, k in (options.get("columns") or {}).items() if n not in types]
+        absent = f" (the mapping {', '.join(absent)} names no column of this table)" if absent else ""
+        fmt = fmt or detect_format(dict.fromkeys(keys))
+        if fmt is None:
+            raise DataError(f"{path}: {no_format(list(types), 'columns')}{absent}")
+        for key in keys:
+            if near_miss(key):
+                raise DataError(f"{path}: column {key!r}: unknown key{near_miss(key)}; rename it (--columns "
+                                f"{key}={near_miss(key).split(chr(39))[1]}) or drop it")
+        missing = [k for k in REQUIRED[fmt] if k not in keys]
+        if missing:
+            how = ("the entry's columns in its dataset_info.json" if options.get("label") else
+                   f"--columns NAME={missing[0]}")
+            raise DataError(f"{path}: no column {missing[0]!r}: the {fmt} format needs {' and '.join(REQUIRED[fmt])} "
+                            f"(columns: {', '.join(types)}); map one with {how}{absent}")
+        wanted = FORMAT_READS[fmt] + ("source",)
+        self.names = [n for n in types if mapping.get(n) in wanted]
+        self.keys = [mapping[n] for n in self.names]
+        for name, key in zip(self.names, self.keys):
+            problem = types[name] is not None and _arrow_type_problem(key, types[name])
+            if problem:
+                via = f" (--columns {name}={key})" if name != key else ""
+                raise DataError(f"{path}: column {name!r}{via} {problem}.")
+            if key in REQUIRED[fmt] and types[name] is not None and str(types[name]) == "null":
+                raise DataError(f"{path}: column {name!r} is null in every row: no {key}.")
+        self.fmt = fmt
+        self.nested = [i for i, n in enumerate(self.names) if types[n] is not None and _has_struct(types[n])]
+        self.parsed = [i for i, k in enumerate(self.keys) if k in LIST_KEYS]
+
+    def record(self, values):
+        values = list(values)
+        for i in self.nested:
+            values[i] = _drop_nulls(values[i])
+        for i in self.parsed:
+            if isinstance(values[i], str):
+                try:
+                    values[i] = json.loads(values[i])
+                except json.JSONDecodeError as e:
+                    return RecordError(self.keys[i], f"text that is not a JSON list ({e.msg} at column {e.colno}); "
+                                       "a list in a table cell is written as JSON")
+        return dict(zip(self.keys, values))
+
+
+def _drop_nulls(value):
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _arrow_records(path, kind, options, fmt, seen):
+    """Rows of a Parquet file or an Arrow IPC file (file or stream format: save_to_disk and datasets' cache
+    write streams), read batch by batch, only the columns the format uses."""
+    import pyarrow as pa
+
+    what = "Parquet" if kind == "parquet" else "Arrow"
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.ParquetFile(path, memory_map=True)
+            schema, batches = table.schema_arrow, lambda cols: table.iter_batches(batch_size=1024, columns=cols)
+        else:
+            source = pa.memory_map(path)
+            try:
+                reader = pa.ipc.open_file(source)
+                schema = reader.schema
+                batches = lambda cols: (reader.get_batch(i).select(cols) for i in range(reader.num_record_batches))  # noqa: E731
+            except pa.ArrowInvalid:
+                source.seek(0)
+                stream = pa.ipc.open_stream(source)
+                schema, batches = stream.schema, lambda cols: (b.select(cols) for b in stream)
+        seen.update(schema.names)
+        plan = _TablePlan(path, {n: schema.field(n).type for n in schema.names}, options, fmt)
+        row = 0
+        for batch in batches(plan.names):
+            for values in zip(*(column.to_pylist() for column in batch.columns)):
+                row += 1
+                yield f"row {row}", plan.record(values)
+    except (pa.ArrowException, OSError) as e:
+        at = f" after row {row}" if "row" in locals() else ""
+        raise DataError(f"{path}: not a readable {what} file{at} ({' '.join(str(e).split())[:200]}); re-create or "
+                        "re-download it.") from None
+
+
+def _csv_records(path, kind, options, fmt, seen):
+    """Rows of a CSV/TSV file (RFC 4180: quoted fields may hold the delimiter, quotes and newlines; a BOM is
+    skipped). Every value is text; a row with another number of fields than the header is an invalid record."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # chat data has long cells; the default limit is 128 KiB
+    delimiter = options.get("delimiter") or ("\t" if kind == "tsv" else ",")
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    head = raw.read(4096)
+    raw.seek(0)
+    encoding = next((enc for bom, enc in ENCODINGS.items() if head.startswith(bom)), None) or _wide_encoding(head)
+    if encoding:
+        raw.close()
+        raise DataError(f"{path}: text encoded as {encoding}, not UTF-8; convert it, e.g. iconv -f {encoding} -t "
+                        f"UTF-8 {path} > {path}.utf8")
+    def lines():  # decoded one line at a time, so that bad UTF-8 is named by its line
+        for line_no, line in enumerate(raw, 1):
+            try:
+                yield line.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{line_no}: not valid UTF-8; convert it, e.g. iconv -f latin1 -t UTF-8 "
+                                f"{path} > {path}.utf8") from None
+
+    with raw:
+        reader = csv.reader(lines(), delimiter=delimiter, strict=True)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}: {'empty file' if header is None else 'the first line is blank'}: no header.")
+            twice = sorted({n for n in header if header.count(n) > 1})
+            if twice:
+                raise DataError(f"{path}: the header names {twice[0]!r} twice; column names must be unique.")
+            seen.update(header)
+            plan = _TablePlan(path, dict.fromkeys(header), options, fmt)
+            index = [header.index(n) for n in plan.names]
+            row = 0
+            for fields in reader:
+                if not fields:
+                    continue  # a blank line
+                row += 1
+                if len(fields) != len(header):
+                    yield f"row {row}", RecordError("csv", f"{len(fields)} fields where the header has {len(header)} "
+                                                    f"(line {reader.line_num}; a {delimiter!r} inside a field must be "
+                                                    "quoted)")
+                    continue
+                nul = any("\x00" in x for x in fields) and _nul_problem("".join(fields))
+                yield f"row {row}", RecordError("csv", nul) if nul else plan.record(fields[i] for i in index)
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: not valid {kind.upper()} ({e}; a quote inside a quoted "
+                            "field is written twice: \"\")") from None
+
+
+def _text_lines(path):
+    """A .txt file: one text per non-blank line (datasets' text builder), numbered by line."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            raw = raw.rstrip(b"\r\n").removeprefix(b"\xef\xbb\xbf" if line_no == 1 else b"")
+            if not raw.strip():
+                continue
+            nul = b"\x00" in raw and _nul_problem(raw)
+            try:
+                yield line_no, RecordError("text", nul) if nul else {"text": raw.decode("utf-8")}
+            except UnicodeDecodeError:
+                yield line_no, RecordError("text", "not valid UTF-8")
+
+
+def read_records(path, options=None, fmt=None, seen=None):
+    """Yield (where, record or RecordError) from any data file, by its name: JSON/JSONL and .txt (where = the
+    line), Parquet/Arrow/CSV/TSV (where = 'row N', N counting the rows from 1, a CSV header not counted).
+    options: columns ({name: key}) and only (read only mapped names), delimiter. fmt: the format if known
+    (tables check their columns against it, or detect it from the column names). seen: collects the names."""
+    options, seen = options or {}, seen if seen is not None else set()
+    kind = file_kind(path)
+    if kind in ("parquet", "arrow"):
+        yield from _arrow_records(path, kind, options, fmt, seen)
+        return
+    if kind in ("csv", "tsv"):
+        yield from _csv_records(path, kind, options, fmt, seen)
+        return
+    columns, only = options.get("columns") or {}, options.get("only", False)
+    for where, record in _text_lines(path) if kind == "txt" else read_json_records(path):
+        if (columns or only) and isinstance(record, dict):
+            seen.update(record)
+            try:
+                record = {key: record[name] for name, key in rename(record, columns, only).items()}
+            except RecordError as e:
+                record = e
+        yield where, record
+
+
+# ---------------------------------------------------------------------------------------------
+# All entries -> validated rows; the held-out split
+# ---------------------------------------------------------------------------------------------
+
+
 def normalized_rows(entries, data_format, skip_invalid, stats):
     """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes. Without
     --skip_invalid_records the first invalid record stops the output but not the reading: every file is
     still validated so that the error names the total count."""
-    errors, n_invalid = [], 0
+    errors, n_invalid, seen = [], 0, set()
 
     def fail(last=None, stopped=False):
         lines = errors + ([last] if last else [])
@@ -550,13 +853,14 @@ def normalized_rows(entries, data_format, skip_invalid, stats):
             lines.append(f"({n_invalid} invalid records in all; the first {len(errors)} are shown)")
         raise DataError("\n".join(lines))
 
-    for entry_idx, (_, _, files) in enumerate(entries):
-        for file, source in files:
-            fmt = None if data_format == "auto" else data_format
+    for entry_idx, entry in enumerate(entries):
+        options = entry[3] if len(entry) > 3 else {}
+        for file, source in entry[2]:
+            fmt = options.get("format") or (None if data_format == "auto" else data_format)
             fstats = {"records": 0, "invalid": 0, "samples": 0, "truncated": 0, "dropped": 0}
             stats["files"][file] = fstats
             try:
-                for line, record in read_json_records(file):
+                for where, record in read_records(file, options, fmt, seen):
                     fstats["records"] += 1
                     try:
                         if isinstance(record, RecordError):
@@ -565,27 +869,83 @@ def normalized_rows(entries, data_format, skip_invalid, stats):
                             raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
                         fmt = fmt or detect_format(record)
                         if fmt is None:
-                            near = [k for k in record if suggest(k, list(REQUIRED_KEY.values()))]
-                            raise RecordError("record", "unknown format: expected messages, conversations, "
-                                              "chat_rounds or instruction/output fields"
-                                              + (f"; {near[0]!r}{suggest(near[0], list(REQUIRED_KEY.values()))}" if near else ""))
+                            raise RecordError("record", no_format(list(record)))
                         fstats["format"] = fmt
-                        messages, tools = normalize_record(record, fmt)
+                        conversation = {"text": normalize_text(record)} if fmt == "text" else \
+                            dict(zip(("messages", "tools"), normalize_record(record, fmt, options.get("tags"))))
                     except RecordError as e:
                         fstats["invalid"] += 1
                         n_invalid += 1
                         tally(stats["invalid"], invalid_reason(str(e)))
                         if not skip_invalid and len(errors) < 20:
-                            errors.append(f"{file}:{line}: {e}")
+                            errors.append(f"{file}:{where}: {e}")
                         continue
                     if not errors:
                         stats["rows"] += 1
-                        yield {"conversation": json.dumps({"messages": messages, "tools": tools}, ensure_ascii=False),
-                               "source": str(record.get("source") or source), "origin": f"{file}:{line}",
+                        yield {"conversation": json.dumps(conversation, ensure_ascii=False),
+                               "source": str(record.get("source") or source), "origin": f"{file}:{where}",
                                "entry": entry_idx}
             except DataError as e:  # the file as a whole: reading stops, so the count is a lower bound
                 fail(str(e), stopped=True)
             if fstats["records"] == 0:
-                fail(f"{file}: no records (an empty JSON array).", stopped=True)
+                fail(f"{file}: no records (an empty {'JSON array' if file_kind(file) == 'json' else 'table'}).",
+                     stopped=True)
+    for entry in entries:
+        options = entry[3] if len(entry) > 3 else {}
+        unused = [f"{n}={k}" for n, k in (options.get("columns") or {}).items() if n not in seen]
+        if unused and not options.get("label"):
+            fail(f"--columns {unused[0]}: no data file has a column or key {unused[0].split('=')[0]!r} (found: "
+                 f"{', '.join(sorted(seen)[:20])}).")
     if errors:
         fail()
+
+
+def held_out_counts(sizes, val_size):
+    """--val_size (a fraction < 1, or a whole number of samples) over sources of `sizes` samples -> how many each
+    source gives to the held-out split: the total spread in proportion to the sources' sizes (largest remainder),
+    every source keeping at least one training sample."""
+    n = sum(sizes)
+    total = int(val_size * n + 0.5) if val_size < 1 else int(val_size)
+    if total < 1:
+        raise DataError(f"--val_size {val_size:g} holds out no sample of {n}; give at least {1 / n:.3g}, or a whole "
+                        "number of samples.")
+    if total > n - len(sizes):
+        raise DataError(f"--val_size {val_size:g} would hold out {total} of {n} samples, leaving too few to train on "
+                        f"({len(sizes)} sources must keep one each).")
+    exact = [total * s / n for s in sizes]
+    counts = [min(int(x), s - 1) for x, s in zip(exact, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: (counts[i] - exact[i], i))  # largest shortfall first
+    while sum(counts) < total:
+        for i in [i for i in order if counts[i] < sizes[i] - 1][: total - sum(counts)]:
+            counts[i] += 1
+    return counts
+
+
+def held_out_split(keep, sources, val_size, seed):
+    """keep: sample indices, sources: their source names -> (training indices, held-out indices), per source,
+    at random for this seed (the same split on every run with the same data and seed)."""
+    keep, sources = np.asarray(keep), np.asarray(sources)
+    names = sorted(set(sources.tolist()))
+    counts = held_out_counts([int((sources == s).sum()) for s in names], val_size)
+    rng = np.random.default_rng(seed)
+    held = np.sort(np.concatenate([rng.permutation(keep[sources == s])[:c] for s, c in zip(names, counts)]))
+    return np.setdiff1d(keep, held), held
+
+
+def sample_indices(entry_col, keep, entries, seed):
+    """Per-entry sampling ratios: <1 takes a random subset, >1 repeats (whole copies + a random rest).
+    An entry left with no sample is an error: a source must not vanish without a word."""
+    entry_col = np.asarray(entry_col)[keep]
+    rng, out = np.random.default_rng(seed), []
+    for e, entry in enumerate(entries):
+        idx = keep[entry_col == e]
+        count = entry.options.get("num_samples")  # dataset_info.json's num_samples: that many samples
+        ratio = entry.ratio * (count / len(idx) if count and len(idx) else 1)
+        whole, frac = int(ratio), ratio - int(ratio)
+        out += [idx] * whole + [rng.permutation(idx)[: int(round(len(idx) * frac))]]
+        if sum(len(i) for i in out[-whole - 1:]) == 0:
+            raise DataError(f"{entry.options.get('label') or '--data_path entry ' + entry.path}:{ratio:g} keeps no "
+                            f"sample of its {len(idx)}"
+                            + (f"; use a ratio of at least {1 / len(idx):.3g}" if len(idx) else
+                               " (all its records are invalid or dropped)") + ".")
+    return np.sort(np.concatenate(out)) if out else keep

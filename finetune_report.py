@@ -169,6 +169,7 @@ def data_report(train, evaluation, reports, first_sample_marked, config, data_ar
         **plan,
     }
     report["first_sample_marked"] = first_sample_marked
+    report["chat_template_kwargs"] = data_args.template_kwargs  # chat.py renders prompts with them too
     if evaluation is not None:
         report["eval"] = {**reports[1], "tokens": token_stats(evaluation)}
     method = "q-lora" if lora_args.q_lora else "lora" if training_args.use_lora else "full"
@@ -198,6 +199,10 @@ def log_data_summary(report):
     log0(f"data: {t['samples']} samples from {t['records_valid']} valid records "
          f"({sum(f['records'] for f in t['files'].values())} read in {len(t['files'])} files); "
          f"truncated {t['truncated']}, dropped {t['dropped'] or 0}, invalid {t['invalid'] or 0}")
+    if "held_out" in t:
+        h = t["held_out"]
+        log0(f"eval: {h['samples']} samples held out from the training data (--val_size {h['val_size']:g}), per "
+             f"source {h['samples_per_source']}")
     s = t["tokens"]
     log0(f"tokens: {s['tokens']:,} total, {s['trained_tokens']:,} trained; length mean {s['mean']} "
          f"p50 {s['p50']} p90 {s['p90']} p99 {s['p99']} max {s['max']}; padding share {t['padding_share']:.1%} "

@@ -84,8 +84,8 @@ class ChatRenderer:
     each message is prepared once (our messages are JSON data already: no defensive deep copy), and the Jinja
     context is built from a plain dict of the template's globals."""
 
-    def __init__(self, tokenizer, tools=None):
-        self.tokenizer, self.tools = tokenizer, tools
+    def __init__(self, tokenizer, tools=None, template_kwargs=None):
+        self.tokenizer, self.tools, self.kwargs = tokenizer, tools, template_kwargs or {}
         self.prepared = {}  # id(message) -> (message, prepared); the message is kept so its id stays unique
         try:
             from transformers.utils import chat_template_utils as ctu
@@ -107,6 +107,7 @@ class ChatRenderer:
         return hit[1]
 
     def __call__(self, messages, add_generation_prompt=False, **template_kwargs):
+        template_kwargs = {**self.kwargs, **template_kwargs}  # --chat_template_kwargs, then the call's own
         if self.template is None:
             return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt, **template_kwargs)
@@ -157,12 +158,14 @@ def _template_facts(tokenizer, render):
     template, from one probe chat; cached. The turn opener is the special token that the generation prompt starts
     with (what it adds to the conversation: '<|im_start|>', '<|start_header_id|>', '<|START_OF_TURN_TOKEN|>'), or
     None when it adds no special token."""
-    key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map))
+    key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map),
+           json.dumps(render.kwargs, sort_keys=True))
     if key not in _TEMPLATE_FACTS:
         specials = _special_tokens(tokenizer)
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
         try:
-            same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False)
+            same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False,
+                                                                  **render.kwargs)
             thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
             prompt, history = render(probe[:1], True), render(probe[:1])
             added = prompt[_snap_out_of_specials(prompt, _common_prefix(prompt, history), specials):]
@@ -339,11 +342,12 @@ def _with_template_arguments(render, messages):
     return messages, render(messages)
 
 
-def render_conversation(tokenizer, messages, tools=None):
-    """-> (text, [(start, end) character region to train, for each assistant turn]). Raises RecordError if
-    the template refuses the conversation."""
+def render_conversation(tokenizer, messages, tools=None, template_kwargs=None):
+    """-> (text, [(start, end) character region to train, for each assistant turn]). template_kwargs
+    (--chat_template_kwargs, e.g. enable_thinking) go to every render. Raises RecordError if the template
+    refuses the conversation."""
     try:
-        render = ChatRenderer(tokenizer, tools)
+        render = ChatRenderer(tokenizer, tools, template_kwargs)
         specials, thinking_off, same, opener = _template_facts(tokenizer, render)
         if not same:  # this transformers renders differently from what ChatRenderer mirrors: use its own API
             render.template = None
@@ -379,21 +383,21 @@ PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "
                                                 "parameters": {"type": "object", "properties": {}}}}
 
 
-def end_of_turn_tokens(tokenizer):
+def end_of_turn_tokens(tokenizer, template_kwargs=None):
     """The special tokens the template writes to close an assistant turn, where generation must stop: every one
     that closes a text turn (e.g. ['<|im_end|>'], ['<|END_RESPONSE|>', '<|END_OF_TURN_TOKEN|>']), then the last one
     of a tool-call turn where that is another (Llama 3.1's and functionary's <|eom_id|>)."""
     specials = _special_tokens(tokenizer)
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
     try:
-        text, ((_, end),) = render_conversation(tokenizer, probe)
+        text, ((_, end),) = render_conversation(tokenizer, probe, template_kwargs=template_kwargs)
     except RecordError:  # a tool-use template that renders only with tools (Hermes)
-        text, ((_, end),) = render_conversation(tokenizer, probe, [PROBE_TOOL])
+        text, ((_, end),) = render_conversation(tokenizer, probe, [PROBE_TOOL], template_kwargs)
     found = _specials_in(text[text.find(SENTINEL) + len(SENTINEL):end], specials)
     call = {"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "probe", "arguments": {}}}]}
     try:  # a template that renders no tool calls closes this turn as a text turn
-        text, ((start, end),) = render_conversation(tokenizer, probe[:1] + [call], [PROBE_TOOL])
+        text, ((start, end),) = render_conversation(tokenizer, probe[:1] + [call], [PROBE_TOOL], template_kwargs)
         last = _specials_in(text[start:end].rstrip(), specials)[-1:]
         if last and text[start:end].rstrip().endswith(last[0]) and last[0] not in found:
             found += last

@@ -146,10 +146,10 @@ def keep_adapter_small(peft_model, new_ids):
         peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
 
 
-def stop_token_ids(tokenizer, *own):
+def stop_token_ids(tokenizer, *own, template_kwargs=None):
     """The ids where generation stops: the template's turn-end tokens and the tokenizer's eos, then the model's own
     eos ids (`own`: ints, lists or None), each once."""
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in end_of_turn_tokens(tokenizer)]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in end_of_turn_tokens(tokenizer, template_kwargs)]
     ids.append(tokenizer.eos_token_id)
     for o in own:
         ids += o if isinstance(o, (list, tuple)) else [o]

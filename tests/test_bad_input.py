@@ -15,6 +15,7 @@ import pytest
 from conftest import run_finetune, write_jsonl
 import finetune as ft
 import finetune_data as fd
+import finetune_sources as fsrc
 
 
 def chat(i=0, **extra):
@@ -100,7 +101,7 @@ class TestNothingLostOrDoubled:
         write_jsonl(tmp_path / "d" / "task" / "UPPER.JSONL", [chat()])
         write_jsonl(tmp_path / "elsewhere" / "b.jsonl", [chat()])
         os.symlink(tmp_path / "elsewhere", tmp_path / "d" / "linked")
-        files, skipped = fd.list_data_files(str(tmp_path / "d"))
+        files, skipped = fsrc.list_data_files(str(tmp_path / "d"))
         assert files == [(str(tmp_path / "d" / "linked" / "b.jsonl"), "linked"),
                          (str(tmp_path / "d" / "task" / "UPPER.JSONL"), "task"),
                          (str(tmp_path / "d" / "task" / "a.jsonl"), "task")]
@@ -108,11 +109,11 @@ class TestNothingLostOrDoubled:
                            "ignored": [str(tmp_path / "d" / "notes.txt")]}
         os.symlink(tmp_path / "d", tmp_path / "d" / "task" / "back")
         with pytest.raises(ValueError, match="a folder that contains the link: a loop"):
-            fd.list_data_files(str(tmp_path / "d"))
+            fsrc.list_data_files(str(tmp_path / "d"))
         os.remove(tmp_path / "d" / "task" / "back")
         os.symlink(tmp_path / "nowhere", tmp_path / "d" / "dangling.jsonl")
         with pytest.raises(ValueError, match="broken symbolic link"):
-            fd.list_data_files(str(tmp_path / "d"))
+            fsrc.list_data_files(str(tmp_path / "d"))
         os.remove(tmp_path / "d" / "dangling.jsonl")
         a, b = tmp_path / "d" / "task" / "a.jsonl", tmp_path / "elsewhere" / "b.jsonl"
         for spec in (f"{a},{a}", f"{tmp_path / 'd'},{b}", f"{a},{tmp_path / 'd' / 'task'}:2"):
@@ -228,9 +229,9 @@ class TestUserErrorsExit2:
             (["--data_path", f"{good}:0"], "must be a number > 0 and <= 1000, got '0'"),
             (["--data_path", f"{good}:1e6"], "must be a number > 0 and <= 1000, got '1e6'"),
             (["--data_path", f"{good}:abc"], f"{good} exists, but 'abc' after ':' is not a ratio"),
-            (["--data_path", tmp_path / "a.csv"], "CSV files are not supported; give .jsonl/.json"),
+            (["--data_path", tmp_path / "a.xlsx"], "a.xlsx: not a data file finetune reads"),
         ]
-        (tmp_path / "a.csv").write_text("instruction,output\nhi,there\n")
+        (tmp_path / "a.xlsx").write_bytes(b"PK\x03\x04")
         (tmp_path / "bad.json").write_text("a,b")
         for args, expected in cases:
             argv = dry_run_args(tiny_model, good, tmp_path) + [str(a) for a in args]  # the last flag wins
@@ -273,7 +274,7 @@ class TestFileKinds:
         cases = {
             "u16.jsonl": (body.decode().encode("utf-16"), "text encoded as UTF-16, not UTF-8"),
             "u32.jsonl": (body.decode().encode("utf-32"), "text encoded as UTF-32, not UTF-8"),
-            "u16le.jsonl": (body.decode().encode("utf-16-le"), "UTF-16/UTF-32 (NUL bytes)"),
+            "u16le.jsonl": (body.decode().encode("utf-16-le"), "UTF-16 (NUL bytes between the characters)"),
             "wrap.json": (json.dumps({"version": 1, "data": [chat()]}, indent=2).encode(), "under 'data'"),
             "wrap1.json": (json.dumps({"version": 1, "data": [chat()]}).encode(), "under 'data'"),
             "empty.jsonl": (b"", "empty file: no records"),
@@ -296,12 +297,12 @@ class TestFileKinds:
         write_jsonl(tmp_path / "run:3" / "c.jsonl", [chat()])
         write_jsonl(tmp_path / "d.jsonl", [chat()])
         spec = f"{tmp_path}/a\\,b.jsonl:2, {tmp_path}/run:3,{tmp_path}/run:3:0.5,{tmp_path}/d.jsonl"
-        assert fd.parse_data_spec(spec) == [(f"{tmp_path}/a,b.jsonl", 2.0), (f"{tmp_path}/run:3", 1.0),
+        assert fsrc.parse_data_spec(spec) == [(f"{tmp_path}/a,b.jsonl", 2.0), (f"{tmp_path}/run:3", 1.0),
                                             (f"{tmp_path}/run:3", 0.5), (f"{tmp_path}/d.jsonl", 1.0)]
         with pytest.raises(FileNotFoundError, match=r"a,b.jsonl' does not exist|a does not exist"):
-            fd.parse_data_spec(f"{tmp_path}/a,b.jsonl")
+            fsrc.parse_data_spec(f"{tmp_path}/a,b.jsonl")
         with pytest.raises(FileNotFoundError, match="x.jsonl:abc does not exist"):
-            fd.parse_data_spec(f"{tmp_path}/x.jsonl:abc")
+            fsrc.parse_data_spec(f"{tmp_path}/x.jsonl:abc")
         # repeating --data_path adds entries; a YAML list is joined the same way (commas escaped)
         flags = ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "out")]
         _, dargs, _, _ = ft.parse_args(flags + ["--data_path", "a", "--data-path=b", "--data_path", "c"])
@@ -309,7 +310,7 @@ class TestFileKinds:
         cfg = tmp_path / "c.yaml"
         cfg.write_text(f"data_path:\n  - {tmp_path}/a,b.jsonl\n  - {tmp_path}/d.jsonl\neval_data_path: null\n")
         _, dargs, _, _ = ft.parse_args([str(cfg), *flags])
-        assert fd.parse_data_spec(dargs.data_path) == [(f"{tmp_path}/a,b.jsonl", 1.0), (f"{tmp_path}/d.jsonl", 1.0)]
+        assert fsrc.parse_data_spec(dargs.data_path) == [(f"{tmp_path}/a,b.jsonl", 1.0), (f"{tmp_path}/d.jsonl", 1.0)]
         assert dargs.eval_data_path is None
 
 
