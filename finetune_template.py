@@ -379,8 +379,8 @@ def _specials_in(text, specials):
     return found
 
 
-PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "A probe",
-                                                "parameters": {"type": "object", "properties": {}}}}
+PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "A probe", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string", "description": "A query"}}, "required": ["q"]}}}
 
 
 def end_of_turn_tokens(tokenizer, template_kwargs=None):
@@ -395,7 +395,7 @@ def end_of_turn_tokens(tokenizer, template_kwargs=None):
         text, ((_, end),) = render_conversation(tokenizer, probe, [PROBE_TOOL], template_kwargs)
     found = _specials_in(text[text.find(SENTINEL) + len(SENTINEL):end], specials)
     call = {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "probe", "arguments": {}}}]}
+        {"type": "function", "function": {"name": "probe", "arguments": {"q": "x"}}}]}
     try:  # a template that renders no tool calls closes this turn as a text turn
         text, ((start, end),) = render_conversation(tokenizer, probe[:1] + [call], [PROBE_TOOL], template_kwargs)
         last = _specials_in(text[start:end].rstrip(), specials)[-1:]
@@ -411,6 +411,17 @@ def end_of_turn_tokens(tokenizer, template_kwargs=None):
 _MARKER = re.compile(r"(?<!<)<(?:\|[^<>|\s]+\||｜[^<>｜\s]+｜|/?[A-Za-z_][\w.:-]*)>(?!>)")
 
 
+def render_probe(tokenizer, messages, add_generation_prompt=False):
+    """A probe conversation rendered by the template, with the probe tool where it renders only with tools
+    (Hermes); None if it refuses both ways."""
+    for tools in (None, [PROBE_TOOL]):
+        try:
+            return ChatRenderer(tokenizer, tools)(messages, add_generation_prompt)
+        except Exception:
+            continue
+    return None
+
+
 def turn_markers(tokenizer):
     """The marker strings the template writes between a user message and the answer and after the answer (the
     user's and the assistant's closings and headers, its generation prompt), in order of first appearance: what
@@ -418,13 +429,8 @@ def turn_markers(tokenizer):
     chat; what the template writes before the first user message (BOS, a system header, a tools preamble with
     its placeholders) is left out."""
     chat = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": SENTINEL}] * 2
-    for tools in (None, [PROBE_TOOL]):  # a tool-use template may render only with tools (Hermes)
-        try:
-            render = ChatRenderer(tokenizer, tools)
-            pieces = render(chat).split(SENTINEL)[1:] + render(chat[:-1], True).split(SENTINEL)[-1:]
-            break
-        except Exception:
-            continue
-    else:
+    text, prompt = render_probe(tokenizer, chat), render_probe(tokenizer, chat[:-1], True)
+    if text is None or prompt is None:
         return []
+    pieces = text.split(SENTINEL)[1:] + prompt.split(SENTINEL)[-1:]
     return list(dict.fromkeys(m for piece in pieces for m in _MARKER.findall(piece)))

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from finetune_template import SENTINEL, ChatRenderer, end_of_turn_tokens, turn_markers
+from finetune_template import SENTINEL, end_of_turn_tokens, render_probe, turn_markers
 
 ROWS_MULTIPLE = 64
 
@@ -26,10 +26,7 @@ ROWS_MULTIPLE = 64
 def _split_markers(tokenizer, markers):
     """The markers that the tokenizer does not give as one token where the template writes them."""
     chat = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": SENTINEL}]
-    try:
-        text = ChatRenderer(tokenizer)(chat) + "".join(markers)  # in context, and each once more on its own
-    except Exception:
-        text = "".join(markers)
+    text = (render_probe(tokenizer, chat) or "") + "".join(markers)  # in context, and each once more on its own
     spans = set(map(tuple, tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]))
     split = []
     for marker in markers:
@@ -47,9 +44,9 @@ def _turn_end_as_eos(tokenizer, ends):
     if not ends or tokenizer.eos_token in ends:
         return None
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
-    before, old = ChatRenderer(tokenizer)(probe), tokenizer.eos_token
+    before, old = render_probe(tokenizer, probe), tokenizer.eos_token
     tokenizer.eos_token = ends[-1]
-    if ChatRenderer(tokenizer)(probe) != before:
+    if before is None or render_probe(tokenizer, probe) != before:
         tokenizer.eos_token = old
         return None
     return old or "none"

@@ -19,6 +19,7 @@ import torch
 from conftest import ENV, ROOT, SHARED, run_finetune, write_jsonl
 
 import finetune
+from finetune import tokenize_conversation
 
 torch.set_num_threads(1)  # the numerics of the single-threaded subprocesses (greedy decoding ties)
 
@@ -134,7 +135,9 @@ def test_turn_end_is_one_token_and_the_eos(trained):
         assert ends == [tok.convert_tokens_to_ids("<|im_end|>"), base_tok.eos_token_id], (folder, ends)
     config = json.loads((trained["model"] / "config.json").read_text())
     assert config["eos_token_id"] == ends
-    assert "added special tokens <|im_end|> <|im_start|>" in trained["log"] and "WARNING" not in trained["log"]
+    log = trained["log"]
+    assert "added special tokens <|im_end|> <|im_start|>" in log and "turn end <|im_end|>, now the eos" in log
+    assert "WARNING" not in log and "differ from the model config" not in log  # Trainer has nothing to re-align
     report = json.loads((trained["out"] / "data_report.json").read_text())
     assert report["vocabulary"]["turn_end_tokens"] == ["<|im_end|>"]
     assert report["vocabulary"]["added_tokens"] == ["<|im_end|>", "<|im_start|>"]
@@ -160,10 +163,9 @@ def test_vocabulary_sizes_agree(trained):
         assert all(max(s) < base_rows for k, s in shapes.items() if k not in token_rows), shapes
 
 
-def test_chat_py_answers_from_the_adapter(trained):
-    """chat.py loads base + adapter (the base's vocabulary grown as in training) and stops at the turn end."""
-    if trained["method"] != "lora" or trained["name"] != "llama-spm":
-        pytest.skip("one adapter is enough")
+def test_chat_py_answers_from_the_output_dir(trained):
+    """chat.py on the output folder (an adapter: on the base, its vocabulary grown as in training) answers and
+    stops at the turn end."""
     out = run_script("chat.py", "--model", trained["out"], "--prompt", "Name a color.", "--max_new_tokens", "24")
     assert out.stdout.strip() == "Blue.", out.stdout
 
@@ -241,3 +243,34 @@ def test_unknown_template_name_is_refused(tiny_model, tmp_path):
     proc = run_finetune(["--model_name_or_path", tiny_model, "--data_path", ROOT / "examples" / "demo_data.jsonl",
                          "--output_dir", tmp_path / "out", "--chat_template", "chatml2"], check=False)
     assert proc.returncode == 2 and "not a built-in template (chatml)" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("real", ["gpt-2", "llama-spm"])
+def test_every_shared_template_on_a_base_vocabulary(real):
+    """Each shared template set on a real base tokenizer that has none of its markers: prepare_tokenizer (what
+    load_tokenizer calls) adds exactly the markers that were several tokens; then every marker is one token, the
+    template has turn end tokens, the eos is one of them, and every trained turn ends with one of them."""
+    import copy
+
+    from test_masking import FAMILY, TEMPLATES, spans
+    from test_masking_real import TOOLS, real_tokenizer
+
+    from finetune_tokens import _split_markers, prepare_tokenizer
+    from finetune_template import turn_markers
+
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye now."}]
+    for name in sorted(FAMILY):
+        tok = copy.deepcopy(real_tokenizer(real))
+        tok.chat_template = (TEMPLATES / name).read_text(encoding="utf-8")
+        split = _split_markers(tok, turn_markers(tok))
+        prepare_tokenizer(tok, name)
+        v = tok.finetune_vocabulary
+        assert v["added_tokens"] == split and not _split_markers(tok, turn_markers(tok)), (name, v)
+        assert v["turn_end_tokens"] and tok.eos_token in v["turn_end_tokens"], (name, v)
+        assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in v["turn_end_tokens"]), (name, v)
+        out = tokenize_conversation(tok, chat, 10000, tools=TOOLS if "Hermes" in name else None)
+        ends = set(tok.convert_tokens_to_ids(v["turn_end_tokens"]))
+        labels = out["labels"] + [finetune.IGNORE_INDEX]
+        last = [lab for lab, after in zip(labels, labels[1:]) if lab != finetune.IGNORE_INDEX == after]
+        assert len(last) == 2 and set(last) <= ends, (name, spans(out, tok))  # each turn's last trained token
