@@ -254,7 +254,7 @@ def hub_folder_files(base, select, label, readme=None):
     meta = card_metadata(readme or os.path.join(base, "README.md"))
     try:
         configs = MetadataConfigs.from_dataset_card_data(meta)
-    except ValueError as e:
+    except Exception as e:  # ValueError for bad data_files; features that do not parse raise others
         raise DataError(f"{readme or base + '/README.md'}: its `configs` are not valid: {' '.join(str(e).split())[:300]}") from None
     root, patterns, options = base, None, {}
     if configs:

@@ -279,17 +279,25 @@ def test_save_to_disk_dataset_and_dataset_dict(tiny_model, tmp_path, monkeypatch
 # ------------------------------------------------------------------------------------------------
 
 
-def make_hub_cache(cache, repo_id, revision="3f1c0ffee"):
-    """HF_HUB_CACHE/datasets--ORG--NAME/{refs/main, snapshots/REV/...}: what `huggingface-cli download
-    --repo-type dataset ORG/NAME` (or datasets.load_dataset) leaves behind."""
+def make_hub_cache(cache, repo_id, revision="3f1c0ffee0ddba11"):
+    """HF_HUB_CACHE/datasets--ORG--NAME/{refs/main, blobs/SHA, snapshots/REV/PATH -> ../../blobs/SHA}: what
+    `huggingface-cli download --repo-type dataset ORG/NAME` (or datasets.load_dataset) leaves behind."""
+    import hashlib
+
     repo = Path(cache) / f"datasets--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
+    (repo / "blobs").mkdir()
     snapshot = repo / "snapshots" / revision
-    write_parquet(snapshot / "data" / "train-00000-of-00001.parquet",
-                  [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(6)])
-    write_parquet(snapshot / "data" / "test-00000-of-00001.parquet", [{"prompt": "tp", "completion": "tc"}])
-    (snapshot / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n")
+    files = {"data/train-00000-of-00001.parquet": [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(6)],
+             "data/test-00000-of-00001.parquet": [{"prompt": "tp", "completion": "tc"}], "README.md": None}
+    for name, rows in files.items():
+        tmp = repo / "blobs" / "incoming"
+        write_parquet(tmp, rows) if rows else tmp.write_text("---\nlicense: cc-by-4.0\n---\n")
+        blob = repo / "blobs" / hashlib.sha256(tmp.read_bytes()).hexdigest()
+        tmp.rename(blob)
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, (snapshot / name).parent), snapshot / name)
     return snapshot
 
 
@@ -432,6 +440,10 @@ def test_chat_template_kwargs_render_the_data_and_reach_chat_py(tiny_model, tmp_
     assert chat.template_kwargs(chat.parse_args(["--model", str(tmp_path / "out")])) == {"enable_thinking": False}
     assert chat.template_kwargs(chat.parse_args(["--model", str(tmp_path / "out"), "--chat_template_kwargs",
                                                  '{"thinking": true}'])) == {"thinking": True}
+    model, tok = chat.load(tiny_model, device="cpu")
+    tok.chat_template = GRANITE.read_text()
+    assert isinstance(chat.generate(model, tok, [{"role": "user", "content": "hi"}], max_new_tokens=2,
+                                    kwargs={"thinking": True}), str)
 
 
 # ------------------------------------------------------------------------------------------------
