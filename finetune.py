@@ -66,11 +66,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgu
 # Helper modules next to this script: what it reports and plans with, and preemption-safe training.
 from finetune_preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback,  # noqa: E402
                                  adapt_to_world_size, record_exit_code)
+from finetune_faults import (Fault, NonFiniteGuard, apply_learning_rate, cache_temp_name,  # noqa: E402
+                             cache_write_error, checkpoint_bytes, remove_new_files, remove_partial_checkpoint,
+                             reuse_cache_entry, saving, warn_if_low_space, write_cache_manifest, write_errors)
 from finetune_report import (estimate_memory_gb, log0, loss_chunk_tokens, padding_share,  # noqa: E402
                              plot_loss, token_stats)
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "3"  # bump when tokenization output changes, to invalidate old caches
+CACHE_VERSION = "4"  # bump when tokenization output changes, to invalidate old caches (4: with manifest.json)
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # Used when a tokenizer has no chat template: Qwen's ChatML, tool-aware enough for plain chats.
@@ -195,6 +198,14 @@ class TrainingArguments(transformers.TrainingArguments):
     loss_chunk_tokens: int = field(
         default=0, metadata={"help": "Trained tokens per chunk of the loss (logits exist for one chunk at a time). "
                              "0: automatic, 256 MB of fp32 logits (441 tokens for a 151,936-token vocabulary)."}
+    )
+    stop_on_nonfinite: bool = field(
+        default=True, metadata={"help": "Stop at the first step whose loss or gradient norm is NaN/inf (exit code 3; "
+                                "nothing of that step is saved). False: train on regardless."}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "True: log a NaN/inf training loss as the mean of the previous ones "
+                                 "(transformers' default, which hides a diverged run). False: log it as it is."}
     )
 
     @cached_property
@@ -1567,10 +1578,10 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
         if skipped[kind]:
             log0(f"data: {len(skipped[kind])} {why}: {', '.join(skipped[kind][:5])}{' ...' if len(skipped[kind]) > 5 else ''}")
     path = os.path.join(cache_root, _cache_key(entries, tokenizer, data_args, training_args))
-    if os.path.isfile(os.path.join(path, "report.json")):
+    if reuse_cache_entry(path):  # only an entry that matches its manifest; a damaged one is rebuilt (a note)
         return path
     stats = {"files": {}, "invalid": {}, "rows": 0}
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = cache_temp_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         raw = datasets.Dataset.from_generator(
@@ -1645,6 +1656,7 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
     with open(os.path.join(tmp, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)
+    write_cache_manifest(tmp)  # sizes and checksums, written last: an entry is used only if it matches them
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache that looks complete
     return path
@@ -1678,7 +1690,7 @@ def load_datasets(data_args, training_args, tokenizer):
         try:
             paths = [build_dataset(s, tokenizer, data_args, training_args, cache_root) for s in specs]
         except Exception as e:  # any failure, or the other ranks would wait for rank 0 forever
-            error = e
+            error = cache_write_error(e, cache_root) or e  # a full disk: one line with the path and the fix
     # a DataError's lines start with path:line: so that editors and grep can jump to them
     message = error and (str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}")
     if training_args.world_size > 1 and torch.distributed.is_initialized():
@@ -2101,6 +2113,9 @@ class FinetuneTrainer(Trainer):
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
                              for split, names in self._names.items()}
         self._gradient_divisor = gradient_divisor(self.args, self.get_sp_size())
+        # stops the run at the first non-finite step (finetune_faults); fed by training_step and _get_grad_norm
+        self.nonfinite = NonFiniteGuard(self.args, self.source_names, checkpoint_is_complete)
+        self.add_callback(self.nonfinite)
         if self.get_sp_size() > 1:
             self.accelerator.deepspeed_ulysses_dl_adapter = functools.partial(
                 sequence_parallel_loader, self.accelerator.deepspeed_ulysses_dl_adapter,
@@ -2200,7 +2215,39 @@ class FinetuneTrainer(Trainer):
     def training_step(self, *args, **kwargs):
         # What this returns is only logged, as the mean over all ranks: the N ranks of a sequence-parallel
         # group each hold a share of their replica's loss, scaled by the gradient divisor above.
-        return super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
+        loss = super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
+        self.nonfinite.note_loss(loss, args[1] if len(args) > 1 else kwargs["inputs"])
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # transformers 5.24, private: the one place that has each step's gradient norm, clipped or not, on every
+        # backend (DeepSpeed's: its global norm), before the optimizer step; for the non-finite guard.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.nonfinite.note_grad_norm(grad_norm)
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial):
+        # transformers 5.24, private: every checkpoint (--save_steps, epoch, preemption) is written here. A write
+        # failure -> one line (finetune_faults.saving), the half-written checkpoint removed.
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+
+        def needed():
+            return checkpoint_bytes(self.model, self.args, zero_stage(self.args), self.args.use_lora)[0]
+
+        with saving(folder, os.path.basename(folder), self.args, checkpoint_is_complete, needed,
+                    remove=lambda: remove_partial_checkpoint(folder, checkpoint_is_complete)):
+            return super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # transformers 5.24, private: where a resume restores the scheduler (also under DeepSpeed, after its own
+        # load). A changed --learning_rate then applies (finetune_faults.apply_learning_rate).
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            apply_learning_rate(self.lr_scheduler, self.optimizer, self.args.learning_rate)
+
+    def train(self, *args, **kwargs):
+        with write_errors(self.args):  # a full disk elsewhere (loss plot, logs, layout file): one line too
+            return super().train(*args, **kwargs)
 
     def _source_metrics(self, split, prefix):
         """Token-mean CE since the last call, summed over ranks: {prefix}loss overall and
@@ -2435,6 +2482,7 @@ def train(argv=None):
          f"{training_args.per_device_train_batch_size} per device x {topology} x {accumulation} accumulation, "
          f"{report['steps_per_epoch']} steps per epoch")
     model = load_model(model_args, training_args, lora_args, attn)
+    warn_if_low_space(model, training_args, zero_stage(training_args), training_args.use_lora)
     # rows a multiple of 8 feed GPU kernels best; sequence parallelism cuts them into sp equal shards
     multiple = math.lcm(8 if torch.cuda.is_available() else 1, sp)
     collator = (PackingCollator(flash_attention=attn == "flash_attention_2" and sp == 1,
@@ -2453,14 +2501,17 @@ def train(argv=None):
     if checkpoint:
         log0(f"resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_model(trainer, tokenizer, training_args.output_dir)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    if eval_data is not None:
-        trainer.save_metrics("eval", trainer.evaluate())
-    if training_args.process_index == 0:
-        write_report(report, training_args.output_dir)
+    since = time.time() - 1  # a failed final save removes the weight files it wrote (finetune_faults.saving)
+    with saving(training_args.output_dir, "the final model", training_args, checkpoint_is_complete,
+                remove=lambda: remove_new_files(training_args.output_dir, since, WEIGHT_FILES)):
+        save_model(trainer, tokenizer, training_args.output_dir)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        if eval_data is not None:
+            trainer.save_metrics("eval", trainer.evaluate())
+        if training_args.process_index == 0:
+            write_report(report, training_args.output_dir)
     log0(f"done: model saved to {training_args.output_dir}")
     return trainer
 
@@ -2476,6 +2527,13 @@ def main():
         log0(e)
         record_exit_code(PREEMPTED_EXIT_CODE)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Fault as e:  # finetune_faults: training diverged (3), a save failed (74); printed where it happened
+        if os.environ.get("FINETUNE_TRACEBACK"):
+            raise
+        if e.here:
+            print(f"[finetune] error: {e}", file=sys.stderr, flush=True)
+        record_exit_code(e.exit_code)
+        sys.exit(e.exit_code)
     except (DataError, FileNotFoundError, ValueError) as e:
         # User errors: one clear message, no traceback, non-zero exit on every rank.
         if os.environ.get("FINETUNE_TRACEBACK"):
