@@ -2113,9 +2113,9 @@ class FinetuneTrainer(Trainer):
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
                              for split, names in self._names.items()}
         self._gradient_divisor = gradient_divisor(self.args, self.get_sp_size())
-        # stops the run at the first non-finite step (finetune_faults); fed by training_step and _get_grad_norm
-        self.nonfinite = NonFiniteGuard(self.args, self.source_names, checkpoint_is_complete)
-        self.add_callback(self.nonfinite)
+        # the callback that stops the run at its first non-finite step (finetune_faults), if train() added it: fed
+        # by training_step and _get_grad_norm below
+        self.nonfinite = next((c for c in self.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
         if self.get_sp_size() > 1:
             self.accelerator.deepspeed_ulysses_dl_adapter = functools.partial(
                 sequence_parallel_loader, self.accelerator.deepspeed_ulysses_dl_adapter,
@@ -2216,14 +2216,16 @@ class FinetuneTrainer(Trainer):
         # What this returns is only logged, as the mean over all ranks: the N ranks of a sequence-parallel
         # group each hold a share of their replica's loss, scaled by the gradient divisor above.
         loss = super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
-        self.nonfinite.note_loss(loss, args[1] if len(args) > 1 else kwargs["inputs"])
+        if self.nonfinite:
+            self.nonfinite.note_loss(loss, args[1] if len(args) > 1 else kwargs["inputs"])
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
         # transformers 5.24, private: the one place that has each step's gradient norm, clipped or not, on every
         # backend (DeepSpeed's: its global norm), before the optimizer step; for the non-finite guard.
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self.nonfinite.note_grad_norm(grad_norm)
+        if self.nonfinite:
+            self.nonfinite.note_grad_norm(grad_norm)
         return grad_norm
 
     def _save_checkpoint(self, model, trial):
@@ -2488,7 +2490,10 @@ def train(argv=None):
     collator = (PackingCollator(flash_attention=attn == "flash_attention_2" and sp == 1,
                                 pad_to_multiple_of=sp, pad_token_id=tokenizer.pad_token_id) if packing
                 else PaddingCollator(tokenizer.pad_token_id, multiple if multiple > 1 else None))
-    callbacks = [LossPlotCallback(), PreemptionCallback()]
+    # the non-finite guard after the preemption callback: its flag travels in that one's all-reduce, and it has
+    # the last word on should_save at a step end (finetune_faults)
+    guard = NonFiniteGuard(training_args, reports[0]["sources"], checkpoint_is_complete)
+    callbacks = [LossPlotCallback(), PreemptionCallback(also=guard), guard]
     if training_args.early_stopping_patience:
         callbacks.append(transformers.EarlyStoppingCallback(training_args.early_stopping_patience))
     trainer = FinetuneTrainer(

@@ -4,9 +4,10 @@ the next run would trust wrongly; the next run then recovers. README: "When a ru
 
 What finetune.py uses (everything else here is internal):
 
-  NonFiniteGuard      a TrainerCallback. FinetuneTrainer feeds it each micro-batch's loss (note_loss, from
-                      training_step) and the step's gradient norm (note_grad_norm, from Trainer._get_grad_norm);
-                      at every optimizer-step end all ranks all-reduce one flag, so they agree, and the first
+  NonFiniteGuard      a TrainerCallback, listed after PreemptionCallback(also=guard). FinetuneTrainer feeds it
+                      each micro-batch's loss (note_loss, from training_step) and the step's gradient norm
+                      (note_grad_norm, from Trainer._get_grad_norm); at every optimizer-step end all ranks
+                      all-reduce its flag (in the preemption flag's all-reduce), so they agree, and the first
                       step whose loss or gradient norm is NaN/inf stops the run before anything is saved from it
                       -> Diverged, exit code 3. Off with --stop_on_nonfinite False.
   saving(...)         a context around a checkpoint or the final save: an I/O failure in it (no space, quota,
@@ -102,10 +103,11 @@ def newest_checkpoint(output_dir, is_complete, before=None):
 # Non-finite loss or gradient norm
 # ---------------------------------------------------------------------------------------------
 # Cost: nothing is read or computed that the step does not have already; per micro-batch one reference kept
-# to its (device) loss, per step one NaN test of loss and norm on the device, one all-reduce of 2 numbers and
-# one .tolist() (the sync the preemption flag and the logged loss already make). The weights of the failing
-# step are never saved: the run stops at that step's end, before its log/save/evaluate (which the callback
-# order lets it cancel: it is added last, after DefaultFlowCallback and PreemptionCallback set should_save).
+# to its (device) loss, per step one NaN test of loss + norm on the device (4 tensor ops). The flag travels in
+# the all-reduce that PreemptionCallback makes at every step end anyway (finetune_preemption: `also`), so the
+# guard adds no collective and no sync (measured: bench/bench_faults.py). The weights of the failing step are never
+# saved: the run stops at that step's end, before its log/save/evaluate, which it can cancel because it comes
+# after DefaultFlowCallback and PreemptionCallback in the callback list (they set should_save).
 
 
 class NonFiniteGuard(transformers.TrainerCallback):
@@ -119,7 +121,7 @@ class NonFiniteGuard(transformers.TrainerCallback):
         self.started_at = state.global_step  # > 0: resumed from that step
 
     def _new_step(self):
-        self.losses, self.batches, self.grad_norm = [], [], None
+        self.losses, self.batches, self.grad_norm, self.step_loss, self.agreed = [], [], None, None, None
 
     def note_loss(self, loss, inputs):
         """One micro-batch: its loss (a device tensor; kept, not read) and its batch (for the sources)."""
@@ -131,24 +133,41 @@ class NonFiniteGuard(transformers.TrainerCallback):
         if self.enabled:
             self.grad_norm = grad_norm
 
+    def step_flags(self, device):
+        """1 if this rank's step has a non-finite loss or gradient norm, else 0, as a device tensor [1] (a few
+        tensor ops, no sync), for the caller to all-reduce (MAX) and hand back with agree(); None when off."""
+        if not self.enabled:
+            return None
+        total = torch.stack(self.losses).sum() if self.losses else torch.zeros((), device=device)
+        self.step_loss = total
+        if self.grad_norm is not None:
+            total = total + self.grad_norm  # NaN or inf in either stays non-finite in the sum
+        return torch.isfinite(total).logical_not().reshape(1)
+
+    def agree(self, flags):
+        self.agreed = int(flags[0])
+
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if not self.enabled:
             return
-        dev = args.device
-        loss = torch.stack([x.float().sum().to(dev) for x in self.losses]).sum() if self.losses else None
-        norm = self.grad_norm
-        flags = torch.stack([
-            ~torch.isfinite(loss) if loss is not None else torch.tensor(False, device=dev),
-            ~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32, device=dev)) if norm is not None
-            else torch.tensor(False, device=dev),
-        ]).to(torch.int32)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        bad_loss, bad_norm = flags.tolist()
-        if not (bad_loss or bad_norm):
+        if self.agreed is None:  # nobody reduced our flag with theirs (PreemptionCallback does): reduce it here
+            flag = self.step_flags(args.device).to(torch.int32)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.agree(flag.tolist())
+        if not self.agreed:
             self.skipped_in_row = 0
             self._new_step()
             return
+        # Some rank's step is not finite (rare: from here on, the time does not matter). What, where, from which
+        # samples: every rank's details.
+        mine = self._details(self.step_loss, self.grad_norm)
+        ranks = [mine]
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            ranks = [None] * args.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        bad_loss = any(r["loss"] is not None and not math.isfinite(r["loss"]) for r in ranks)
+        bad_norm = any(r["grad_norm"] is not None and not math.isfinite(r["grad_norm"]) for r in ranks)
         # fp16 with dynamic loss scaling: an overflowing gradient makes the scaler skip the step and lower the
         # scale (the weights are untouched): normal, unless it never stops. bf16/fp32 have no such excuse:
         # DeepSpeed skips those steps too, and the run would go on training nothing.
@@ -158,16 +177,17 @@ class NonFiniteGuard(transformers.TrainerCallback):
             if self.skipped_in_row < FP16_SKIP_LIMIT:
                 self._new_step()
                 return
-        self.failure = self._message(args, state, bool(bad_loss), bool(bad_norm), loss, norm)
-        # nothing of this step is saved or evaluated; it is logged (loss/grad_norm as they are), then on_log stops
+        self.failure = self._message(args, state, bad_loss, bad_norm, ranks)
+        # nothing of this step is saved or evaluated; it is logged (loss/grad_norm as they are: every on_log
+        # callback sees it), the epoch loop stops, and the epoch end raises (before the epoch's save/evaluate)
         control.should_save = control.should_evaluate = False
         control.should_log = control.should_training_stop = True
 
-    def on_log(self, args, state, control, **kwargs):
+    def on_epoch_end(self, args, state, control, **kwargs):
         if self.failure:
             raise Diverged(self.failure, here=_rank() == 0)
 
-    on_epoch_end = on_train_end = on_log  # in case the step's log did not happen
+    on_train_end = on_epoch_end
 
     def _details(self, loss, norm):
         """This rank's step: loss, gradient norm, samples per source (for the message; failure path only)."""
@@ -184,13 +204,8 @@ class NonFiniteGuard(transformers.TrainerCallback):
         return {"loss": None if loss is None else float(loss),
                 "grad_norm": None if norm is None else float(norm), "samples": samples}
 
-    def _message(self, args, state, bad_loss, bad_norm, loss, norm):
-        mine = self._details(loss, norm)
-        world = args.world_size
-        ranks = [mine]
-        if world > 1 and torch.distributed.is_initialized():
-            ranks = [None] * world
-            torch.distributed.all_gather_object(ranks, mine)
+    def _message(self, args, state, bad_loss, bad_norm, ranks):
+        world = len(ranks)
 
         def value(x):
             return "none" if x is None else f"{x:.4g}"

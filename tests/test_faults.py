@@ -126,6 +126,7 @@ AGREE = textwrap.dedent("""
     import torch, transformers
     sys.path.insert(0, os.environ["ROOT"])
     from finetune_faults import Diverged, NonFiniteGuard
+    from finetune_preemption import PreemptionCallback
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     args = types.SimpleNamespace(device=torch.device("cpu"), fp16=False, world_size=2, learning_rate=1e-3,
@@ -139,16 +140,25 @@ AGREE = textwrap.dedent("""
         guard.on_step_end(args, types.SimpleNamespace(global_step=step), control)
         result[step] = {"stop": control.should_training_stop, "save": control.should_save}
     try:
-        guard.on_log(args, None, control)
+        guard.on_epoch_end(args, None, control)
     except Diverged as e:
         result["message"], result["here"] = str(e), e.here
+    # in a run, the flags travel in the preemption flag's all-reduce (one collective per step for both)
+    shared = NonFiniteGuard(args, ["a", "b"], lambda p: True)
+    preemption, control = PreemptionCallback(also=shared), transformers.TrainerControl()
+    shared.note_loss(torch.tensor(float("inf") if rank == 1 else 2.5), batch)
+    shared.note_grad_norm(torch.tensor(1.0))
+    for callback in (preemption, shared):  # the order of train()'s callback list
+        callback.on_step_end(args, types.SimpleNamespace(global_step=3, max_steps=9), control)
+    result["shared"] = {"stop": control.should_training_stop, "message": shared.failure}
     print(json.dumps(result))
 """)
 
 
 def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """The per-step agreement (one all-reduce) without which the other ranks would train on, or wait forever
-    in the next collective: 2 real gloo processes, rank 1's loss NaN at step 2, the gradient norm finite."""
+    in the next collective: 2 real gloo processes, rank 1's loss NaN at step 2, the gradient norm finite; the
+    same with the flags carried by PreemptionCallback's all-reduce, as in a run."""
     port, procs = free_port(), []
     for rank in (0, 1):
         env = {**ENV, "ROOT": str(ROOT), "OUT": str(tmp_path), "RANK": str(rank), "WORLD_SIZE": "2",
@@ -161,6 +171,7 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path
         assert "training diverged at step 2: the loss is nan" in r["message"], r
         assert "non-finite on rank 1 of 2" in r["message"] and "from a (1), b (1)" in r["message"], r
         assert r["here"] == (rank == 0)  # printed once
+        assert r["shared"]["stop"] is True and "at step 3: the loss is inf" in r["shared"]["message"], r
 
 
 def test_diverging_run_on_two_processes_stops_every_rank(tiny_model, tmp_path):
