@@ -2507,8 +2507,12 @@ def train(argv=None):
         log0(f"resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     since = time.time() - 1  # a failed final save removes the weight files it wrote (finetune_faults.saving)
-    with saving(training_args.output_dir, "the final model", training_args, checkpoint_is_complete,
-                remove=lambda: remove_new_files(training_args.output_dir, since, WEIGHT_FILES)):
+
+    def final_bytes():
+        return checkpoint_bytes(trainer.model, training_args, zero_stage(training_args), training_args.use_lora)[1]
+
+    with saving(training_args.output_dir, "the final model", training_args, checkpoint_is_complete, final_bytes,
+                remove=lambda: remove_new_files(training_args.output_dir, since)):
         save_model(trainer, tokenizer, training_args.output_dir)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)

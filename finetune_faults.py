@@ -336,17 +336,22 @@ def _space(code, text, folder, needed):
         return code, text
     if code is None and needed is not None and free < needed:
         code, text = errno.ENOSPC, "no space left on device"
-    need = f"; one checkpoint needs about {_size(needed)}" if needed else ""
+    need = f"; this save needs about {_size(needed)}" if needed else ""
     return code, f"{text} ({_size(free)} free in {_existing(folder)}{need})"
 
 
-def _advice(args, code):
+def _advice(args, code, checkpoints=True):
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"make {args.output_dir} writable again, or set --output_dir to a writable folder"
     if code not in SPACE_ERRNOS:  # an I/O error, or a short write with room left: the file system's own limits
         return (f"check the file system of {args.output_dir} (quota: quota -s; file-size limit: ulimit -f; a "
                 "network file system's health), or set --output_dir to another disk")
     limit = getattr(args, "save_total_limit", None)
+    if not checkpoints:
+        return "free space there, or set --output_dir to a disk with room"
+    if limit == 1:  # nothing fewer to keep: the old checkpoint goes only once the new one is complete
+        return ("free space there (with --save_total_limit 1 the disk must hold 2 checkpoints while the new one is "
+                "written), or set --output_dir to a disk with room")
     keep = f"--save_total_limit (now {limit})" if limit else "--save_total_limit (now all are kept)"
     return f"free space there, keep fewer checkpoints with {keep}, or set --output_dir to a disk with room"
 
@@ -374,15 +379,17 @@ def saving(folder, what, args, is_complete=None, needed=None, remove=None):
         removed = ""
         if remove is not None:
             try:
-                if remove():
-                    removed = f" The half-written {os.path.basename(os.path.normpath(folder))} was removed."
+                gone = remove()
+                if gone:
+                    removed = f" The half-written {gone} {'were' if ' and ' in gone else 'was'} removed."
             except OSError:
                 pass
         last = newest_checkpoint(args.output_dir, is_complete) if is_complete else None
         resume = (f" {last} is the newest complete checkpoint: the same command resumes from it." if last else
                   " There is no complete checkpoint: the same command starts over.")
         here = _rank() == 0 or not (peer or code in SPACE_ERRNOS)
-        raise SaveFailed(f"saving {what} to {folder} failed: {text}.{removed}{resume} Fix: {_advice(args, code)} "
+        advice = _advice(args, code, checkpoints=what.startswith("checkpoint-") or last is not None)
+        raise SaveFailed(f"saving {what} to {folder} failed: {text}.{removed}{resume} Fix: {advice} "
                          f"(exit code {SAVE_FAILED_EXIT_CODE})", here=here) from None
 
 
@@ -406,22 +413,29 @@ def write_errors(args):
 
 
 def remove_partial_checkpoint(folder, is_complete):
-    """For saving(remove=...): a checkpoint that a failed save left unfinished goes (rank 0 removes it)."""
+    """For saving(remove=...): a checkpoint that a failed save left unfinished goes (rank 0 removes it).
+    Returns what was removed, for the message."""
     if _rank() == 0 and os.path.isdir(folder) and not is_complete(folder):
         shutil.rmtree(folder, ignore_errors=True)
-        return True
-    return False
+        return os.path.basename(os.path.normpath(folder))
+    return None
 
 
-def remove_new_files(folder, since, names):
-    """For saving(remove=...) of the final model: its weight files written after `since` (half-written)."""
-    removed = False
-    for name in names:
-        path = os.path.join(folder, name)
-        if _rank() == 0 and os.path.isfile(path) and os.path.getmtime(path) >= since:
-            os.remove(path)
-            removed = True
-    return removed
+FINAL_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                         "adapter_model.safetensors", "pytorch_model.bin", "pytorch_model-*-of-*.bin",
+                         "pytorch_model.bin.index.json", "adapter_model.bin")
+
+
+def remove_new_files(folder, since, patterns=FINAL_WEIGHT_PATTERNS):
+    """For saving(remove=...) of the final model: the weight files written after `since` (a half-written save,
+    which would look finished: a final model is not resumed, it is used). Returns what was removed."""
+    removed = []
+    for pattern in patterns:
+        for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern))):
+            if _rank() == 0 and os.path.isfile(path) and os.path.getmtime(path) >= since:
+                os.remove(path)
+                removed.append(os.path.basename(path))
+    return " and ".join(removed) or None
 
 
 # ---------------------------------------------------------------------------------------------

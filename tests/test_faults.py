@@ -322,6 +322,22 @@ def test_less_space_than_one_checkpoint_is_said_before_training(tiny_model, tmp_
         assert not list(out.glob("checkpoint-*"))  # the half-written one removed
 
 
+def test_full_disk_at_the_final_save_leaves_no_half_written_model(tiny_model, tmp_path):
+    """No checkpoints (--save_strategy no), and the disk cannot hold the final model: said before training,
+    then one line, exit 74, and no weight file that would look like a finished model."""
+    with small_disk(tmp_path / "disk", int(0.6 * os.path.getsize(Path(tiny_model) / "model.safetensors"))) as disk:
+        out = disk.path / "out"
+        proc = run_finetune(args(tiny_model, out, tmp_path / "cache", "--max_steps", 2, "--save_strategy", "no"),
+                            check=False, env=disk.env)
+        assert "WARNING: --output_dir" in proc.stdout and "the final model of this run needs about" in proc.stdout
+        assert proc.returncode == 74, proc.stdout[-4000:]
+        line = error_line(proc.stdout)
+        assert line.startswith(f"[finetune] error: saving the final model to {out} failed: no space left on device")
+        assert "There is no complete checkpoint: the same command starts over" in line and "--output_dir" in line
+        no_traceback(proc.stdout)
+        assert not list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
+
+
 def test_full_disk_while_caching_the_dataset(tiny_model, tmp_path):
     """The dataset cache cannot be written (a full tmpfs as root; else a file-size limit that the raw Arrow
     file exceeds): one line naming the cache folder and the command that clears it, exit 2, nothing left."""
