@@ -11,11 +11,14 @@ packing) -> Trainer (step-wide token-normalised loss, per-source metrics) -> sav
 
 This file is the training script, in the order a run goes. Self-contained machinery sits next to it:
   finetune_cli.py          command line: flags, config files, repeated flags, ranges
+  finetune_sources.py      where data comes from: files, folders, Hub datasets, LLaMA-Factory's dataset_info.json
   finetune_data.py         data files and formats: reading, format adapters, record validation
   finetune_template.py     chat templates: what of a rendered conversation is trained, end-of-turn tokens
+  finetune_tokens.py       the vocabulary a template needs (added turn tokens, resizing, eos in the configs)
   finetune_distributed.py  DeepSpeed config, batch plan, sequence parallelism, library workarounds (and the
                            table of every library internal relied on: LIBRARY_INTERNALS)
   finetune_preemption.py   save on SIGTERM/SIGUSR1, resume on another number of processes
+  finetune_faults.py       a diverging run, a failed save, a damaged dataset cache: a clear stop
   finetune_report.py       rank-0 log, memory estimate, token statistics, loss plot
 """
 
@@ -52,6 +55,9 @@ from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_d
                                   start_cpu_deepspeed_state, zero_stage)
 from finetune_preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback,  # noqa: E402
                                  adapt_to_world_size, record_exit_code)
+from finetune_faults import (Fault, NonFiniteGuard, apply_learning_rate, cache_temp_name,  # noqa: E402
+                             cache_write_error, checkpoint_bytes, remove_new_files, remove_partial_checkpoint,
+                             reuse_cache_entry, saving, warn_if_low_space, write_cache_manifest, write_errors)
 from finetune_report import data_report, log0, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
 from finetune_sources import check_data_flags, file_id, resolve_data_spec  # noqa: E402
 from finetune_template import check_chat_template_flag, chat_template_source, render_conversation  # noqa: E402
@@ -59,7 +65,7 @@ from finetune_tokens import (fit_model_to_tokenizer, keep_adapter_small, lora_to
                              prepare_tokenizer, save_stop_tokens)
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "4"  # bump when tokenization output changes, to invalidate old caches
+CACHE_VERSION = "5"  # bump when tokenization output changes, to invalidate old caches (5: with manifest.json)
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +197,14 @@ class TrainingArguments(transformers.TrainingArguments):
     loss_chunk_tokens: int = field(
         default=0, metadata={"help": "Trained tokens per chunk of the loss (logits exist for one chunk at a time). "
                              "0: automatic, 256 MB of fp32 logits (441 tokens for a 151,936-token vocabulary)."}
+    )
+    stop_on_nonfinite: bool = field(
+        default=True, metadata={"help": "Stop at the first step whose loss or gradient norm is NaN/inf (exit code 3; "
+                                "nothing of that step is saved). False: train on regardless."}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "True: log a NaN/inf training loss as the mean of the previous ones "
+                                 "(transformers' default, which hides a diverged run). False: log it as it is."}
     )
 
     @cached_property
@@ -564,15 +578,16 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
         if skipped[kind]:
             log0(f"data: {len(skipped[kind])} {why}: {', '.join(skipped[kind][:5])}{' ...' if len(skipped[kind]) > 5 else ''}")
     path = os.path.join(cache_root, _cache_key(entries, tokenizer, data_args, training_args))
-    if os.path.isfile(os.path.join(path, "report.json")):
+    if reuse_cache_entry(path):  # only an entry that matches its manifest; a damaged one is rebuilt (a note)
         return path
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = cache_temp_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         report = _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_args)
         with open(os.path.join(tmp, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
         shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)
+        write_cache_manifest(tmp)  # sizes and checksums, written last: an entry is used only if it matches them
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     finally:
@@ -670,7 +685,7 @@ def load_datasets(data_args, training_args, tokenizer):
         try:
             paths = [build_dataset(s, tokenizer, data_args, training_args, cache_root) for s in specs]
         except Exception as e:  # any failure, or the other ranks would wait for rank 0 forever
-            error = e
+            error = cache_write_error(e, cache_root) or e  # a full disk: one line with the path and the fix
     # a DataError's lines start with path:line: so that editors and grep can jump to them
     message = error and (str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}")
     if training_args.world_size > 1 and torch.distributed.is_initialized():
@@ -988,6 +1003,9 @@ class FinetuneTrainer(Trainer):
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
                              for split, names in self._names.items()}
         self._gradient_divisor = gradient_divisor(self.args, self.get_sp_size())
+        # the callback that stops the run at its first non-finite step (finetune_faults), if train() added it: fed
+        # by training_step and _get_grad_norm below
+        self.nonfinite = next((c for c in self.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
         if self.get_sp_size() > 1:
             self.accelerator.deepspeed_ulysses_dl_adapter = functools.partial(
                 sequence_parallel_loader, self.accelerator.deepspeed_ulysses_dl_adapter,
@@ -1079,7 +1097,41 @@ class FinetuneTrainer(Trainer):
     def training_step(self, *args, **kwargs):
         # What this returns is only logged, as the mean over all ranks: the N ranks of a sequence-parallel
         # group each hold a share of their replica's loss, scaled by the gradient divisor above.
-        return super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
+        loss = super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
+        if self.nonfinite:
+            self.nonfinite.note_loss(loss, args[1] if len(args) > 1 else kwargs["inputs"])
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # transformers 5.24, private: the one place that has each step's gradient norm, clipped or not, on every
+        # backend (DeepSpeed's: its global norm), before the optimizer step; for the non-finite guard.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.nonfinite:
+            self.nonfinite.note_grad_norm(grad_norm)
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial):
+        # transformers 5.24, private: every checkpoint (--save_steps, epoch, preemption) is written here. A write
+        # failure -> one line (finetune_faults.saving), the half-written checkpoint removed.
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+
+        def needed():
+            return checkpoint_bytes(self.model, self.args, zero_stage(self.args), self.args.use_lora)[0]
+
+        with saving(folder, os.path.basename(folder), self.args, checkpoint_is_complete, needed,
+                    remove=lambda: remove_partial_checkpoint(folder, checkpoint_is_complete)):
+            return super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # transformers 5.24, private: where a resume restores the scheduler (also under DeepSpeed, after its own
+        # load). A changed --learning_rate then applies (finetune_faults.apply_learning_rate).
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            apply_learning_rate(self.lr_scheduler, self.optimizer, self.args.learning_rate)
+
+    def train(self, *args, **kwargs):
+        with write_errors(self.args):  # a full disk elsewhere (loss plot, logs, layout file): one line too
+            return super().train(*args, **kwargs)
 
     def _source_metrics(self, split, prefix):
         """Token-mean CE since the last call, summed over ranks: {prefix}loss overall and
@@ -1274,7 +1326,11 @@ def train(argv=None):
     adapt_to_world_size(checkpoint, training_args)
     log_run_plan(report, training_args, attn, len(train_data))
     model = load_model(model_args, training_args, lora_args, attn, tokenizer)
-    callbacks = [LossPlotCallback(), PreemptionCallback()]
+    warn_if_low_space(model, training_args, zero_stage(training_args), training_args.use_lora)
+    # the non-finite guard after the preemption callback: its flag travels in that one's all-reduce, and it has
+    # the last word on should_save at a step end (finetune_faults)
+    guard = NonFiniteGuard(training_args, reports[0]["sources"], checkpoint_is_complete)
+    callbacks = [LossPlotCallback(), PreemptionCallback(also=guard), guard]
     if training_args.early_stopping_patience:
         callbacks.append(transformers.EarlyStoppingCallback(training_args.early_stopping_patience))
     trainer = FinetuneTrainer(
@@ -1287,14 +1343,21 @@ def train(argv=None):
     if checkpoint:
         log0(f"resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_model(trainer, tokenizer, training_args.output_dir)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    if eval_data is not None:
-        trainer.save_metrics("eval", trainer.evaluate())
-    if training_args.process_index == 0:
-        write_report(report, training_args.output_dir)
+    since = time.time() - 1  # a failed final save removes the weight files it wrote (finetune_faults.saving)
+
+    def final_bytes():
+        return checkpoint_bytes(trainer.model, training_args, zero_stage(training_args), training_args.use_lora)[1]
+
+    with saving(training_args.output_dir, "the final model", training_args, checkpoint_is_complete, final_bytes,
+                remove=lambda: remove_new_files(training_args.output_dir, since)):
+        save_model(trainer, tokenizer, training_args.output_dir)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        if eval_data is not None:
+            trainer.save_metrics("eval", trainer.evaluate())
+        if training_args.process_index == 0:
+            write_report(report, training_args.output_dir)
     log0(f"done: model saved to {training_args.output_dir}")
     return trainer
 
@@ -1310,6 +1373,13 @@ def main():
         log0(e)
         record_exit_code(PREEMPTED_EXIT_CODE)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Fault as e:  # finetune_faults: training diverged (3), a save failed (74); printed where it happened
+        if os.environ.get("FINETUNE_TRACEBACK"):
+            raise
+        if e.here:
+            print(f"[finetune] error: {e}", file=sys.stderr, flush=True)
+        record_exit_code(e.exit_code)
+        sys.exit(e.exit_code)
     except (DataError, FileNotFoundError, ValueError) as e:
         # User errors: one clear message, no traceback, non-zero exit on every rank.
         if os.environ.get("FINETUNE_TRACEBACK"):

@@ -34,8 +34,10 @@ class PreemptionCallback(transformers.TrainerCallback):
     signals only set the flag again, so they cannot interrupt the save. A signal after the last step
     changes nothing: the run finishes its final save and exits 0."""
 
-    def __init__(self):
-        self.signal, self.stopped_at = 0, None
+    def __init__(self, also=None):
+        # also: a callback whose per-step flags travel in the same all-reduce (finetune_faults.NonFiniteGuard:
+        # step_flags() -> device tensor, agree(values)), so that it costs no collective of its own
+        self.signal, self.stopped_at, self.also = 0, None, also
 
     def _record(self, signum, frame):
         self.signal = signum  # nothing else: a signal handler may run in the middle of anything
@@ -47,10 +49,16 @@ class PreemptionCallback(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         flag = torch.tensor([self.signal], dtype=torch.int64, device=args.device)
+        extra = self.also.step_flags(args.device) if self.also is not None else None
+        if extra is not None:
+            flag = torch.cat([flag, extra.to(torch.int64)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and state.global_step < state.max_steps:
-            self.signal, self.stopped_at = int(flag.item()), state.global_step
+        flag, *others = flag.tolist()
+        if extra is not None:
+            self.also.agree(others)
+        if flag and state.global_step < state.max_steps:
+            self.signal, self.stopped_at = int(flag), state.global_step
             control.should_save = control.should_training_stop = True
             control.should_evaluate = False  # the grace period is for saving
 

@@ -1,0 +1,637 @@
+"""Faults that no input check catches, for finetune.py: a diverging run, a failed save, a damaged dataset cache.
+Each ends with one `[finetune] error:` line (no traceback), an exit code of its own, and nothing on disk that
+the next run would trust wrongly; the next run then recovers. README: "When a run fails".
+
+What finetune.py uses (everything else here is internal):
+
+  NonFiniteGuard      a TrainerCallback, listed after PreemptionCallback(also=guard). FinetuneTrainer feeds it
+                      each micro-batch's loss (note_loss, from training_step) and the step's gradient norm
+                      (note_grad_norm, from Trainer._get_grad_norm); at every optimizer-step end all ranks
+                      all-reduce its flag (in the preemption flag's all-reduce), so they agree, and the first
+                      step whose loss or gradient norm is NaN/inf stops the run before anything is saved from it
+                      -> Diverged, exit code 3. Off with --stop_on_nonfinite False.
+  saving(...)         a context around a checkpoint or the final save: an I/O failure in it (no space, quota,
+                      permissions, read-only or network file system, and the forms torch and safetensors wrap
+                      them in) -> SaveFailed, exit code 74, after the half-written folder is removed.
+  write_errors(...)   the same for any other write during training (loss plot, logs): only errors that are
+                      surely the disk's (no space, quota, read-only) are translated.
+  apply_learning_rate a resumed run takes a changed --learning_rate (the rerun after a divergence must be able to).
+  warn_if_low_space   before training: WARNING when --output_dir has less free space than one checkpoint needs
+                      (checkpoint_bytes: estimated from the parameters and the optimizer).
+  dataset cache       cache_temp_name / remove_stale_temps (a folder being written has a temporary name, renamed
+                      when complete), write_cache_manifest (sizes and checksums of every file, written last,
+                      atomically), reuse_cache_entry (an entry is used only if it matches its manifest; else it is
+                      rebuilt with a note, or refused with the path and the command that clears it),
+                      cache_write_error (a failed cache write -> one line).
+  Fault               base of Diverged and SaveFailed: main() prints it once and exits with its exit_code.
+"""
+
+import errno
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import socket
+from contextlib import contextmanager
+
+import torch
+import transformers
+
+from finetune_report import log0
+
+DIVERGED_EXIT_CODE = 3  # the loss or gradient norm became NaN/inf: rerunning as is meets the same step again
+SAVE_FAILED_EXIT_CODE = 74  # sysexits' EX_IOERR: a save failed (disk full, quota, ...); rerun once fixed
+FP16_SKIP_LIMIT = 50  # fp16 loss scaling: this many overflowing (skipped) steps in a row is divergence too
+
+
+class Fault(Exception):
+    """A run-ending fault with its exit code. `here`: this process prints the message (one rank does)."""
+
+    exit_code = 1
+
+    def __init__(self, message, here=True):
+        super().__init__(message)
+        self.here = here
+
+
+class Diverged(Fault):
+    exit_code = DIVERGED_EXIT_CODE
+
+
+class SaveFailed(Fault):
+    exit_code = SAVE_FAILED_EXIT_CODE
+
+
+def _rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def _size(n):
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def _existing(path):
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def free_bytes(path):
+    try:
+        return shutil.disk_usage(_existing(path)).free
+    except OSError:
+        return None
+
+
+def newest_checkpoint(output_dir, is_complete, before=None):
+    """The newest complete checkpoint-N in output_dir (N < before), or None."""
+    found = []
+    for p in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        step = p.rsplit("-", 1)[-1]
+        if step.isdigit() and (before is None or int(step) < before) and is_complete(p):
+            found.append((int(step), p))
+    return max(found)[1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite loss or gradient norm
+# ---------------------------------------------------------------------------------------------
+# Cost: nothing is read or computed that the step does not have already; per micro-batch one reference kept
+# to its (device) loss, per step one NaN test of loss + norm on the device (4 tensor ops). The flag travels in
+# the all-reduce that PreemptionCallback makes at every step end anyway (finetune_preemption: `also`), so the
+# guard adds no collective and no sync (measured: bench/bench_faults.py). The weights of the failing step are never
+# saved: the run stops at that step's end, before its log/save/evaluate, which it can cancel because it comes
+# after DefaultFlowCallback and PreemptionCallback in the callback list (they set should_save).
+
+
+class NonFiniteGuard(transformers.TrainerCallback):
+    def __init__(self, args, source_names, is_complete):
+        self.enabled = bool(getattr(args, "stop_on_nonfinite", True))
+        self.source_names, self.is_complete = list(source_names), is_complete
+        self.skipped_in_row, self.failure, self.started_at = 0, None, 0
+        self._new_step()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started_at = state.global_step  # > 0: resumed from that step
+
+    def _new_step(self):
+        self.losses, self.batches, self.grad_norm, self.step_loss, self.agreed = [], [], None, None, None
+
+    def note_loss(self, loss, inputs):
+        """One micro-batch: its loss (a device tensor; kept, not read) and its batch (for the sources)."""
+        if self.enabled:
+            self.losses.append(loss.detach())
+            self.batches.append({k: inputs[k] for k in ("token_source", "position_ids") if k in inputs})
+
+    def note_grad_norm(self, grad_norm):
+        if self.enabled:
+            self.grad_norm = grad_norm
+
+    def step_flags(self, device):
+        """1 if this rank's step has a non-finite loss or gradient norm, else 0, as a device tensor [1] (a few
+        tensor ops, no sync), for the caller to all-reduce (MAX) and hand back with agree(); None when off."""
+        if not self.enabled:
+            return None
+        total = torch.stack(self.losses).sum() if self.losses else torch.zeros((), device=device)
+        self.step_loss = total
+        if self.grad_norm is not None:
+            total = total + self.grad_norm  # NaN or inf in either stays non-finite in the sum
+        return torch.isfinite(total).logical_not().reshape(1)
+
+    def agree(self, flags):
+        self.agreed = int(flags[0])
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if not self.enabled:
+            return
+        if self.agreed is None:  # nobody reduced our flag with theirs (PreemptionCallback does): reduce it here
+            flag = self.step_flags(args.device).to(torch.int32)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.agree(flag.tolist())
+        if not self.agreed:
+            self.skipped_in_row = 0
+            self._new_step()
+            return
+        # Some rank's step is not finite (rare: from here on, the time does not matter). What, where, from which
+        # samples: every rank's details.
+        mine = self._details(self.step_loss, self.grad_norm)
+        ranks = [mine]
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            ranks = [None] * args.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        bad_loss = any(r["loss"] is not None and not math.isfinite(r["loss"]) for r in ranks)
+        bad_norm = any(r["grad_norm"] is not None and not math.isfinite(r["grad_norm"]) for r in ranks)
+        # fp16 with dynamic loss scaling: an overflowing gradient makes the scaler skip the step and lower the
+        # scale (the weights are untouched): normal, unless it never stops. bf16/fp32 have no such excuse:
+        # DeepSpeed skips those steps too, and the run would go on training nothing.
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        if args.fp16 and skipped and not bad_loss:
+            self.skipped_in_row += 1
+            if self.skipped_in_row < FP16_SKIP_LIMIT:
+                self._new_step()
+                return
+        self.failure = self._message(args, state, bad_loss, bad_norm, ranks)
+        # nothing of this step is saved or evaluated; it is logged (loss/grad_norm as they are: every on_log
+        # callback sees it), the epoch loop stops, and the epoch end raises (before the epoch's save/evaluate)
+        control.should_save = control.should_evaluate = False
+        control.should_log = control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.failure:
+            raise Diverged(self.failure, here=_rank() == 0)
+
+    on_train_end = on_epoch_end
+
+    def _details(self, loss, norm):
+        """This rank's step: loss, gradient norm, samples per source (for the message; failure path only)."""
+        samples = {}
+        for b in self.batches:
+            src = b.get("token_source")
+            if src is None:
+                continue
+            pos = b.get("position_ids")
+            starts = src[pos == 0] if pos is not None and pos.shape == src.shape else src[:, 0]
+            for i in starts[starts >= 0].tolist():
+                name = self.source_names[i] if i < len(self.source_names) else str(i)
+                samples[name] = samples.get(name, 0) + 1
+        return {"loss": None if loss is None else float(loss),
+                "grad_norm": None if norm is None else float(norm), "samples": samples}
+
+    def _message(self, args, state, bad_loss, bad_norm, ranks):
+        world = len(ranks)
+
+        def value(x):
+            return "none" if x is None else f"{x:.4g}"
+
+        losses = [r["loss"] for r in ranks if r["loss"] is not None]
+        bad = [i for i, r in enumerate(ranks) if r["loss"] is not None and not math.isfinite(r["loss"])]
+        step_loss = sum(losses) / len(losses) if losses else None  # as logged: the mean over ranks
+        if bad_loss and bad_norm:
+            what = f"the loss is {value(step_loss)} and the gradient norm is {value(ranks[0]['grad_norm'])}"
+        elif bad_loss:
+            what = f"the loss is {value(step_loss)} (gradient norm {value(ranks[0]['grad_norm'])})"
+        else:
+            what = f"the gradient norm is {value(ranks[0]['grad_norm'])} (loss {value(step_loss)})"
+        if bad_loss and world > 1:
+            what += f", non-finite on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of {world}"
+        if self.skipped_in_row >= FP16_SKIP_LIMIT:
+            what += f"; the fp16 loss scaler skipped {self.skipped_in_row} steps in a row for overflowing gradients"
+        samples = {}
+        for r in ranks:
+            for name, n in r["samples"].items():
+                samples[name] = samples.get(name, 0) + n
+        causes = [f"a learning rate too high (--learning_rate {args.learning_rate:g}: try it 10x lower, or more "
+                  "--warmup_steps)"]
+        if args.fp16:
+            causes.append("fp16 overflow (values beyond 65504): train with --bf16 True instead where the GPU has it")
+        if not args.max_grad_norm:
+            causes.append("no gradient clipping (--max_grad_norm 0)")
+        if samples:
+            causes.append("a bad batch: this step's samples come from "
+                          + ", ".join(f"{name} ({n})" for name, n in sorted(samples.items())))
+        last = newest_checkpoint(args.output_dir, self.is_complete, before=state.global_step)
+        if last is None:
+            then = "No checkpoint was written before it: a rerun starts over."
+        elif self.started_at and state.global_step == self.started_at + 1:  # the first step after resuming
+            then = (f"This run resumed from {last} and diverged at its first step: that checkpoint is already "
+                    "broken (finite, but not trainable): start over with --resume_from_checkpoint False, or "
+                    "resume an earlier one with --resume_from_checkpoint PATH.")
+        else:
+            then = (f"The newest checkpoint is {last}: the same command resumes from it and meets this step again "
+                    "unless a cause is changed (a new --learning_rate applies to the resumed run); if it diverges "
+                    "again at once, start over with --resume_from_checkpoint False.")
+        return (f"training diverged at step {state.global_step}: {what}. Nothing of this step was saved. {then} "
+                f"Likely causes: {'; '.join(causes)}. --stop_on_nonfinite False trains on regardless (exit code "
+                f"{DIVERGED_EXIT_CODE})")
+
+
+def apply_learning_rate(scheduler, optimizer, learning_rate):
+    """After a resume: the command line's --learning_rate, if it differs from the checkpoint's. The restored
+    scheduler keeps the learning rate the checkpoint was trained with (its base_lrs) and would ignore a lowered
+    --learning_rate, so the rerun after a divergence would diverge again at the same step; the schedule (warmup,
+    decay, position) is kept and scaled to the new peak. The optimizer's current rates are scaled with it."""
+    base = list(getattr(scheduler, "base_lrs", None) or [])
+    if not base or base[0] <= 0 or math.isclose(base[0], learning_rate, rel_tol=1e-9):
+        return
+    factor = learning_rate / base[0]
+    scheduler.base_lrs = [b * factor for b in base]
+    if getattr(scheduler, "_last_lr", None):
+        scheduler._last_lr = [x * factor for x in scheduler._last_lr]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+        if "initial_lr" in group:
+            group["initial_lr"] = group["initial_lr"] * factor
+    log0(f"resumed with --learning_rate {learning_rate:g}; the checkpoint was trained with {base[0]:g}: the "
+         "learning rate schedule continues, scaled to the new one")
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed saves
+# ---------------------------------------------------------------------------------------------
+
+SPACE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+WRITE_ERRNOS = {**SPACE_ERRNOS, errno.EROFS: "the file system is read-only",
+                errno.EFBIG: "file too large (a file-size limit: ulimit -f, or the file system's own)",
+                errno.EACCES: "permission denied (the folder's permissions changed during the run?)",
+                errno.EPERM: "operation not permitted (the folder's permissions changed during the run?)",
+                errno.EIO: "input/output error (a failing disk or network file system)",
+                errno.ESTALE: "stale file handle (the network file system lost the folder)",
+                errno.ENOENT: "a file or folder vanished while it was written (deleted by someone else?)"}
+# How torch's zip writer and safetensors report a failed write: torch says only "unexpected pos" (a short
+# write; seen for ENOSPC and EFBIG with torch 2.13), safetensors wraps the OS error ("... (os error 28)").
+_TORCH_SHORT_WRITE = re.compile(r"inline_container|PytorchStreamWriter|unexpected pos|file write failed")
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+# A collective that fails because another process of the run has died (gloo says so; NCCL aborts).
+_PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker crash|Broken pipe|"
+                        r"NCCL communicator was aborted|NCCL error", re.I)
+
+
+def _chain(e):
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return seen
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def write_error(e):
+    """(errno or None, what failed) if `e` (or what caused it) is a failed write, else None."""
+    for ex in _chain(e):
+        if isinstance(ex, OSError) and ex.errno:
+            return ex.errno, WRITE_ERRNOS.get(ex.errno, ex.strerror or _first_line(ex))
+        text = str(ex)
+        m = _OS_ERROR_IN_TEXT.search(text)
+        if m and int(m.group(1) or m.group(2)) in WRITE_ERRNOS:
+            code = int(m.group(1) or m.group(2))
+            return code, WRITE_ERRNOS[code]
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if os.strerror(code) in text:
+                return code, WRITE_ERRNOS[code]
+        if isinstance(ex, RuntimeError) and _TORCH_SHORT_WRITE.search(text):
+            return None, f"a write was cut short (torch: {_first_line(ex)})"
+    return None
+
+
+def _peer_gone(e):
+    return any(isinstance(ex, RuntimeError) and _PEER_GONE.search(str(ex)) for ex in _chain(e))
+
+
+def _space(code, text, folder, needed):
+    """(errno, text) with the free space in `folder` added where space may be the reason; a short write (no
+    errno) is taken for a full disk when the free space is below what the save needs."""
+    free = free_bytes(folder)
+    if free is None or code not in (*SPACE_ERRNOS, None):
+        return code, text
+    if code is None and needed is not None and free < needed:
+        code, text = errno.ENOSPC, "no space left on device"
+    need = f"; this save needs about {_size(needed)}" if needed else ""
+    return code, f"{text} ({_size(free)} free in {_existing(folder)}{need})"
+
+
+def _advice(args, code, checkpoints=True):
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {args.output_dir} writable again, or set --output_dir to a writable folder"
+    if code not in SPACE_ERRNOS:  # an I/O error, or a short write with room left: the file system's own limits
+        return (f"check the file system of {args.output_dir} (quota: quota -s; file-size limit: ulimit -f; a "
+                "network file system's health), or set --output_dir to another disk")
+    limit = getattr(args, "save_total_limit", None)
+    if not checkpoints:
+        return "free space there, or set --output_dir to a disk with room"
+    if limit == 1:  # nothing fewer to keep: the old checkpoint goes only once the new one is complete
+        return ("free space there (with --save_total_limit 1 the disk must hold 2 checkpoints while the new one is "
+                "written), or set --output_dir to a disk with room")
+    keep = f"--save_total_limit (now {limit})" if limit else "--save_total_limit (now all are kept)"
+    return f"free space there, keep fewer checkpoints with {keep}, or set --output_dir to a disk with room"
+
+
+@contextmanager
+def saving(folder, what, args, is_complete=None, needed=None, remove=None):
+    """Around one save (`what`, into `folder`) on every rank. A failed write -> SaveFailed: the folder, what
+    failed, what to do; `remove` (a callable, acting on rank 0) takes away what was half-written. A collective
+    broken by another process that failed mid-save ends this one the same way, quietly but on rank 0 (rank 0
+    says it once; another rank speaks only for a failure that is its own: not a full disk, which all share).
+    Other errors pass unchanged."""
+    try:
+        yield
+    except Fault:
+        raise
+    except Exception as e:
+        failed = write_error(e)
+        peer = failed is None and args.world_size > 1 and _peer_gone(e)
+        if failed is None and not peer:
+            raise
+        need = needed() if callable(needed) else needed
+        code, text = _space(*(failed or (None, "")), args.output_dir, need)  # the free space at the failure
+        if peer:
+            text = f"another process failed while writing it{text}"
+        removed = ""
+        if remove is not None:
+            try:
+                gone = remove()
+                if gone:
+                    removed = f" The half-written {gone} {'were' if ' and ' in gone else 'was'} removed."
+            except OSError:
+                pass
+        last = newest_checkpoint(args.output_dir, is_complete) if is_complete else None
+        resume = (f" {last} is the newest complete checkpoint: the same command resumes from it." if last else
+                  " There is no complete checkpoint: the same command starts over.")
+        here = _rank() == 0 or not (peer or code in SPACE_ERRNOS)
+        advice = _advice(args, code, checkpoints=what.startswith("checkpoint-") or last is not None)
+        raise SaveFailed(f"saving {what} to {folder} failed: {text}.{removed}{resume} Fix: {advice} "
+                         f"(exit code {SAVE_FAILED_EXIT_CODE})", here=here) from None
+
+
+@contextmanager
+def write_errors(args):
+    """Any other write of a training run (the loss plot, logs, layout files): a full disk or quota or a
+    read-only file system -> SaveFailed; everything else passes unchanged."""
+    try:
+        yield
+    except Fault:
+        raise
+    except Exception as e:
+        failed = write_error(e)
+        if failed is None or failed[0] not in (*SPACE_ERRNOS, errno.EROFS, errno.EFBIG):
+            raise
+        name = next((ex.filename for ex in _chain(e) if isinstance(ex, OSError) and ex.filename), None)
+        code, text = _space(*failed, args.output_dir, None)
+        raise SaveFailed(f"writing {name or f'in {args.output_dir}'} failed: {text}. Fix: {_advice(args, code)}, "
+                         "then run the same command again: it resumes from the newest complete checkpoint "
+                         f"(exit code {SAVE_FAILED_EXIT_CODE})", here=_rank() == 0 or code not in SPACE_ERRNOS) from None
+
+
+def remove_partial_checkpoint(folder, is_complete):
+    """For saving(remove=...): a checkpoint that a failed save left unfinished goes (rank 0 removes it).
+    Returns what was removed, for the message."""
+    if _rank() == 0 and os.path.isdir(folder) and not is_complete(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        return os.path.basename(os.path.normpath(folder))
+    return None
+
+
+FINAL_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                         "adapter_model.safetensors", "pytorch_model.bin", "pytorch_model-*-of-*.bin",
+                         "pytorch_model.bin.index.json", "adapter_model.bin")
+
+
+def remove_new_files(folder, since, patterns=FINAL_WEIGHT_PATTERNS):
+    """For saving(remove=...) of the final model: the weight files written after `since` (a half-written save,
+    which would look finished: a final model is not resumed, it is used). Returns what was removed."""
+    removed = []
+    for pattern in patterns:
+        for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern))):
+            if _rank() == 0 and os.path.isfile(path) and os.path.getmtime(path) >= since:
+                os.remove(path)
+                removed.append(os.path.basename(path))
+    return " and ".join(removed) or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Free space before training
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_bytes(model, args, zero_stage, lora):
+    """(one checkpoint, the final model) in bytes, from the parameters: the saved weights (full: all; LoRA: the
+    trainable ones), the optimizer state (torch Adam: 2 moments in the weights' dtype; DeepSpeed: fp32 weights
+    and 2 fp32 moments, 12 bytes per trainable parameter; ZeRO-1/2 also keep the module's weights in its
+    model_states file), and the tokenizer files. Measured against real checkpoints in tests/test_faults.py."""
+    all_bytes = trainable_bytes = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", None) or p.numel()
+        size = getattr(p, "ds_tensor", p).element_size()
+        all_bytes += n * size
+        if p.requires_grad:
+            trainable += n
+            trainable_bytes += n * size
+    weights = trainable_bytes if lora else all_bytes
+    optim = str(getattr(args, "optim", "adamw_torch"))
+    if args.deepspeed:
+        state = 12 * trainable + (weights if zero_stage < 3 else 0)
+    elif "8bit" in optim:
+        state = 2 * trainable
+    elif "adafactor" in optim:
+        state = trainable_bytes // 100
+    elif optim.startswith(("sgd", "lion", "rmsprop")):
+        state = trainable_bytes
+    else:  # Adam and its variants
+        state = 2 * trainable_bytes
+    other = _other_files(model) + (50_000 if args.deepspeed else 0)  # DeepSpeed adds zero_to_fp32.py
+    return weights + state + other, weights + other
+
+
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "*.model", "*.tiktoken", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template*", "config.json", "generation_config.json")
+
+
+def _other_files(model):
+    """Bytes of what a checkpoint holds besides weights and optimizer: the tokenizer and configs (their size in
+    the model's folder; 20 MB for a hub model) and ~100 KB of trainer state, RNG and scheduler state."""
+    folder = getattr(model, "name_or_path", None)
+    if not (isinstance(folder, str) and os.path.isdir(folder)):
+        return 20_000_000
+    files = {f for pattern in TOKENIZER_FILES for f in glob.glob(os.path.join(glob.escape(folder), pattern))}
+    return sum(os.path.getsize(f) for f in files if os.path.isfile(f)) + 100_000
+
+
+def warn_if_low_space(model, args, zero_stage, lora):
+    """WARNING before training when --output_dir cannot hold one checkpoint (or the final model)."""
+    if _rank() != 0:
+        return
+    free = free_bytes(args.output_dir)
+    checkpoint, final = checkpoint_bytes(model, args, zero_stage, lora)
+    saves = str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
+    need, what = (checkpoint, "one checkpoint") if saves else (final, "the final model")
+    if free is not None and free < need:
+        log0(f"WARNING: --output_dir {args.output_dir} has {_size(free)} free, and {what} of this run needs about "
+             f"{_size(need)}: the first save will fail. Free space, or set --output_dir to a disk with room.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset cache: written under a temporary name, renamed when complete, checked against its manifest
+# ---------------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+
+
+def cache_temp_name(path):
+    """Where an entry is built before it is renamed to `path`: host and process id, so that a leftover of a
+    killed run can be recognised (remove_stale_temps) without touching a build in progress elsewhere."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_temps(path, only_mine=False):
+    """Temporary folders beside `path` (any entry's) left by builds of this host whose process no longer runs
+    (killed); only_mine: this process's own (after a failed build)."""
+    host = socket.gethostname()
+    for tmp in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), "*.tmp-*")):
+        owner, _, pid = tmp.rsplit(".tmp-", 1)[-1].rpartition("-")
+        if owner == host and pid.isdigit() and (int(pid) == os.getpid() if only_mine else
+                                                 int(pid) != os.getpid() and not _alive(int(pid))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _checksum(path):
+    import xxhash  # a dependency of datasets
+
+    h = xxhash.xxh64()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _entry_files(folder):
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel != MANIFEST:
+                yield rel
+
+
+def atomic_write_json(path, value):
+    """Write to a temporary name in the same folder, flush to disk, rename: all of it or nothing."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_cache_manifest(folder):
+    """Size and xxh64 checksum of every file of a finished entry, written last (before the entry is renamed)."""
+    files = {rel: [os.path.getsize(os.path.join(folder, rel)), _checksum(os.path.join(folder, rel))]
+             for rel in _entry_files(folder)}
+    atomic_write_json(os.path.join(folder, MANIFEST), {"files": files})
+
+
+def check_cache_entry(folder):
+    """None if every file the manifest lists is there with its size and checksum, else what is wrong."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}: it was not written to the end"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    for rel, (size, checksum) in sorted(files.items()):
+        path = os.path.join(folder, rel)
+        try:
+            actual = os.path.getsize(path)
+        except OSError:
+            return f"{rel} is missing"
+        if actual != size:
+            return f"{rel} has {actual:,} bytes, {size:,} when it was written"
+        try:
+            if _checksum(path) != checksum:
+                return f"{rel} differs from what was written (checksum)"
+        except OSError as e:
+            return f"{rel} cannot be read ({e.strerror})"
+    return None
+
+
+def reuse_cache_entry(path):
+    """True: the entry at `path` is complete and unchanged, use it. False: there is none (any more): build it; a
+    damaged one is removed first, with a note. A damaged one that cannot be removed -> ValueError (one line)."""
+    remove_stale_temps(path)
+    if not os.path.lexists(path):
+        return False
+    damage = check_cache_entry(path) if os.path.isdir(path) else "not a folder"
+    if damage is None:
+        return True
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    except OSError as e:
+        raise ValueError(f"dataset cache {path} is damaged ({damage}) and cannot be rebuilt: removing it failed "
+                         f"({e.strerror}). Clear it with: rm -rf {path}  (or set --dataset_cache_dir to another "
+                         "folder)") from None
+    log0(f"note: dataset cache {path} was damaged ({damage}); rebuilding it")
+    return False
+
+
+def cache_write_error(e, cache_root):
+    """A failed write while building the dataset cache -> ValueError (one line, the path and the fix), else None."""
+    failed = write_error(e)
+    if failed is None:
+        return None
+    name = next((ex.filename for ex in _chain(e) if isinstance(ex, OSError) and ex.filename), None)
+    code, text = failed
+    if code not in (*SPACE_ERRNOS, errno.EROFS, errno.EFBIG) and not (name and os.path.abspath(name).startswith(
+            os.path.abspath(cache_root))):
+        return None  # not surely the cache's (a data file that cannot be read, ...)
+    code, text = _space(code, text, cache_root, None)
+    remove_stale_temps(os.path.join(cache_root, "x"), only_mine=True)  # what this build wrote so far
+    return ValueError(f"writing the dataset cache in {cache_root} failed: {text}. Nothing of it is kept (a "
+                      "half-written entry is never used). Free space there, or set --dataset_cache_dir to another "
+                      f"disk; old entries are cleared with: rm -rf {os.path.join(cache_root, '*')}")
