@@ -396,6 +396,24 @@ LIBRARY_INTERNALS = [
          checked="peft 0.21.2, transformers 5.24.0", tested_by="test_base_model.py (adapter size, merged model)",
          probe=lambda: "save_embedding_layers" in _params("peft:PeftModel.save_pretrained")
          and _source_has("transformers:Trainer._save", "self.model.save_pretrained(")),
+    dict(what="transformers Trainer._get_grad_norm(model, grad_norm=None) (overridden)",
+         where="finetune.FinetuneTrainer._get_grad_norm -> finetune_faults.NonFiniteGuard",
+         why="the one place with every step's gradient norm on every backend, before the optimizer step",
+         checked="transformers 5.24.0", tested_by="test_faults.py (diverging run)",
+         probe=lambda: _params("transformers:Trainer._get_grad_norm")[:3] == ["self", "model", "grad_norm"]),
+    dict(what="transformers Trainer._save_checkpoint(model, trial) and _get_output_dir(trial=...) (wrapped)",
+         where="finetune.FinetuneTrainer._save_checkpoint -> finetune_faults.saving",
+         why="every checkpoint (--save_steps, epoch, preemption) is written there: a failed write becomes one line",
+         checked="transformers 5.24.0", tested_by="test_faults.py (full disk)",
+         probe=lambda: _params("transformers:Trainer._save_checkpoint")[:3] == ["self", "model", "trial"]
+         and "trial" in _params("transformers:Trainer._get_output_dir")),
+    dict(what="transformers Trainer._load_optimizer_and_scheduler(checkpoint); torch LRScheduler.base_lrs/_last_lr",
+         where="finetune.FinetuneTrainer._load_optimizer_and_scheduler -> finetune_faults.apply_learning_rate",
+         why="a --learning_rate changed for a resume applies (the restored scheduler would keep the old peak)",
+         checked="transformers 5.24.0, torch 2.13.0", tested_by="test_faults.py (resume with a lower rate)",
+         probe=lambda: _params("transformers:Trainer._load_optimizer_and_scheduler")[:2] == ["self", "checkpoint"]
+         and _source_has("torch.optim.lr_scheduler:LRScheduler", "self._last_lr")
+         and _source_has("torch.optim.lr_scheduler:LRScheduler", "self.base_lrs")),
     dict(what="library log messages matched by text (bitsandbytes, DeepSpeed, transformers, accelerate)",
          where="finetune_distributed.quiet_known_notices",
          why="notices the user cannot act on are dropped narrowly; a changed text only shows the notice again",
