@@ -322,11 +322,16 @@ def hub_id_files(repo, select, label):
     files are downloaded into that cache (if the Hub cannot be reached, the cached snapshot is used)."""
     import huggingface_hub as hh
 
-    try:
-        snapshot = hh.snapshot_download(repo, repo_type="dataset", local_files_only=True)
-    except Exception:  # LocalEntryNotFoundError (not cached), or a broken cache entry
-        snapshot = None
-    cache, entry = hh.constants.HF_HUB_CACHE, label if label.startswith("--") else f"--data_path {label}"
+    snapshot, caches = None, [hh.constants.HF_HUB_CACHE]
+    if os.environ.get("HF_DATASETS_CACHE"):  # a snapshot kept there (not datasets' own Arrow copies) is found too
+        caches.append(os.environ["HF_DATASETS_CACHE"])
+    for cache_dir in caches:
+        try:
+            snapshot = snapshot or hh.snapshot_download(repo, repo_type="dataset", cache_dir=cache_dir,
+                                                        local_files_only=True)
+        except Exception:  # LocalEntryNotFoundError (not cached), or a broken cache entry
+            pass
+    cache, entry = " or ".join(caches), label if label.startswith("--") else f"--data_path {label}"
     if not _offline():
         from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 

@@ -303,7 +303,8 @@ def make_hub_cache(cache, repo_id, revision="3f1c0ffee0ddba11"):
 
 def test_hub_id_offline_from_the_cache(tiny_model, tmp_path):
     snapshot = make_hub_cache(tmp_path / "hub", "acme/chat-sft")
-    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache")}
     out = tmp_path / "out"
     proc = run_finetune(["--model_name_or_path", tiny_model, "--data_path", "acme/chat-sft,acme/chat-sft[test]:3",
                          "--output_dir", out, "--dataset_cache_dir", tmp_path / "cache", "--dry_run", "True"], env=env)
@@ -315,7 +316,8 @@ def test_hub_id_offline_from_the_cache(tiny_model, tmp_path):
                          tmp_path / "out2", "--dataset_cache_dir", tmp_path / "cache"], env=env, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout
     assert ("[finetune] error: --data_path acme/no-such-set: no such file or folder, and no dataset 'acme/no-such-set' "
-            f"in the Hugging Face cache ({tmp_path / 'hub'}); offline (HF_HUB_OFFLINE=1)") in proc.stdout
+            f"in the Hugging Face cache ({tmp_path / 'hub'} or {tmp_path / 'datasets-cache'}); offline (HF_HUB_OFFLINE=1)"
+            ) in proc.stdout
     assert not (tmp_path / "out2").exists()
 
 
