@@ -4,14 +4,14 @@
     torchrun --nproc_per_node 8 finetune.py ... --deepspeed ds_config_zero3.json
     python finetune.py config.yaml [--any_flag value]         # flags from a JSON/YAML file
 
-Data flow: files -> format adapters (every format becomes `messages` + `tools`) -> validation
+Data flow: files, dataset folders, Hub ids -> format adapters (every format becomes `messages` + `tools`) -> validation
 (`file:line: field: problem`) -> `tokenize_conversation` (input_ids + labels, loss only on what the
 assistant says) -> a cached Arrow dataset -> batching (length-grouped padding or padding-free
 packing) -> Trainer (step-wide token-normalised loss, per-source metrics) -> save -> merge/chat.
 
 This file is the training script, in the order a run goes. Self-contained machinery sits next to it:
   finetune_cli.py          command line: flags, config files, repeated flags, ranges
-  finetune_sources.py      where data comes from: files, folders, Hub datasets, LLaMA-Factory's dataset_info.json
+  finetune_sources.py      where data comes from: --data_path entries, dataset folders, Hub ids, dataset_info.json
   finetune_data.py         data files and formats: reading, format adapters, record validation
   finetune_template.py     chat templates: what of a rendered conversation is trained, end-of-turn tokens
   finetune_tokens.py       the vocabulary a template needs (added turn tokens, resizing, eos in the configs)

@@ -731,6 +731,9 @@ def _arrow_records(path, kind, options, fmt, seen):
                 stream = pa.ipc.open_stream(source)
                 schema, batches = stream.schema, lambda cols: (b.select(cols) for b in stream)
         seen.update(schema.names)
+        twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
+        if twice:
+            raise DataError(f"{path}: the column {twice[0]!r} appears twice; column names must be unique.")
         plan = _TablePlan(path, {n: schema.field(n).type for n in schema.names}, options, fmt)
         row = 0
         for batch in batches(plan.names):
@@ -773,6 +776,10 @@ def _csv_records(path, kind, options, fmt, seen):
             header = next(reader, None)
             if not header:
                 raise DataError(f"{path}: {'empty file' if header is None else 'the first line is blank'}: no header.")
+            if len(header) == 1 and any(d in header[0] for d in ";\t|") and delimiter not in header[0]:
+                other = next(d for d in ";\t|" if d in header[0])
+                raise DataError(f"{path}: the header is one field, {header[0]!r}: the fields seem separated by "
+                                f"{other!r}, not {delimiter!r}; write it comma-separated (.csv) or tab-separated (.tsv).")
             twice = sorted({n for n in header if header.count(n) > 1})
             if twice:
                 raise DataError(f"{path}: the header names {twice[0]!r} twice; column names must be unique.")

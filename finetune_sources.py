@@ -277,6 +277,8 @@ def hub_folder_files(base, select, label, readme=None):
         try:
             patterns = get_data_patterns(root)
         except Exception as e:  # EmptyDatasetError, FileNotFoundError: nothing datasets recognises as data
+            if root.startswith("hf://") and not isinstance(e, FileNotFoundError):
+                raise  # the network: hub_id_files says it, or reads the cached snapshot
             raise DataError(f"{label}: no data files in {root} ({type(e).__name__})") from None
     split = _choose("split", list(patterns), split, label, f"{bare}[{{}}]" if not configs else f"{bare}[{subset}:{{}}]")
     files = []
@@ -320,25 +322,36 @@ def hub_id_files(repo, select, label):
     files are downloaded into that cache (if the Hub cannot be reached, the cached snapshot is used)."""
     import huggingface_hub as hh
 
-    try:
-        snapshot = hh.snapshot_download(repo, repo_type="dataset", local_files_only=True)
-    except Exception:  # LocalEntryNotFoundError (not cached), or a broken cache entry
-        snapshot = None
-    cache = hh.constants.HF_HUB_CACHE
+    snapshot, caches = None, [hh.constants.HF_HUB_CACHE]
+    if os.environ.get("HF_DATASETS_CACHE"):  # a snapshot kept there (not datasets' own Arrow copies) is found too
+        caches.append(os.environ["HF_DATASETS_CACHE"])
+    for cache_dir in caches:
+        try:
+            snapshot = snapshot or hh.snapshot_download(repo, repo_type="dataset", cache_dir=cache_dir,
+                                                        local_files_only=True)
+        except Exception:  # LocalEntryNotFoundError (not cached), or a broken cache entry
+            pass
+    cache, entry = " or ".join(caches), label if label.startswith("--") else f"--data_path {label}"
     if not _offline():
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
         try:
             return _download_split(repo, select, label)
-        except (DataError, FileNotFoundError):
-            raise
         except Exception as e:  # no network, a proxy, a gated dataset without a token: say it, or use the cache
+            if isinstance(e, (DataError, FileNotFoundError)) and not isinstance(e, LocalEntryNotFoundError):
+                raise  # the dataset's own problem
+            if snapshot is None and isinstance(e, RepositoryNotFoundError):
+                raise FileNotFoundError(f"{entry}: no such file or folder, and no dataset {repo!r} on the "
+                                        "Hugging Face Hub (or it is private or gated: huggingface-cli login).") from None
             if snapshot is None:
-                raise FileNotFoundError(f"--data_path {label}: no such file or folder, and the dataset {repo!r} could not "
+                raise FileNotFoundError(f"{entry}: no such file or folder, and the dataset {repo!r} could not "
                                         f"be loaded from the Hugging Face Hub ({type(e).__name__}: "
-                                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the id, "
-                                        "the network, or your token (huggingface-cli login).") from None
-            log0(f"data: {repo}: the Hub cannot be reached ({type(e).__name__}); reading the cached snapshot {snapshot}")
+                                        f"{str(e).splitlines()[0][:160] if str(e) else ''}); check the id, the network "
+                                        "(offline: HF_HUB_OFFLINE=1 reads only the local cache), or your token "
+                                        "(huggingface-cli login).") from None
+            log0(f"data: {repo}: not loaded from the Hub ({type(e).__name__}); reading the cached snapshot {snapshot}")
     if snapshot is None:
-        raise FileNotFoundError(f"--data_path {label}: no such file or folder, and no dataset {repo!r} in the Hugging "
+        raise FileNotFoundError(f"{entry}: no such file or folder, and no dataset {repo!r} in the Hugging "
                                 f"Face cache ({cache}); offline (HF_HUB_OFFLINE=1) nothing is downloaded: download it "
                                 f"where there is network (huggingface-cli download --repo-type dataset {repo}), or "
                                 "give a local path.")
@@ -349,15 +362,14 @@ def _download_split(repo, select, label):
     """Online: which files the split has (datasets resolves hf://datasets/REPO like a folder), then those files
     downloaded into the Hugging Face cache (hf_hub_download: resumable, shared with datasets and huggingface-cli)."""
     import huggingface_hub as hh
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         readme = hh.hf_hub_download(repo, "README.md", repo_type="dataset")
-    except EntryNotFoundError:
+    except EntryNotFoundError as e:  # no README on the Hub; LocalEntryNotFoundError (no network) goes on up
+        if isinstance(e, LocalEntryNotFoundError):
+            raise
         readme = None
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(f"--data_path {label}: no such file or folder, and no dataset {repo!r} on the Hugging "
-                                "Face Hub (or it is private: huggingface-cli login).") from None
     urls, options, others = hub_folder_files(f"hf://datasets/{repo}", select, label, readme=readme or os.devnull)
     fs = hh.HfFileSystem()
     files = []
@@ -418,6 +430,11 @@ def dataset_spec(dataset_dir, names, flag="--dataset"):
                                 "the one with dataset_info.json).")
     info = read_dataset_info(path)
     if info is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {path} is not valid JSON ({e}).") from None
         raise ValueError(f"{flag}: {path} is not LLaMA-Factory's dataset_info.json (an object of named entries, "
                          "each with file_name or hf_hub_url).")
     out = []

@@ -303,7 +303,8 @@ def make_hub_cache(cache, repo_id, revision="3f1c0ffee0ddba11"):
 
 def test_hub_id_offline_from_the_cache(tiny_model, tmp_path):
     snapshot = make_hub_cache(tmp_path / "hub", "acme/chat-sft")
-    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache")}
     out = tmp_path / "out"
     proc = run_finetune(["--model_name_or_path", tiny_model, "--data_path", "acme/chat-sft,acme/chat-sft[test]:3",
                          "--output_dir", out, "--dataset_cache_dir", tmp_path / "cache", "--dry_run", "True"], env=env)
@@ -315,7 +316,8 @@ def test_hub_id_offline_from_the_cache(tiny_model, tmp_path):
                          tmp_path / "out2", "--dataset_cache_dir", tmp_path / "cache"], env=env, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout
     assert ("[finetune] error: --data_path acme/no-such-set: no such file or folder, and no dataset 'acme/no-such-set' "
-            f"in the Hugging Face cache ({tmp_path / 'hub'}); offline (HF_HUB_OFFLINE=1)") in proc.stdout
+            f"in the Hugging Face cache ({tmp_path / 'hub'} or {tmp_path / 'datasets-cache'}); offline (HF_HUB_OFFLINE=1)"
+            ) in proc.stdout
     assert not (tmp_path / "out2").exists()
 
 
@@ -491,6 +493,8 @@ def test_wrong_types_empty_tables_and_broken_files_are_one_line(tiny_model, tmp_
     (tmp_path / "trunc.parquet").write_bytes((tmp_path / "int.parquet").read_bytes()[:40])
     (tmp_path / "json.parquet").write_text(json.dumps(chats(1)[0]))
     datasets.Dataset.from_list(chats(2)).select([]).save_to_disk(str(tmp_path / "empty_split"))
+    pq.write_table(pa().Table.from_arrays([pa().array(["q"]), pa().array(["a"]), pa().array(["x"])],
+                                          names=["prompt", "completion", "prompt"]), str(tmp_path / "twice.parquet"))
     cases = {
         "int.parquet": "column 'completion' holds int64, but the 'completion' of a record must be text or a list",
         "struct.parquet": "column 'instruction' holds struct<a: int64>, but the 'instruction' of a record must be text",
@@ -499,6 +503,7 @@ def test_wrong_types_empty_tables_and_broken_files_are_one_line(tiny_model, tmp_
         "trunc.parquet": "not a readable Parquet file",
         "json.parquet": "not a readable Parquet file",
         "empty_split": "no records (an empty table)",
+        "twice.parquet": "the column 'prompt' appears twice",
     }
     for name, expected in cases.items():
         msg = user_error(dry_run_args(tiny_model, tmp_path / name, tmp_path), monkeypatch, capsys)
@@ -519,7 +524,9 @@ def test_csv_quotes_bom_ragged_lines_and_encodings(tiny_model, tmp_path, monkeyp
     for content, expected in [('instruction,output\n"open,never closed\n', ":2: not valid CSV"),
                               ("instruction,instruction\na,b\n", "the header names 'instruction' twice"),
                               ("", "empty file: no header"),
-                              ("question,answer\nq,a\n", "columns 'question', 'answer' fit no format")]:
+                              ("question,answer\nq,a\n", "columns 'question', 'answer' fit no format"),
+                              ("instruction;output\nq;a\n", "the fields seem separated by ';', not ','"),
+                              ("instruction,output\n", "no records (an empty table)")]:
         (tmp_path / "bad.csv").write_text(content)
         assert expected in user_error(dry_run_args(tiny_model, tmp_path / "bad.csv", tmp_path), monkeypatch, capsys)
     (tmp_path / "latin.csv").write_bytes("instruction,output\ncaf\u00e9,ok\n".encode("latin-1"))
