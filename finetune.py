@@ -63,7 +63,8 @@ quiet_known_notices()
 import transformers  # noqa: E402  (after the filters above)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer  # noqa: E402
 
-# Helper modules next to this script: what it reports and plans with, and preemption-safe training.
+# Helper modules next to this script: what it reports and plans with, preemption-safe training, and faults
+# (a diverging run, a failed save, a damaged dataset cache).
 from finetune_preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback,  # noqa: E402
                                  adapt_to_world_size, record_exit_code)
 from finetune_faults import (Fault, NonFiniteGuard, apply_learning_rate, cache_temp_name,  # noqa: E402
