@@ -135,7 +135,7 @@ class NonFiniteGuard(transformers.TrainerCallback):
 
     def step_flags(self, device):
         """1 if this rank's step has a non-finite loss or gradient norm, else 0, as a device tensor [1] (a few
-        tensor ops, no sync), for the caller to all-reduce (MAX) and hand back with agree(); None when off."""
+        tensor ops, no sync), for the caller to all-reduce (MAX) and hand back with agree([flag]); None when off."""
         if not self.enabled:
             return None
         total = torch.stack(self.losses).sum() if self.losses else torch.zeros((), device=device)
@@ -372,7 +372,10 @@ def saving(folder, what, args, is_complete=None, needed=None, remove=None):
         peer = failed is None and args.world_size > 1 and _peer_gone(e)
         if failed is None and not peer:
             raise
-        need = needed() if callable(needed) else needed
+        try:
+            need = needed() if callable(needed) else needed
+        except Exception:  # an estimate for the message must not hide the failure
+            need = None
         code, text = _space(*(failed or (None, "")), args.output_dir, need)  # the free space at the failure
         if peer:
             text = f"another process failed while writing it{text}"
