@@ -57,8 +57,12 @@ def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=Fals
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:
             raise SystemExit("error: adapter_config.json names no base model; pass --base.")
+        from finetune import peft_wrapping
+
         log(f"loading base {base} + adapter {model_dir}")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), model_dir)
+        base_model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(base_model, model_dir)
     else:
         log(f"loading {model_dir}")
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)

@@ -10,6 +10,7 @@ assistant says) -> a cached Arrow dataset -> batching (length-grouped padding or
 packing) -> Trainer (step-wide token-normalised loss, per-source metrics) -> save -> merge/chat.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -24,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -57,6 +59,16 @@ def quiet_known_notices():
     }
     for name, is_notice in notices.items():
         logging.getLogger(name).addFilter(lambda record, is_notice=is_notice: not is_notice(record))
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """While peft wraps a model: peft (0.21) reads the model's `is_gradient_checkpointing`, which
+    transformers 5 deprecates with a FutureWarning on every LoRA run, naming nothing the user can change.
+    Only that warning is dropped, and only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 quiet_known_notices()
@@ -163,7 +175,9 @@ class DataArguments:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Where downloaded models are cached."})
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (any transformers OptimizerNames)."})
+    optim: str = field(default="adamw_torch_fused", metadata={
+        "help": "Optimizer (any transformers OptimizerNames). adamw_torch_fused: AdamW in one kernel per "
+        "parameter (on CPU 4x faster per step than adamw_torch's loop over parameters)."})
     model_max_length: int = field(
         default=8192, metadata={"help": "Maximum tokens per sample; longer conversations lose whole turns."}
     )
@@ -1834,14 +1848,17 @@ def load_model(model_args, training_args, lora_args, attn_implementation):
             gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs or {"use_reentrant": False},
         )
     if lora_args.lora_weight_path:
-        model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
     else:
         targets = lora_args.lora_target_modules
-        model = get_peft_model(model, LoraConfig(
+        config = LoraConfig(
             r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
             target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
             bias=lora_args.lora_bias, use_dora=lora_args.use_dora, task_type="CAUSAL_LM",
-        ))
+        )
+        with peft_wrapping():
+            model = get_peft_model(model, config)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the embeddings
     trainable, total = model.get_nb_trainable_parameters()

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -89,7 +90,9 @@ def merge(args):
     method = "DoRA" if adapter_config.get("use_dora") else "LoRA"
     log(f"loading base {base} ({str(dtype).replace('torch.', '')}) and {method} adapter {args.adapter}")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    model = PeftModel.from_pretrained(model, args.adapter)
+    with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 deprecates; nothing to act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, args.adapter)
     # peft computes each delta (B @ A * scale, and DoRA's magnitude rescaling) in fp32 on CPU and
     # safe_merge checks the merged weights for NaN/inf before replacing them.
     model = model.merge_and_unload(safe_merge=True)
