@@ -232,7 +232,9 @@ class TrainingArguments(transformers.TrainingArguments):
 class LoraArguments:
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "LoRA dropout. 0 by default: peft drops out a copy of every adapter's input, which costs as much "
+        "memory as the activations themselves and a third of the step time (README, Throughput)."})
     lora_target_modules: str = field(
         default=LORA_DEFAULT_TARGETS, metadata={"help": "Comma-separated module names, or all-linear."}
     )
