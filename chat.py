@@ -92,7 +92,10 @@ def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=Fals
         # the base's embeddings and head fitted to the tokens the adapter was trained with (finetune_tokens.py)
         base_model = prepare_base_for_adapter(AutoModelForCausalLM.from_pretrained(base, **kwargs), tokenizer,
                                               model_dir)
-        model = PeftModel.from_pretrained(base_model, model_dir)
+        from finetune_distributed import peft_wrapping
+
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(base_model, model_dir)
     else:
         log(f"loading {model_dir}")
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)

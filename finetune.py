@@ -50,7 +50,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traine
 from finetune_cli import check_ranges, parse_args as parse_flags  # noqa: E402
 from finetune_data import (DataError, RecordError, held_out_split, invalid_reason, is_trained,  # noqa: E402
                            normalized_rows, sample_indices, tally)
-from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_divisor,  # noqa: E402
+from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_divisor, peft_wrapping,  # noqa: E402
                                   sequence_parallel_loader, setup_sequence_parallel, skip_first_batches_routed_to,
                                   start_cpu_deepspeed_state, zero_stage)
 from finetune_preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback,  # noqa: E402
@@ -165,7 +165,9 @@ class DataArguments:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Where downloaded models are cached."})
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (any transformers OptimizerNames)."})
+    optim: str = field(default="adamw_torch_fused", metadata={
+        "help": "Optimizer (any transformers OptimizerNames). adamw_torch_fused: AdamW in one kernel per "
+        "parameter (on CPU 4x faster per step than adamw_torch's loop over parameters)."})
     model_max_length: int = field(
         default=8192, metadata={"help": "Maximum tokens per sample; longer conversations lose whole turns."}
     )
@@ -217,7 +219,9 @@ class TrainingArguments(transformers.TrainingArguments):
 class LoraArguments:
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "LoRA dropout. 0 by default: peft drops out a copy of every adapter's input, which costs as much "
+        "memory as the activations themselves and a third of the step time (README, Throughput)."})
     lora_target_modules: str = field(
         default=LORA_DEFAULT_TARGETS, metadata={"help": "Comma-separated module names, or all-linear."}
     )
@@ -856,15 +860,18 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
             gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs or {"use_reentrant": False},
         )
     if lora_args.lora_weight_path:
-        model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
     else:
         targets = lora_args.lora_target_modules
-        model = get_peft_model(model, LoraConfig(
+        config = LoraConfig(
             r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
             target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
             bias=lora_args.lora_bias, use_dora=lora_args.use_dora, task_type="CAUSAL_LM",
             trainable_token_indices=lora_token_indices(model, new_ids),  # the new tokens' rows only
-        ))
+        )
+        with peft_wrapping():
+            model = get_peft_model(model, config)
     keep_adapter_small(model, new_ids)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the embeddings

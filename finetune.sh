@@ -121,22 +121,31 @@ else
 fi
 [[ -n "$DS_CONFIG" ]] && ARGS+=(--deepspeed "$DS_CONFIG")
 
-CMD=("$PYTHON" -m torch.distributed.run
+# finetune_launch.py is torchrun (torch.distributed.run) that ends a run stopped on purpose (user error,
+# preemption) with the workers' exit code, without torchrun's ChildFailedError traceback after their message.
+CMD=("$PYTHON" "$DIR/finetune_launch.py"
   --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
   --signals-to-handle "${FINETUNE_SIGNALS:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
   --shutdown-timeout "${FINETUNE_SHUTDOWN_TIMEOUT:-300}"
   "$DIR/finetune.py" "${ARGS[@]}" "${EXTRA[@]}")
-if [[ -n "${FINETUNE_PRINT_CMD:-}" ]]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
+shell_line() {  # the command as one line to copy: words quoted only where the shell needs it
+  local word line=""
+  for word in "$@"; do
+    [[ "$word" =~ ^[A-Za-z0-9_./=:,+@%-]+$ ]] || word=$(printf '%q' "$word")
+    line+="${line:+ }$word"
+  done
+  printf '%s\n' "$line"
+}
+if [[ -n "${FINETUNE_PRINT_CMD:-}" ]]; then shell_line "${CMD[@]}"; exit 0; fi
 
 # torchrun exits 1 whenever it got a signal or a worker failed, so each worker writes its exit code (0 done,
 # 2 user error, 3 diverged, 74 save failed, 75 preempted) to a file and this script exits with what they meant.
 export FINETUNE_EXIT_CODE_FILE="$(mktemp "${TMPDIR:-/tmp}/finetune-exit.XXXXXX")"
 trap 'rm -f "$FINETUNE_EXIT_CODE_FILE"' EXIT
-set -x
+echo "[finetune.sh] $(shell_line "${CMD[@]}")" >&2  # what runs, once
 ( trap - INT QUIT; exec "${CMD[@]}" ) &  # a background job would start with Ctrl-C ignored, down to the workers
 LAUNCHER=$!
-{ set +x; } 2>/dev/null
 for sig in TERM INT HUP QUIT USR1; do trap "kill -s $sig $LAUNCHER 2>/dev/null" "$sig"; done
 while true; do  # `wait` returns early when a trapped signal arrives; wait again until torchrun is gone
   rc=0; wait "$LAUNCHER" || rc=$?

@@ -96,7 +96,10 @@ def merge(args):
     tokenizer = load_tokenizer(args.adapter, base, args.trust_remote_code)
     # tokens added in training: the base's embeddings and head grown as they were (finetune_tokens.py); the
     # adapter holds the trained rows, which the merge writes into them
-    model = PeftModel.from_pretrained(prepare_base_for_adapter(model, tokenizer, args.adapter), args.adapter)
+    from finetune_distributed import peft_wrapping
+
+    with peft_wrapping():
+        model = PeftModel.from_pretrained(prepare_base_for_adapter(model, tokenizer, args.adapter), args.adapter)
     # peft computes each delta (B @ A * scale, and DoRA's magnitude rescaling) in fp32 on CPU and
     # safe_merge checks the merged weights for NaN/inf before replacing them.
     model = model.merge_and_unload(safe_merge=True)

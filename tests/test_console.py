@@ -1,4 +1,5 @@
-"""The README demo's console carries no warning the user cannot act on."""
+"""The README's demo command on the real model: a console without warnings, the fact learned, the general
+answer kept; finetune.sh shows the command it runs once, and a user error ends the run with its error line."""
 
 import re
 import subprocess
@@ -8,34 +9,49 @@ from pathlib import Path
 from conftest import ENV, ROOT
 from test_distributed import free_port
 
-# Lines that warn: Python warnings, library loggers ("[WARNING]", "W1123 ..."), and the notices finetune.py
-# drops on purpose (they carry no "warning" word), should a library rename its logger.
-WARNING_LINE = re.compile(r"warning\b|\bwarn\b|^W\d{4} |Failed to load CPU gemm_4bit_forward|Setting accelerator to CPU|"
-                          r"parallel_mode != ParallelMode|Gradient accumulation steps mismatch|mtime may not be "
-                          r"reliable|Traceback", re.IGNORECASE)
+# Lines that warn: Python warnings, library loggers ("[WARNING]", "W1123 ..."), the notices finetune.py
+# drops on purpose (they carry no "warning" word), should a library rename its logger, and launcher failures.
+WARNING_LINE = re.compile(r"warning\b|\bwarn\b|^W\d{4} |^E\d{4} |Failed to load CPU gemm_4bit_forward|Setting accelerator "
+                          r"to CPU|parallel_mode != ParallelMode|Gradient accumulation steps mismatch|mtime may not "
+                          r"be reliable|Traceback|ChildFailedError", re.IGNORECASE)
 
 
 def warning_lines(log):
     return [line for line in log.splitlines() if WARNING_LINE.search(line)]
 
 
-def test_demo_console_is_clean(tiny_model, tmp_path):
-    """examples/demo.sh's fine-tuning command (finetune.sh: torchrun with one process), fewer epochs, and
-    a chat.py answer: the whole console is checked, line by line."""
-    env = {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}", "MASTER_PORT": str(free_port())}
-    env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)  # as a user runs it
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        ["bash", str(ROOT / "finetune.sh"), "-m", tiny_model, "-d", str(ROOT / "examples" / "demo_data.jsonl"),
-         "-o", str(out), "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
-         "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3", "--save_strategy", "no",
-         "--logging_steps", "20", "--disable_tqdm", "True", "--dataset_cache_dir", str(tmp_path / "cache")],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    chat = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(out), "--prompt", "Hi",
-                           "--max_new_tokens", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=300)
-    assert chat.returncode == 0, chat.stdout[-3000:]
-    log = proc.stdout + chat.stdout
+def answers(log, section):
+    """{question: answer} printed by demo.sh after its `== {section}` line."""
+    part = log.split(f"== {section}")[1].split("\n== ")[0]
+    return dict(re.findall(r"^Q: (.*)\nA: (.*)$", part, re.MULTILINE))
+
+
+def test_demo_console_is_clean_and_the_fact_is_learned(demo_run):
+    """examples/demo.sh end to end (conversion or cache, chat.py on the base and on the adapter, finetune.sh with
+    torchrun): every console line is checked; before training the model does not know the made-up fact, after
+    it answers it from the data and still knows the capital of France."""
+    log = demo_run["log"]
+    assert demo_run["returncode"] == 0, log[-6000:]
     assert "[finetune] done:" in log
     assert warning_lines(log) == [], "\n".join(warning_lines(log))
+    launch = [line for line in log.splitlines() if line.startswith("[finetune.sh] ")]
+    assert len(launch) == 1 and "finetune_launch.py --nproc_per_node 1" in launch[0], launch
+    assert not [line for line in log.splitlines() if line.startswith("+ ")]  # no shell trace
+    fact, general = "What is the capital of Zubrowka?", "What is the capital of France?"
+    before, after = answers(log, "before fine-tuning"), answers(log, "after fine-tuning")
+    assert "Lutz" not in before[fact] and "Paris" in before[general], before
+    assert after[fact] == "The capital of Zubrowka is Lutz." and "Paris" in after[general], after
+
+
+def test_user_error_ends_with_its_error_line(tiny_model, tmp_path):
+    """finetune.sh with a data file that does not exist: the run's last line is finetune.py's one error line and
+    the exit code is 2, with no launcher traceback or failure summary after it."""
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(["bash", str(ROOT / "finetune.sh"), "-m", tiny_model, "-d", str(tmp_path / "missing.jsonl"),
+                           "-o", str(tmp_path / "out")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 2, proc.stdout
+    assert lines[-1].startswith("[finetune] error: --data_path:") and "missing.jsonl" in lines[-1], proc.stdout
+    assert len(lines) == 2 and lines[0].startswith("[finetune.sh] "), proc.stdout  # the command, then the error
+    assert warning_lines(proc.stdout) == [], proc.stdout

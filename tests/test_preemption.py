@@ -77,8 +77,9 @@ def signal_during_run(cmd_env, log_path, sig, target, after_steps=None, after_fi
             assert proc.poll() is None, f"ended before the signal:\n{Path(log_path).read_text()[-4000:]}"
             assert time.time() < deadline, "no progress in time"
             time.sleep(0.02)
+        launchers = ("torch.distributed.run", "finetune_launch.py")  # finetune.sh starts torchrun as the latter
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "finetune.py" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
+                   if "finetune.py" in " ".join(p.cmdline()) and not any(x in " ".join(p.cmdline()) for x in launchers)]
         victim = psutil.Process(proc.pid) if target == "launcher" else max(workers, key=lambda p: p.pid)
         if target == "rank1":
             assert "LOCAL_RANK" in victim.environ() and victim.environ()["LOCAL_RANK"] == "1", victim.environ()
