@@ -55,12 +55,13 @@ from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_d
                                   start_cpu_deepspeed_state, zero_stage)
 from finetune_preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback,  # noqa: E402
                                  adapt_to_world_size, record_exit_code)
-from finetune_faults import (Fault, NonFiniteGuard, apply_learning_rate, cache_temp_name,  # noqa: E402
-                             cache_write_error, checkpoint_bytes, remove_new_files, remove_partial_checkpoint,
-                             reuse_cache_entry, saving, warn_if_low_space, write_cache_manifest, write_errors)
+from finetune_faults import (Fault, FaultHandling, NonFiniteGuard, cache_temp_name, cache_write_error,  # noqa: E402
+                             checkpoint_bytes, remove_new_files, reuse_cache_entry, saving, warn_if_low_space,
+                             write_cache_manifest)
 from finetune_report import data_report, log0, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
 from finetune_sources import check_data_flags, file_id, resolve_data_spec  # noqa: E402
-from finetune_template import check_chat_template_flag, chat_template_source, render_conversation  # noqa: E402
+from finetune_template import (check_chat_template_flag, chat_template_source, encode_regions,  # noqa: E402
+                               render_conversation)
 from finetune_tokens import (fit_model_to_tokenizer, keep_adapter_small, lora_token_indices,  # noqa: E402
                              prepare_tokenizer, save_stop_tokens)
 
@@ -378,52 +379,6 @@ def _labels_and_cut(ids, spans, trained, max_length, train_on_prompt):
     return ids, np.where(mask, ids, IGNORE_INDEX), status
 
 
-def _token_spans(offsets, regions):
-    """Character regions -> token index ranges: the tokens that overlap each region (a token that starts in
-    the prompt and carries the region's first character is in; so is every byte token of a split character)."""
-    offsets = np.maximum.accumulate(offsets, axis=0) if len(offsets) else offsets.reshape(0, 2)
-    spans = []
-    for a, b in regions:
-        lo = int(np.searchsorted(offsets[:, 1], a, side="right"))  # first token ending after a
-        hi = int(np.searchsorted(offsets[:, 0], b, side="left"))  # first token starting at or after b
-        spans.append((lo, max(lo, hi)) if b > a else (lo, lo))
-    return spans
-
-
-def _encode(tokenizer, texts, regions):
-    """[(ids, spans)] for each text: numpy token ids exactly as tokenizer(texts, add_special_tokens=False)
-    gives them, and the range of tokens overlapping each character region. When the Rust tokenizer has no
-    truncation/padding set (what that call would switch off) it is called directly, and only the region
-    boundaries are looked up (char_to_token gives the first token covering a character) instead of
-    converting every token's offsets."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if (backend is not None and backend.truncation is None and backend.padding is None
-            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
-        out = []
-        for e, text, regs in zip(backend.encode_batch(texts, add_special_tokens=False), texts, regions):
-            ids = np.asarray(e.ids, dtype=np.int64)
-
-            def first_starting_at(c):  # index of the first token that starts at or after character c
-                if c >= len(text):
-                    return len(ids)
-                t = e.char_to_token(c)
-                while t is not None and t < len(ids) and e.token_to_chars(t)[0] < c:
-                    t += 1
-                return t
-
-            spans = []
-            for a, b in regs:
-                lo = e.char_to_token(a) if a < len(text) else len(ids)
-                spans.append((lo, lo) if b <= a else (lo, first_starting_at(b)))
-            if any(x is None for span in spans for x in span):  # a character no token covers: use offsets
-                spans = _token_spans(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2), regs)
-            out.append((ids, spans))
-        return out
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [(np.asarray(ids, dtype=np.int64), _token_spans(np.asarray(o, dtype=np.int64).reshape(-1, 2), r))
-            for ids, o, r in zip(enc["input_ids"], enc["offset_mapping"], regions)]
-
-
 def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False,
                      template_kwargs=None):
     """[(messages, tools) or plain text] -> [(input_ids, labels, status)] with numpy arrays; see tokenize_many. Plain
@@ -447,7 +402,7 @@ def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False
         texts.append(text)
         pending.append((i, regions, trained))
     if texts:
-        encoded = _encode(tokenizer, texts, [regions for _, regions, _ in pending])
+        encoded = encode_regions(tokenizer, texts, [regions for _, regions, _ in pending])
         for (i, _, trained), (ids, spans) in zip(pending, encoded):
             results[i] = _labels_and_cut(ids, spans, trained, max_length, train_on_prompt)
     return results
@@ -991,14 +946,15 @@ def shifted_labels(batch):
     return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-class FinetuneTrainer(Trainer):
+class FinetuneTrainer(FaultHandling, Trainer):
     """HF Trainer with a loss that is a weighted mean over the trained tokens of the whole optimizer
     step (all micro-batches, all ranks), so batch layout, packing and gradient accumulation do not
     change what is optimised:
 
         loss = sum_t w_t * CE_t / sum_t w_t,   w_t = 1 (token) | 1/n_sample (sample) | 1/n_source (source)
 
-    The per-token CE is also summed per source for the `loss_<source>` metrics: no second forward pass."""
+    The per-token CE is also summed per source for the `loss_<source>` metrics: no second forward pass.
+    FaultHandling (finetune_faults.py) stops a diverging run and turns a failed save into one line."""
 
     def __init__(self, *args, loss_balance="token", source_names=(), eval_source_names=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -1010,9 +966,7 @@ class FinetuneTrainer(Trainer):
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
                              for split, names in self._names.items()}
         self._gradient_divisor = gradient_divisor(self.args, self.get_sp_size())
-        # the callback that stops the run at its first non-finite step (finetune_faults), if train() added it: fed
-        # by training_step and _get_grad_norm below
-        self.nonfinite = next((c for c in self.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
+        self.checkpoint_is_complete = checkpoint_is_complete  # for FaultHandling's checkpoint writes
         if self.get_sp_size() > 1:
             self.accelerator.deepspeed_ulysses_dl_adapter = functools.partial(
                 sequence_parallel_loader, self.accelerator.deepspeed_ulysses_dl_adapter,
@@ -1104,41 +1058,7 @@ class FinetuneTrainer(Trainer):
     def training_step(self, *args, **kwargs):
         # What this returns is only logged, as the mean over all ranks: the N ranks of a sequence-parallel
         # group each hold a share of their replica's loss, scaled by the gradient divisor above.
-        loss = super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
-        if self.nonfinite:
-            self.nonfinite.note_loss(loss, args[1] if len(args) > 1 else kwargs["inputs"])
-        return loss
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        # transformers 5.24, private: the one place that has each step's gradient norm, clipped or not, on every
-        # backend (DeepSpeed's: its global norm), before the optimizer step; for the non-finite guard.
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if self.nonfinite:
-            self.nonfinite.note_grad_norm(grad_norm)
-        return grad_norm
-
-    def _save_checkpoint(self, model, trial):
-        # transformers 5.24, private: every checkpoint (--save_steps, epoch, preemption) is written here. A write
-        # failure -> one line (finetune_faults.saving), the half-written checkpoint removed.
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-
-        def needed():
-            return checkpoint_bytes(self.model, self.args, zero_stage(self.args), self.args.use_lora)[0]
-
-        with saving(folder, os.path.basename(folder), self.args, checkpoint_is_complete, needed,
-                    remove=lambda: remove_partial_checkpoint(folder, checkpoint_is_complete)):
-            return super()._save_checkpoint(model, trial)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        # transformers 5.24, private: where a resume restores the scheduler (also under DeepSpeed, after its own
-        # load). A changed --learning_rate then applies (finetune_faults.apply_learning_rate).
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            apply_learning_rate(self.lr_scheduler, self.optimizer, self.args.learning_rate)
-
-    def train(self, *args, **kwargs):
-        with write_errors(self.args):  # a full disk elsewhere (loss plot, logs, layout file): one line too
-            return super().train(*args, **kwargs)
+        return super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
 
     def _source_metrics(self, split, prefix):
         """Token-mean CE since the last call, summed over ranks: {prefix}loss overall and
@@ -1309,6 +1229,27 @@ def make_collator(tokenizer, attn, packing, sp):
     return PaddingCollator(tokenizer.pad_token_id, multiple if multiple > 1 else None)
 
 
+def save_results(trainer, tokenizer, result, report, has_eval):
+    """The final model, metrics, state and report. A failed write ends the run with one line, and the weight files
+    it wrote are removed (finetune_faults.saving): no half-written model is left to be loaded."""
+    training_args = trainer.args
+    since = time.time() - 1  # a failed final save removes the weight files it wrote (finetune_faults.saving)
+
+    def final_bytes():
+        return checkpoint_bytes(trainer.model, training_args, zero_stage(training_args), training_args.use_lora)[1]
+
+    with saving(training_args.output_dir, "the final model", training_args, checkpoint_is_complete, final_bytes,
+                remove=lambda: remove_new_files(training_args.output_dir, since)):
+        save_model(trainer, tokenizer, training_args.output_dir)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        if has_eval:
+            trainer.save_metrics("eval", trainer.evaluate())
+        if training_args.process_index == 0:
+            write_report(report, training_args.output_dir)
+
+
 def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_args(argv)
     validate_args(model_args, data_args, training_args, lora_args)
@@ -1350,21 +1291,7 @@ def train(argv=None):
     if checkpoint:
         log0(f"resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    since = time.time() - 1  # a failed final save removes the weight files it wrote (finetune_faults.saving)
-
-    def final_bytes():
-        return checkpoint_bytes(trainer.model, training_args, zero_stage(training_args), training_args.use_lora)[1]
-
-    with saving(training_args.output_dir, "the final model", training_args, checkpoint_is_complete, final_bytes,
-                remove=lambda: remove_new_files(training_args.output_dir, since)):
-        save_model(trainer, tokenizer, training_args.output_dir)
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        if eval_data is not None:
-            trainer.save_metrics("eval", trainer.evaluate())
-        if training_args.process_index == 0:
-            write_report(report, training_args.output_dir)
+    save_results(trainer, tokenizer, result, report, eval_data is not None)
     log0(f"done: model saved to {training_args.output_dir}")
     return trainer
 

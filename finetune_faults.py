@@ -638,3 +638,52 @@ def cache_write_error(e, cache_root):
     return ValueError(f"writing the dataset cache in {cache_root} failed: {text}. Nothing of it is kept (a "
                       "half-written entry is never used). Free space there, or set --dataset_cache_dir to another "
                       f"disk; old entries are cleared with: rm -rf {os.path.join(cache_root, '*')}")
+
+
+class FaultHandling:
+    """Mixed into finetune.FinetuneTrainer (before transformers.Trainer): feeds NonFiniteGuard each micro-batch's loss
+    and each step's gradient norm, turns a failed checkpoint write into one line (the half-written checkpoint
+    removed), applies a --learning_rate changed for a resume, and names a full disk met anywhere while training.
+    The Trainer methods wrapped are private (transformers 5.24): see finetune_distributed.LIBRARY_INTERNALS."""
+
+    @property
+    def nonfinite(self):  # the guard train() added to the callbacks, if any
+        return next((c for c in self.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.nonfinite:
+            self.nonfinite.note_loss(loss, inputs)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # the one place that has each step's gradient norm, clipped or not, on every backend (DeepSpeed's: its
+        # global norm), before the optimizer step
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.nonfinite:
+            self.nonfinite.note_grad_norm(grad_norm)
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial):
+        # every checkpoint (--save_steps, epoch, preemption) is written here
+        from finetune_distributed import zero_stage
+
+        checkpoint_is_complete = self.checkpoint_is_complete  # finetune.py's, given by the Trainer subclass
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+
+        def needed():
+            return checkpoint_bytes(self.model, self.args, zero_stage(self.args), self.args.use_lora)[0]
+
+        with saving(folder, os.path.basename(folder), self.args, checkpoint_is_complete, needed,
+                    remove=lambda: remove_partial_checkpoint(folder, checkpoint_is_complete)):
+            return super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # where a resume restores the scheduler (also under DeepSpeed, after its own load)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            apply_learning_rate(self.lr_scheduler, self.optimizer, self.args.learning_rate)
+
+    def train(self, *args, **kwargs):
+        with write_errors(self.args):  # a full disk elsewhere (loss plot, logs, layout file): one line too
+            return super().train(*args, **kwargs)

@@ -3,7 +3,8 @@ trained on, found by one rule from how the template renders (no template is know
 end-of-turn tokens and turn markers; the built-in templates (ChatML) for tokenizers that have none.
 
 Interface: render_conversation(tokenizer, messages, tools) -> (text, [trained character region per assistant
-turn]); end_of_turn_tokens(tokenizer); turn_markers(tokenizer); chat_template_source(flag); ChatRenderer (the fast
+turn]); encode_regions(tokenizer, texts, regions) -> token ids and each region's token span;
+end_of_turn_tokens(tokenizer); turn_markers(tokenizer); chat_template_source(flag); ChatRenderer (the fast
 renderer it uses); BUILTIN_TEMPLATES. finetune.py turns the regions into token labels (tokenize_conversation);
 finetune_tokens.py makes the markers single tokens and the end tokens eos; chat.py uses the end tokens to stop.
 """
@@ -12,6 +13,8 @@ import functools
 import json
 import os
 import re
+
+import numpy as np
 
 from finetune_data import RecordError
 
@@ -434,3 +437,52 @@ def turn_markers(tokenizer):
         return []
     pieces = text.split(SENTINEL)[1:] + prompt.split(SENTINEL)[-1:]
     return list(dict.fromkeys(m for piece in pieces for m in _MARKER.findall(piece)))
+
+
+# Character regions -> token spans, for finetune.py's labels
+
+
+def _token_spans(offsets, regions):
+    """Character regions -> token index ranges: the tokens that overlap each region (a token that starts in
+    the prompt and carries the region's first character is in; so is every byte token of a split character)."""
+    offsets = np.maximum.accumulate(offsets, axis=0) if len(offsets) else offsets.reshape(0, 2)
+    spans = []
+    for a, b in regions:
+        lo = int(np.searchsorted(offsets[:, 1], a, side="right"))  # first token ending after a
+        hi = int(np.searchsorted(offsets[:, 0], b, side="left"))  # first token starting at or after b
+        spans.append((lo, max(lo, hi)) if b > a else (lo, lo))
+    return spans
+
+
+def encode_regions(tokenizer, texts, regions):
+    """[(ids, spans)] for each text: numpy token ids exactly as tokenizer(texts, add_special_tokens=False)
+    gives them, and the range of tokens overlapping each character region. When the Rust tokenizer has no
+    truncation/padding set (what that call would switch off) it is called directly, and only the region
+    boundaries are looked up (char_to_token gives the first token covering a character) instead of
+    converting every token's offsets."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        out = []
+        for e, text, regs in zip(backend.encode_batch(texts, add_special_tokens=False), texts, regions):
+            ids = np.asarray(e.ids, dtype=np.int64)
+
+            def first_starting_at(c):  # index of the first token that starts at or after character c
+                if c >= len(text):
+                    return len(ids)
+                t = e.char_to_token(c)
+                while t is not None and t < len(ids) and e.token_to_chars(t)[0] < c:
+                    t += 1
+                return t
+
+            spans = []
+            for a, b in regs:
+                lo = e.char_to_token(a) if a < len(text) else len(ids)
+                spans.append((lo, lo) if b <= a else (lo, first_starting_at(b)))
+            if any(x is None for span in spans for x in span):  # a character no token covers: use offsets
+                spans = _token_spans(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2), regs)
+            out.append((ids, spans))
+        return out
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [(np.asarray(ids, dtype=np.int64), _token_spans(np.asarray(o, dtype=np.int64).reshape(-1, 2), r))
+            for ids, o, r in zip(enc["input_ids"], enc["offset_mapping"], regions)]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import finetune as ft
+import finetune_template as ftt
 from conftest import SHARED, write_jsonl
 
 LENGTHS = (3, 9, 20, 2)  # words per answer: samples of different lengths and trained-token counts
@@ -295,9 +296,9 @@ def test_region_boundary_lookup_matches_token_offsets(tokenizer, name):
     for text in texts:
         regions = [(a, b) for a in range(len(text) + 1) for b in (a, min(len(text), a + 1), min(len(text), a + 3),
                                                                    len(text))]
-        (ids, spans), = ft._encode(tok, [text], [regions])
+        (ids, spans), = ftt.encode_regions(tok, [text], [regions])
         offsets = tok.backend_tokenizer.encode(text, add_special_tokens=False).offsets
-        assert spans == ft._token_spans(np.asarray(offsets).reshape(-1, 2), regions), text
+        assert spans == ftt._token_spans(np.asarray(offsets).reshape(-1, 2), regions), text
         for (a, b), span in zip(regions, spans):
             expected = overlapping_tokens(offsets, a, b)
             assert (span if expected else span[1] - span[0]) == (expected or 0), (text, a, b)
