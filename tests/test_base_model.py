@@ -239,10 +239,12 @@ def test_every_run_writes_the_turn_end_into_the_configs(tiny_model, tmp_path):
         assert json.loads((tmp_path / "out" / f).read_text())["eos_token_id"] == ids, f
 
 
-def test_unknown_template_name_is_refused(tiny_model, tmp_path):
-    proc = run_finetune(["--model_name_or_path", tiny_model, "--data_path", ROOT / "examples" / "demo_data.jsonl",
-                         "--output_dir", tmp_path / "out", "--chat_template", "chatml2"], check=False)
-    assert proc.returncode == 2 and "not a built-in template (chatml)" in proc.stdout, proc.stdout
+def test_unknown_template_name_is_refused_before_loading(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--chat_template chatml2: no such file, and not a built-in "
+                                                r"template \(chatml\)"):
+        finetune.train(["--model_name_or_path", tiny_model, "--data_path", str(ROOT / "examples" / "demo_data.jsonl"),
+                        "--output_dir", str(tmp_path / "out"), "--chat_template", "chatml2"])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("real", ["gpt-2", "llama-spm"])
