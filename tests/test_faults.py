@@ -3,7 +3,9 @@ message, the exit code, what is left on disk, and the next run.
 
   Diverging:  --learning_rate 1e5 on the tiny model: step 3's gradient norm is NaN. Guard on: exit 3 at that
               step, one line naming it, the value, the causes and the batch's sources; checkpoint-2 (finite)
-              stays the newest, no final model; the same command with a sane learning rate resumes from it.
+              stays the newest, no final model. The rerun with a sane learning rate resumes from it (the new
+              rate applied), but lr 1e5 broke those weights already: it stops at its first step and the line
+              says to start over, which recovers.
               Guard off (--stop_on_nonfinite False): the old behaviour, but the loss is logged as nan, never 0.
               fp16: overflowing steps the loss scaler skips are not divergence, unless they never end.
               2 processes (finetune.sh, ZeRO-2): every rank stops at the same step, exit 3, the line once;
@@ -12,7 +14,8 @@ message, the exit code, what is left on disk, and the next run.
               fault faked at the file-write layer: ENOSPC from torch.save/save_file): exit 74, one line
               (folder, "no space left", the fixes), checkpoint-2 complete, the half-written checkpoint-4
               gone; the disk grown, the same command resumes from checkpoint-2. Less space than one
-              checkpoint: a WARNING before training. A dataset cache on a full disk: one line, exit 2.
+              checkpoint: a WARNING before training. No room for the final model: no half-written weights
+              left. A dataset cache on a full disk: one line, exit 2.
               2 processes, rank 1's writes cut short (ulimit -f): both ranks end with exit 74, no traceback.
   Cache:      a truncated .arrow, bytes changed in place, a missing manifest: rebuilt with one note; an entry
               that cannot be removed: refused with its path and the rm command, exit 2. A run SIGKILLed
