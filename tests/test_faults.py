@@ -3,15 +3,19 @@ message, the exit code, what is left on disk, and the next run.
 
   Diverging:  --learning_rate 1e5 on the tiny model: step 3's gradient norm is NaN. Guard on: exit 3 at that
               step, one line naming it, the value, the causes and the batch's sources; checkpoint-2 (finite)
-              stays the newest, no final model; the same command with a sane learning rate resumes from it.
+              stays the newest, no final model. The rerun with a sane learning rate resumes from it (the new
+              rate applied), but lr 1e5 broke those weights already: it stops at its first step and the line
+              says to start over, which recovers.
               Guard off (--stop_on_nonfinite False): the old behaviour, but the loss is logged as nan, never 0.
+              fp16: overflowing steps the loss scaler skips are not divergence, unless they never end.
               2 processes (finetune.sh, ZeRO-2): every rank stops at the same step, exit 3, the line once;
               the per-step agreement itself: a NaN loss on rank 1 alone stops both ranks (gloo).
   Full disk:  --output_dir on a tmpfs that holds one checkpoint but not two (as root; else the same
               fault faked at the file-write layer: ENOSPC from torch.save/save_file): exit 74, one line
               (folder, "no space left", the fixes), checkpoint-2 complete, the half-written checkpoint-4
               gone; the disk grown, the same command resumes from checkpoint-2. Less space than one
-              checkpoint: a WARNING before training. A dataset cache on a full disk: one line, exit 2.
+              checkpoint: a WARNING before training. No room for the final model: no half-written weights
+              left. A dataset cache on a full disk: one line, exit 2.
               2 processes, rank 1's writes cut short (ulimit -f): both ranks end with exit 74, no traceback.
   Cache:      a truncated .arrow, bytes changed in place, a missing manifest: rebuilt with one note; an entry
               that cannot be removed: refused with its path and the rm command, exit 2. A run SIGKILLed
@@ -172,6 +176,38 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path
         assert "non-finite on rank 1 of 2" in r["message"] and "from a (1), b (1)" in r["message"], r
         assert r["here"] == (rank == 0)  # printed once
         assert r["shared"]["stop"] is True and "at step 3: the loss is inf" in r["shared"]["message"], r
+
+
+def test_fp16_overflow_steps_are_not_divergence_unless_they_never_end(tmp_path):
+    """fp16 with dynamic loss scaling (GPU only, so the guard alone here): a step whose gradient overflows is
+    skipped by the scaler, weights untouched; FP16_SKIP_LIMIT of them in a row stop the run, and so does a
+    non-finite loss at once, with the bf16 advice."""
+    import types
+
+    import transformers
+
+    from finetune_faults import FP16_SKIP_LIMIT, NonFiniteGuard
+
+    args = types.SimpleNamespace(device=torch.device("cpu"), fp16=True, world_size=1, learning_rate=1e-5,
+                                 max_grad_norm=1.0, stop_on_nonfinite=True, output_dir=str(tmp_path))
+    skipped = types.SimpleNamespace(step_was_skipped=True)  # what accelerate's optimizer wrapper says then
+
+    def step(guard, n, loss=2.0, norm=float("inf")):
+        control = transformers.TrainerControl()
+        guard.note_loss(torch.tensor(loss), {})
+        guard.note_grad_norm(torch.tensor(norm))
+        guard.on_step_end(args, types.SimpleNamespace(global_step=n), control, optimizer=skipped)
+        return control.should_training_stop
+
+    guard = NonFiniteGuard(args, ["data"], lambda p: True)
+    assert not any(step(guard, n) for n in range(1, FP16_SKIP_LIMIT))  # the scaler finds its scale
+    assert not step(guard, FP16_SKIP_LIMIT, norm=1.0)  # a good step: the count starts again
+    assert not any(step(guard, n) for n in range(FP16_SKIP_LIMIT + 1, 2 * FP16_SKIP_LIMIT))
+    assert step(guard, 2 * FP16_SKIP_LIMIT)
+    assert f"the fp16 loss scaler skipped {FP16_SKIP_LIMIT} steps in a row" in guard.failure
+    guard = NonFiniteGuard(args, ["data"], lambda p: True)
+    assert step(guard, 1, loss=float("nan"), norm=1.0)
+    assert "the loss is nan" in guard.failure and "train with --bf16 True instead" in guard.failure
 
 
 def test_diverging_run_on_two_processes_stops_every_rank(tiny_model, tmp_path):
