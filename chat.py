@@ -68,8 +68,10 @@ def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=Fals
     """-> (model, tokenizer). An adapter directory is loaded on top of its base model (not merged), the base's
     vocabulary grown as in training when the adapter added tokens."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.logging.disable_progress_bar()  # the "[chat] loading" line says what happens
     if not os.path.isdir(model_dir):
         raise SystemExit(f"error: --model {model_dir} is not a directory.")
     torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]

@@ -801,6 +801,8 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
         )
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": training_args.local_process_index}
+    if training_args.disable_tqdm:  # no progress bars asked for: the "Loading weights" one too
+        transformers.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     # embeddings and head fitted to the tokenizer (new rows: the mean of the others), its turn end an eos
