@@ -45,6 +45,10 @@ from finetune_distributed import quiet_known_notices
 
 quiet_known_notices()  # before transformers is imported: bitsandbytes speaks on import
 import transformers  # noqa: E402
+
+# transformers' own bars ("Loading weights", "Writing model shards") repeat what the log says, at every save; the
+# Trainer's training bar is separate (--disable_tqdm).
+transformers.logging.disable_progress_bar()
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: E402
 
 from finetune_cli import check_ranges, parse_args as parse_flags  # noqa: E402
@@ -801,8 +805,6 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
         )
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": training_args.local_process_index}
-    if training_args.disable_tqdm:  # no progress bars asked for: the "Loading weights" one too
-        transformers.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     # embeddings and head fitted to the tokenizer (new rows: the mean of the others), its turn end an eos
@@ -1190,6 +1192,8 @@ def finish_training_args(training_args, has_eval):
                 training_args.save_steps = training_args.eval_steps
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        if hasattr(training_args, "activation_checkpointing_kwargs"):  # transformers >= 5.x reads the new name
+            training_args.activation_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per epoch
 

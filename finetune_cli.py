@@ -48,6 +48,20 @@ def read_config_file(path, actions):
     return flags
 
 
+def renamed_flags(argv, actions):
+    """transformers 5.x renamed --gradient_checkpointing(_kwargs) to --activation_checkpointing(_kwargs) and warns
+    on the old names. The old name is the one Qwen's script, our finetune.sh and most guides use: where this
+    transformers knows the new name, the old one is passed as the new one (same meaning, no warning); with an
+    older transformers it stays as it is."""
+    renames = {f"--{old}": f"--{new}" for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+               ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")) if new in actions}
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        out.append(renames[flag] + eq + value if flag in renames else arg)
+    return out
+
+
 def join_repeated(argv, names=("data_path", "eval_data_path", "dataset", "eval_dataset", "columns")):
     """A repeated --data_path (--dataset, --columns, ...) adds its entries (argparse would keep only the last one)."""
     out, seen = [], {}
@@ -78,7 +92,7 @@ def parse_args(dataclass_types, argv=None):
     actions = {a.dest: a for a in parser._actions}
     known = list(actions)
     config = read_config_file(argv.pop(0), actions) if argv and argv[0].endswith((".json", ".yaml", ".yml")) else []
-    argv = config + join_repeated(argv)  # flags after the config file override it
+    argv = renamed_flags(config + join_repeated(argv), actions)  # flags after the config file override it
 
     def error(message):  # argparse would print usage and exit; make it one `[finetune] error:` line
         raise ValueError(f"{message} (see python finetune.py --help)")

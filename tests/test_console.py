@@ -57,3 +57,24 @@ def test_user_error_ends_with_its_error_line(tiny_model, tmp_path):
     assert lines[-1].startswith("[finetune] error: --data_path:") and "missing.jsonl" in lines[-1], proc.stdout
     assert len(lines) == 2 and lines[0].startswith("[finetune.sh] "), proc.stdout  # the command, then the error
     assert warning_lines(proc.stdout) == [], proc.stdout
+
+
+def test_gradient_checkpointing_flag_without_deprecation_warning(tiny_model, tmp_path):
+    """--gradient_checkpointing True (what finetune.sh adds on GPUs; transformers 5.x renamed it
+    activation_checkpointing and warns on the old name): a LoRA run's console has no warning, and the flag
+    reaches the Trainer as checkpointing with use_reentrant False, under either name."""
+    import finetune
+
+    argv = ["--model_name_or_path", tiny_model, "--data_path", str(ROOT / "examples" / "demo_data.jsonl"),
+            "--output_dir", str(tmp_path / "out"), "--gradient_checkpointing", "True"]
+    training_args = finetune.parse_args(argv)[2]
+    finetune.finish_training_args(training_args, has_eval=False)
+    names = ["gradient_checkpointing"] + (["activation_checkpointing"] if hasattr(training_args, "activation_checkpointing") else [])
+    for name in names:
+        assert getattr(training_args, name) is True and getattr(training_args, f"{name}_kwargs") == {"use_reentrant": False}
+    env = {k: v for k, v in ENV.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *argv, "--use_lora", "True", "--max_steps", "2",
+                           "--save_strategy", "no", "--dataset_cache_dir", str(tmp_path / "cache")], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert warning_lines(proc.stdout) == [], "\n".join(warning_lines(proc.stdout))
