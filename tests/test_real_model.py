@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED, read_log_history, run_finetune, write_jsonl
+from test_console import warning_lines
 
 # This process's own forward passes: one thread, as the training subprocesses (two threads on two shared cores
 # spin-wait on each other and made a few forward passes take minutes).
@@ -137,7 +138,7 @@ def test_show_masking_marks_each_answer_and_its_turn_end(smollm2, tmp_path):
 @pytest.fixture(scope="module")
 def lora_run(smollm2, tmp_path_factory):
     """LoRA (finetune.py's defaults: all linear layers) on 32 alpaca conversations, 2 epochs, batch 4, lr 5e-4:
-    -> {"out": adapter folder, "merged": merge_lora.py's output}."""
+    -> {"out": adapter folder, "merged": merge_lora.py's output (its console: no warning)}."""
     import subprocess
     import sys
 
@@ -151,10 +152,12 @@ def lora_run(smollm2, tmp_path_factory):
         "--model_max_length", MAX_LEN, "--save_strategy", "no", "--logging_steps", 4, "--report_to", "none",
         "--disable_tqdm", "True", "--lr_scheduler_type", "constant", "--dataset_cache_dir", tmp / "cache"])
     merged = tmp / "merged"
+    env = {k: v for k, v in ENV.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}  # the console a user sees
     proc = subprocess.run([sys.executable, str(ROOT / "merge_lora.py"), "--base", smollm2, "--adapter", str(out),
-                           "--output", str(merged), "--dtype", "fp32"], env=ENV, stdout=subprocess.PIPE,
+                           "--output", str(merged), "--dtype", "fp32"], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout
+    assert warning_lines(proc.stdout) == [], proc.stdout
     return {"out": out, "merged": merged}
 
 
