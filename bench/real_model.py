@@ -8,7 +8,7 @@ full fine-tuning and LoRA, side by side with HF Trainer defaults and TRL SFTTrai
 
 Model: SmolLM2-135M-Instruct (examples/smollm2.py; LlamaForCausalLM, 134.5M parameters, 30 layers, hidden 576,
 49,152-token vocabulary, tied embeddings). Data: the first --rows (default 200, of 999) conversations of
-/work/shared/data/alpaca_en_demo.json (alpaca: instruction [+ "\n" + input] -> user, output -> assistant), the
+../shared/data/alpaca_en_demo.json (alpaca: instruction [+ "\n" + input] -> user, output -> assistant), the
 same conversations and the same chat template (the tokenizer's own, ChatML with SmolLM's default system turn)
 in every mode. fp32, sdpa attention, batch size 4, one epoch (or --steps), --threads intra-op threads (default:
 the number of cores), each mode in its own process:
@@ -59,7 +59,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 MODES = ["ours_full", "hf_full", "trl_full", "ours_lora", "hf_lora", "trl_lora"]
-DATA = "/work/shared/data/alpaca_en_demo.json"
+DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "alpaca_en_demo.json")  # ../shared beside the checkout
 TOKENS = 1024  # tokens of the matmul-throughput GEMMs (4 conversations of ~250 tokens)
 # op-name -> category for --profile (self CPU time of aten ops, main thread = wall time)
 CATEGORIES = [
