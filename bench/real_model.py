@@ -1,4 +1,4 @@
-"""Real-model benchmark (issue 4): training speed, peak memory and MFU of finetune.py on SmolLM2-135M-Instruct,
+"""Real-model benchmark: training speed, peak memory and MFU of finetune.py on SmolLM2-135M-Instruct,
 full fine-tuning and LoRA, side by side with HF Trainer defaults and TRL SFTTrainer defaults.
 
     python bench/real_model.py                       # 200 conversations, 6 modes: ~25-35 min on 2 quiet cores
@@ -333,7 +333,7 @@ def print_table(results, matmul, n_rows, opts):
     gflops = matmul["matmul_gflops"]
     print(f"\n{n_rows} conversations, batch size {opts.batch}, fp32, sdpa, {opts.threads} threads; "
           f"matmul throughput {gflops:.0f} GFLOP/s (this model's GEMMs at {TOKENS} tokens)\n")
-    print("| mode | grad ckpt | real tokens/s | vs ours | s (timed steps) | padding | peak RSS (GB) | train RSS (GB) "
+    print("| mode | grad ckpt | real tokens/s | vs ours | s (timed steps) | padding | peak RSS (GiB) | train RSS (GiB) "
           "| RSS vs ours | MFU |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
