@@ -58,6 +58,7 @@ def renamed_flags(argv, actions):
     out = []
     for arg in argv:
         flag, eq, value = arg.partition("=")
+        flag = "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag  # --gradient-checkpointing too
         out.append(renames[flag] + eq + value if flag in renames else arg)
     return out
 
