@@ -137,7 +137,7 @@ def test_show_masking_marks_each_answer_and_its_turn_end(smollm2, tmp_path):
 
 @pytest.fixture(scope="module")
 def lora_run(smollm2, tmp_path_factory):
-    """LoRA (finetune.py's defaults: all linear layers) on 32 alpaca conversations, 2 epochs, batch 4, lr 5e-4:
+    """LoRA (finetune.py's defaults: all linear layers) on 43 short alpaca conversations, 2 epochs, batch 4, lr 5e-4:
     -> {"out": adapter folder, "merged": merge_lora.py's output (its console: no warning)}."""
     import subprocess
     import sys
@@ -162,7 +162,7 @@ def lora_run(smollm2, tmp_path_factory):
 
 
 def test_lora_lowers_the_held_out_loss(smollm2, lora_run):
-    """The assistant-token loss on 16 held-out alpaca conversations, computed with plain transformers + peft,
+    """The assistant-token loss on 25 held-out alpaca conversations, computed with plain transformers + peft,
     is lower with the adapter than without it."""
     from transformers import AutoTokenizer
 
