@@ -1052,11 +1052,19 @@ class FinetuneTrainer(FaultHandling, Trainer):
             return loss, outputs
         return loss
 
+    def get_resumed_dataloader(self, dataloader, num_batches):
+        # transformers >= 5.25 fast-forwards a resumed epoch through this (documented) method: the
+        # sequence-parallel loader skips its own micro-batches (accelerate's skip_first_batches knows only
+        # DataLoaders). Older versions never call it: _run_epoch below routes their module function here.
+        if isinstance(dataloader, SequenceParallelLoader):
+            return dataloader.skip_first_batches(num_batches)
+        return super().get_resumed_dataloader(dataloader, num_batches)
+
     def _run_epoch(self, **kwargs):
         loader = kwargs.get("train_dataloader")
-        if not isinstance(loader, SequenceParallelLoader):
+        if hasattr(Trainer, "get_resumed_dataloader") or not isinstance(loader, SequenceParallelLoader):
             return super()._run_epoch(**kwargs)
-        with skip_first_batches_routed_to(loader):  # a resumed epoch skips through the sequence-parallel loader
+        with skip_first_batches_routed_to(loader):  # transformers < 5.25 only
             return super()._run_epoch(**kwargs)
 
     def training_step(self, *args, **kwargs):

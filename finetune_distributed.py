@@ -20,9 +20,11 @@ import torch
 
 # Library notices that tell the user nothing to act on: logger name -> test of the record. Each is narrow.
 KNOWN_NOTICES = {
-    # On CPUs with AVX512-BF16, bitsandbytes tries the optional `kernels` package for a faster 4-bit
-    # CPU matmul and falls back to its own; only "not installed" is silenced, real failures still show.
-    "bitsandbytes.backends.cpu.ops": lambda r: "gemm_4bit_forward" in r.msg and "'kernels'" in str(r.args),
+    # On CPUs with AVX512-BF16, bitsandbytes tries a faster 4-bit CPU matmul from the Hub through the `kernels`
+    # package (a transformers >= 5.25 dependency) and falls back to its own, with the same results: whether
+    # `kernels` is missing, offline, or refuses the unversioned, unverified repository, nothing is for the user
+    # to do.
+    "bitsandbytes.backends.cpu.ops": lambda r: "gemm_4bit_forward" in r.msg,
     # No GPU: DeepSpeed says it runs on CPU, which is the plan (finetune.sh chose gloo for it).
     "DeepSpeed": lambda r: "Setting accelerator to CPU" in r.getMessage() and not torch.cuda.is_available(),
     # torchrun with ONE process: accelerate starts a process group of size 1, which transformers takes
@@ -330,13 +332,19 @@ LIBRARY_INTERNALS = [
          checked="transformers 5.24.0", tested_by="test_throughput.py",
          probe=lambda: _params("transformers:Trainer._get_train_sampler") == ["self", "train_dataset"]
          and _source_has("transformers.trainer_pt_utils:LengthGroupedSampler.__init__", "self.lengths")),
-    dict(what="transformers Trainer._run_epoch(train_dataloader=...) calling transformers.trainer.skip_first_batches",
-         where="finetune.FinetuneTrainer._run_epoch -> skip_first_batches_routed_to",
+    dict(what="transformers Trainer.get_resumed_dataloader(dataloader, num_batches) (overridden; 5.25+), or "
+              "before 5.25 Trainer._run_epoch(train_dataloader=...) calling transformers.trainer.skip_first_batches",
+         where="finetune.FinetuneTrainer.get_resumed_dataloader; for transformers < 5.25 FinetuneTrainer._run_epoch "
+               "-> skip_first_batches_routed_to",
          why="a resumed sequence-parallel epoch is fast-forwarded by our loader, not by a rebuilt DataLoader",
-         checked="transformers 5.24.0", tested_by="test_sequence_parallel.py (mid-epoch resume)",
-         probe=lambda: "train_dataloader" in _params("transformers:Trainer._run_epoch")
-         and _has("transformers.trainer", "skip_first_batches")
-         and _source_has("transformers:Trainer._run_epoch", "skip_first_batches(")),
+         checked="transformers 5.24.0 (old route), 5.25.0 (get_resumed_dataloader)",
+         tested_by="test_sequence_parallel.py (mid-epoch resume)",
+         probe=lambda: (_params("transformers:Trainer.get_resumed_dataloader") == ["self", "dataloader", "num_batches"]
+                        and _source_has("transformers:Trainer._run_epoch", "self.get_resumed_dataloader("))
+         if hasattr(__import__("transformers").Trainer, "get_resumed_dataloader")
+         else ("train_dataloader" in _params("transformers:Trainer._run_epoch")
+               and _has("transformers.trainer", "skip_first_batches")
+               and _source_has("transformers:Trainer._run_epoch", "skip_first_batches("))),
     dict(what="transformers Trainer.get_batch_samples(epoch_iterator, num_batches, device)",
          where="finetune.FinetuneTrainer.get_batch_samples",
          why="the loss weights of a whole optimizer step are computed from all of its micro-batches",
