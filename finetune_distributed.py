@@ -48,18 +48,6 @@ def quiet_known_notices():
         logging.getLogger(name).addFilter(lambda record, is_notice=is_notice: not is_notice(record))
 
 
-@contextlib.contextmanager
-def peft_wrapping():
-    """While peft wraps a model: peft (0.21) reads the model's `is_gradient_checkpointing`, which transformers 5
-    deprecates with a FutureWarning on every LoRA run, naming nothing the user can change. Only that warning is
-    dropped, and only here (finetune.py, chat.py, merge_lora.py)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
-
-
 def deepspeed_config(training_args):
     """--deepspeed as a dict ({} without DeepSpeed): the file it names, read here and nowhere else, or the dict
     it already is (a config given in code, or rebuilt for a universal resume)."""

@@ -4,7 +4,8 @@ end-of-turn tokens and turn markers; the built-in templates (ChatML) for tokeniz
 
 Interface: render_conversation(tokenizer, messages, tools) -> (text, [trained character region per assistant
 turn]); encode_regions(tokenizer, texts, regions) -> token ids and each region's token span;
-end_of_turn_tokens(tokenizer); turn_markers(tokenizer); chat_template_source(flag); ChatRenderer (the fast
+end_of_turn_tokens(tokenizer); turn_markers(tokenizer); chat_template_source(flag); parse_template_kwargs(text)
+(--chat_template_kwargs); ChatRenderer (the fast
 renderer it uses); BUILTIN_TEMPLATES. finetune.py turns the regions into token labels (tokenize_conversation);
 finetune_tokens.py makes the markers single tokens and the end tokens eos; chat.py uses the end tokens to stop.
 """
@@ -33,6 +34,19 @@ def check_chat_template_flag(flag):
     if flag and flag not in BUILTIN_TEMPLATES and not os.path.isfile(flag):
         raise FileNotFoundError(f"--chat_template {flag}: no such file, and not a built-in template "
                                 f"({', '.join(BUILTIN_TEMPLATES)}).")
+
+
+def parse_template_kwargs(text, flag="--chat_template_kwargs"):
+    """--chat_template_kwargs (JSON text, or None) -> the dict the template is rendered with; ValueError if it is not
+    a JSON object (finetune.py and chat.py)."""
+    try:
+        kwargs = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} is not valid JSON ({e.msg} at column {e.colno}): {text!r}; e.g. "
+                         "'{\"enable_thinking\": false}'") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{flag} must be a JSON object, e.g. '{{\"enable_thinking\": false}}'; got {text!r}.")
+    return kwargs
 
 
 def chat_template_source(flag, tokenizer):
