@@ -175,21 +175,25 @@ def _template_facts(tokenizer, render):
     template, from one probe chat; cached. The turn opener is the special token that the generation prompt starts
     with (what it adds to the conversation: '<|im_start|>', '<|start_header_id|>', '<|START_OF_TURN_TOKEN|>'), or
     None when it adds no special token."""
+    # The probe is rendered with the conversation's tools, and what it finds holds for conversations with tools, or
+    # for those without: a template may render (or refuse) a chat differently without them. A probe the template
+    # refuses teaches nothing and is not kept (the conversation that follows may render; a refused one says why).
     key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map),
-           json.dumps(render.kwargs, sort_keys=True))
-    if key not in _TEMPLATE_FACTS:
-        specials = _special_tokens(tokenizer)
-        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
-        try:
-            same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False,
-                                                                  **render.kwargs)
-            thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
-            prompt, history = render(probe[:1], True), render(probe[:1])
-            added = prompt[_snap_out_of_specials(prompt, _common_prefix(prompt, history), specials):]
-            opener = next((s for s in specials if added.lstrip().startswith(s)), None)
-        except Exception:
-            same, thinking_off, opener = True, False, None  # the template refuses the probe; real conversations say why
-        _TEMPLATE_FACTS[key] = (tuple(specials), thinking_off, same, opener)
+           json.dumps(render.kwargs, sort_keys=True), bool(render.tools))
+    if key in _TEMPLATE_FACTS:
+        return _TEMPLATE_FACTS[key]
+    specials = _special_tokens(tokenizer)
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
+    try:
+        same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False,
+                                                              **render.kwargs)
+        thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
+        prompt, history = render(probe[:1], True), render(probe[:1])
+        added = prompt[_snap_out_of_specials(prompt, _common_prefix(prompt, history), specials):]
+        opener = next((s for s in specials if added.lstrip().startswith(s)), None)
+    except Exception:
+        return tuple(specials), False, True, None
+    _TEMPLATE_FACTS[key] = (tuple(specials), thinking_off, same, opener)
     return _TEMPLATE_FACTS[key]
 
 
