@@ -36,11 +36,14 @@ class StepAgreement(transformers.TrainerCallback):
 
     def agree(self, device):
         """Every feature's vote, reduced over all ranks (MAX) in one all-reduce -> {name: agreed value}."""
-        votes = [torch.as_tensor(vote(device), device=device).reshape(()).to(torch.int64)
-                 for vote, _ in self.features.values()]
+        votes = [vote(device) for vote, _ in self.features.values()]
         if not votes:
             return {}
-        votes = torch.stack(votes)
+        if any(torch.is_tensor(v) for v in votes):
+            votes = torch.stack([v.reshape(()).to(torch.int64) if torch.is_tensor(v) else
+                                 torch.tensor(v, dtype=torch.int64, device=device) for v in votes])
+        else:
+            votes = torch.tensor(votes, dtype=torch.int64, device=device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
         self.agreed = dict(zip(self.features, votes.tolist()))
