@@ -65,8 +65,7 @@ from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_d
 from finetune_adapter import peft_wrapping  # noqa: E402
 from finetune_agreement import StepAgreement  # noqa: E402
 from finetune_cache import build_entry, cache_key, cache_write_error, dataset_cache_root  # noqa: E402
-from finetune_checkpoints import (checkpoint_is_complete, find_resume_checkpoint,  # noqa: E402,F401 (tests)
-                                  remove_new_files)
+from finetune_checkpoints import find_resume_checkpoint, remove_new_files  # noqa: E402
 from finetune_exit_codes import ExitCode, record_exit_code  # noqa: E402
 from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size  # noqa: E402
 from finetune_faults import (Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving,  # noqa: E402

@@ -41,6 +41,7 @@ from test_distributed import ZERO2, ZERO3, free_port, torchrun_cmd
 
 import finetune
 from finetune_cache import MANIFEST, check_cache_entry
+from finetune_checkpoints import checkpoint_is_complete
 from finetune_exit_codes import ExitCode
 from finetune_faults import checkpoint_bytes
 
@@ -71,7 +72,7 @@ def no_worker_traceback(log):
 
 def complete_steps(out):
     return sorted(int(p.name.split("-")[1]) for p in Path(out).glob("checkpoint-*")
-                  if finetune.checkpoint_is_complete(p))
+                  if checkpoint_is_complete(p))
 
 
 def all_finite(path):
