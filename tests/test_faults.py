@@ -128,8 +128,9 @@ def test_diverging_run_without_the_guard_trains_on_and_logs_nan_not_zero(tiny_mo
     assert not all_finite(out / "model.safetensors")  # what the user asked for: the old behaviour
 
 
-AGREE = textwrap.dedent("""
-    import json, os, sys, types
+# What each of the 2 processes of the agreement tests starts with
+TWO_RANKS = textwrap.dedent("""
+    import json, os, signal, sys, types
     import torch, transformers
     sys.path.insert(0, os.environ["ROOT"])
     from finetune_agreement import StepAgreement
@@ -139,6 +140,8 @@ AGREE = textwrap.dedent("""
     rank = torch.distributed.get_rank()
     args = types.SimpleNamespace(device=torch.device("cpu"), fp16=False, world_size=2, learning_rate=1e-3,
                                  max_grad_norm=1.0, stop_on_nonfinite=True, output_dir=os.environ["OUT"])
+""")
+AGREE = TWO_RANKS + textwrap.dedent("""
     agreement = StepAgreement()
     guard, result = NonFiniteGuard(args, ["a", "b"], agreement), {}
     batch = {"token_source": torch.tensor([[rank, rank, -1]]), "position_ids": torch.tensor([[0, 1, 2]])}
@@ -187,17 +190,7 @@ def two_ranks(script, tmp_path):
     return [json.loads(p.communicate(timeout=120)[0].splitlines()[-1]) for p in procs]
 
 
-BOTH = textwrap.dedent("""
-    import json, os, signal, sys, types
-    import torch, transformers
-    sys.path.insert(0, os.environ["ROOT"])
-    from finetune_agreement import StepAgreement
-    from finetune_faults import Diverged, NonFiniteGuard
-    from finetune_preemption import PreemptionCallback
-    torch.distributed.init_process_group("gloo")
-    rank = torch.distributed.get_rank()
-    args = types.SimpleNamespace(device=torch.device("cpu"), fp16=False, world_size=2, learning_rate=1e-3,
-                                 max_grad_norm=1.0, stop_on_nonfinite=True, output_dir=os.environ["OUT"])
+BOTH = TWO_RANKS + textwrap.dedent("""
     reduces, all_reduce = [], torch.distributed.all_reduce
     torch.distributed.all_reduce = lambda *a, **k: reduces.append(1) or all_reduce(*a, **k)
     result = {}
