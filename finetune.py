@@ -64,7 +64,7 @@ from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_d
                                   start_cpu_deepspeed_state, zero_stage)
 from finetune_adapter import peft_wrapping  # noqa: E402
 from finetune_agreement import StepAgreement  # noqa: E402
-from finetune_cache import build_entry, cache_key, cache_write_error, dataset_cache_root  # noqa: E402
+from finetune_cache import build_entry, cache_write_error, dataset_cache_root, entry_path  # noqa: E402
 from finetune_checkpoints import find_resume_checkpoint, remove_new_files  # noqa: E402
 from finetune_exit_codes import ExitCode, record_exit_code  # noqa: E402
 from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size  # noqa: E402
@@ -522,7 +522,7 @@ def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
         if skipped[kind]:
             log0(f"data: {len(skipped[kind])} {why}: {', '.join(skipped[kind][:5])}"
                  f"{' ...' if len(skipped[kind]) > 5 else ''}")
-    path = os.path.join(cache_root, cache_key(entries, tokenizer, data_args, training_args))
+    path = entry_path(entries, tokenizer, data_args, training_args, cache_root)
     return build_entry(path, lambda tmp: _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args,
                                                         training_args))
 

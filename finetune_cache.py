@@ -4,13 +4,13 @@ an entry is reused (only if it matches its manifest; a damaged one is rebuilt wi
 command that clears it), and the clearing of what a killed or failed build left. README: "Preprocessing and
 cache", "When a run fails".
 
-    root = dataset_cache_root(data_args)                       # --dataset_cache_dir, else ~/.cache/finetune
-    path = os.path.join(root, cache_key(entries, tokenizer, data_args, training_args))
-    build_entry(path, write)                                   # write(tmp) fills the folder, once; -> path
+    path = entry_path(entries, tokenizer, data_args, training_args)  # --dataset_cache_dir (~/.cache/finetune)/key
+    build_entry(path, write)  # write(tmp) fills the folder, once -> path
 
 An artefact that belongs to one dataset (a figure computed from it, say) sits beside its entry, keyed like it:
-build_entry(f"{path}-NAME", write) builds and checks it the same way. What goes into a dataset entry (the read,
-validated, tokenized samples and their report) is finetune.py's _write_dataset.
+build_entry(f"{path}-NAME", write) builds and checks it the same way (remove_stale_temps and the damage checks
+included). What goes into a dataset entry (the read, validated, tokenized samples and their report) is
+finetune.py's _write_dataset.
 """
 
 import glob
@@ -51,6 +51,13 @@ def cache_key(entries, tokenizer, data_args, training_args):
     }, sort_keys=True).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     return h.hexdigest()[:20]
+
+
+def entry_path(entries, tokenizer, data_args, training_args, cache_root=None):
+    """The folder of a dataset's entry: cache_root (default: dataset_cache_root(data_args)) / its cache_key. Anything
+    computed from that dataset can be kept beside it, keyed like it: build_entry(f"{entry_path(...)}-NAME", write)."""
+    root = cache_root or dataset_cache_root(data_args)
+    return os.path.join(root, cache_key(entries, tokenizer, data_args, training_args))
 
 
 def build_entry(path, write):
