@@ -1,7 +1,7 @@
-"""Faults that no input check catches, for finetune.py: a diverging run, a failed save (the dataset cache's
-own checks are finetune_cache.py).
-Each ends with one `[finetune] error:` line (no traceback), an exit code of its own, and nothing on disk that
-the next run would trust wrongly; the next run then recovers. README: "When a run fails".
+"""Faults that no input check catches, for finetune.py: a diverging run, a failed save (a damaged dataset cache is
+finetune_cache.py's; what a complete checkpoint is, finetune_checkpoints.py's). Each ends with one `[finetune]
+error:` line (no traceback), an exit code of its own (finetune_exit_codes.py), and nothing on disk that the next
+run would trust wrongly; the next run then recovers. README: "When a run fails".
 
 What finetune.py uses (everything else here is internal):
 
@@ -9,10 +9,11 @@ What finetune.py uses (everything else here is internal):
                       feeds it each micro-batch's loss (note_loss, from training_step) and the step's gradient
                       norm (note_grad_norm, from Trainer._get_grad_norm); at every optimizer-step end all ranks
                       agree on its flag, and the first step whose loss or gradient norm is NaN/inf stops the run
-                      before anything is saved from it -> Diverged, exit code 3. Off with --stop_on_nonfinite False.
+                      before anything is saved from it -> Diverged (ExitCode.DIVERGED). Off with
+                      --stop_on_nonfinite False.
   saving(...)         a context around a checkpoint or the final save: an I/O failure in it (no space, quota,
                       permissions, read-only or network file system, and the forms torch and safetensors wrap
-                      them in) -> SaveFailed, exit code 74, after the half-written folder is removed.
+                      them in) -> SaveFailed (ExitCode.SAVE_FAILED), after the half-written folder is removed.
   write_errors(...)   the same for any other write during training (loss plot, logs): only errors that are
                       surely the disk's (no space, quota, read-only) are translated.
   apply_learning_rate a resumed run takes a changed --learning_rate (the rerun after a divergence must be able to).
