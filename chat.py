@@ -122,7 +122,7 @@ def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, to
 def main(argv=None):
     args = parse_args(argv)
     kwargs = template_kwargs(args)
-    from finetune_distributed import quiet_known_notices
+    from finetune_console import quiet_known_notices
 
     quiet_known_notices()  # first: drops known library notices (e.g. bitsandbytes on CPU) before they are imported
     import transformers

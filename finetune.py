@@ -46,12 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune_distributed import quiet_known_notices
+from finetune_console import log0, quiet_known_notices, silence_progress_bars
 
 quiet_known_notices()  # before transformers is imported: bitsandbytes speaks on import
 import transformers  # noqa: E402
-
-from finetune_console import log0, silence_progress_bars  # noqa: E402
 
 silence_progress_bars()  # transformers' and datasets' own bars repeat what the log says
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: E402

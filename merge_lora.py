@@ -106,7 +106,7 @@ def merge(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from finetune_distributed import quiet_known_notices
+    from finetune_console import quiet_known_notices
 
     quiet_known_notices()  # first: the library notices finetune.py drops too (bitsandbytes on CPU, DeepSpeed's no-GPU)
     import transformers
