@@ -55,13 +55,12 @@ def template_kwargs(args):
         if kwargs:
             log(f"chat template kwargs from training ({args.model}/data_report.json): {json.dumps(kwargs)}")
         return kwargs
+    from finetune_template import parse_template_kwargs
+
     try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {where} is not valid JSON ({e.msg}): {text!r}") from None
-    if not isinstance(kwargs, dict):
-        raise SystemExit(f"error: {where} must be a JSON object, e.g. '{{\"enable_thinking\": false}}'.")
-    return kwargs
+        return parse_template_kwargs(text, where)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=False):
