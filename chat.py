@@ -55,13 +55,12 @@ def template_kwargs(args):
         if kwargs:
             log(f"chat template kwargs from training ({args.model}/data_report.json): {json.dumps(kwargs)}")
         return kwargs
+    from finetune_template import parse_template_kwargs
+
     try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {where} is not valid JSON ({e.msg}): {text!r}") from None
-    if not isinstance(kwargs, dict):
-        raise SystemExit(f"error: {where} must be a JSON object, e.g. '{{\"enable_thinking\": false}}'.")
-    return kwargs
+        return parse_template_kwargs(text, where)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=False):
@@ -71,36 +70,20 @@ def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=Fals
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune_adapter import adapter_base, is_adapter, load_base_and_adapter
+
     transformers.logging.disable_progress_bar()  # the "[chat] loading" line says what happens
     if not os.path.isdir(model_dir):
         raise SystemExit(f"error: --model {model_dir} is not a directory.")
     torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    adapter_config = os.path.join(model_dir, "adapter_config.json")
-    if os.path.isfile(adapter_config):
-        from peft import PeftModel
-
-        with open(adapter_config) as f:
-            base = base or json.load(f).get("base_model_name_or_path")
-        if not base:
-            raise SystemExit("error: adapter_config.json names no base model; pass --base.")
-    has_tokenizer = os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir if has_tokenizer or not base else base,
-                                              trust_remote_code=trust_remote_code)
-    if os.path.isfile(adapter_config):
-        from finetune_tokens import prepare_base_for_adapter
-
+    if is_adapter(model_dir):
+        base = adapter_base(model_dir, base)[0]
         log(f"loading base {base} + adapter {model_dir}")
-        # the base's embeddings and head fitted to the tokens the adapter was trained with (finetune_tokens.py)
-        base_model = prepare_base_for_adapter(AutoModelForCausalLM.from_pretrained(base, **kwargs), tokenizer,
-                                              model_dir)
-        from finetune_distributed import peft_wrapping
-
-        with peft_wrapping():
-            model = PeftModel.from_pretrained(base_model, model_dir)
+        model, tokenizer, _ = load_base_and_adapter(model_dir, base, torch_dtype, trust_remote_code)
     else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         log(f"loading {model_dir}")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:  # not a finetune.py output (it saves the template it trained with)
         from finetune_template import CHATML_TEMPLATE
 
@@ -138,7 +121,7 @@ def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, to
 def main(argv=None):
     args = parse_args(argv)
     kwargs = template_kwargs(args)
-    from finetune_distributed import quiet_known_notices
+    from finetune_console import quiet_known_notices
 
     quiet_known_notices()  # first: drops known library notices (e.g. bitsandbytes on CPU) before they are imported
     import transformers

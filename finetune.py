@@ -15,16 +15,21 @@ This file is the training script, in the order a run goes. Self-contained machin
   finetune_data.py         data files and formats: reading, format adapters, record validation
   finetune_template.py     chat templates: what of a rendered conversation is trained, end-of-turn tokens
   finetune_tokens.py       the vocabulary a template needs (added turn tokens, resizing, eos in the configs)
+  finetune_cache.py        the dataset cache: key, build into a temporary folder, manifest, reuse, clearing
+  finetune_checkpoints.py  checkpoints: weight file names, complete, newest, the one to resume
   finetune_distributed.py  DeepSpeed config, batch plan, sequence parallelism, library workarounds (and the
                            table of every library internal relied on: LIBRARY_INTERNALS)
+  finetune_agreement.py    the per-step agreement among ranks (one all-reduce) that the step-end features use
   finetune_preemption.py   save on SIGTERM/SIGUSR1, resume on another number of processes
-  finetune_faults.py       a diverging run, a failed save, a damaged dataset cache: a clear stop
-  finetune_report.py       rank-0 log, memory estimate, token statistics, loss plot
+  finetune_faults.py       a diverging run, a failed save: a clear stop
+  finetune_exit_codes.py   the exit codes (2 bad input, 3 diverged, 74 failed save, 75 preempted)
+  finetune_adapter.py      an adapter put back on its base (chat.py, merge_lora.py), peft's wrapping
+  finetune_console.py      what the console shows: rank-0 log lines, did-you-mean, no library progress bars
+  finetune_report.py       memory estimate, token statistics, data report, loss plot
 """
 
 import functools
 import glob
-import hashlib
 import json
 import math
 import os
@@ -41,36 +46,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune_distributed import quiet_known_notices
+from finetune_console import log0, quiet_known_notices, silence_progress_bars
 
 quiet_known_notices()  # before transformers is imported: bitsandbytes speaks on import
 import transformers  # noqa: E402
 
-# transformers' own bars ("Loading weights", "Writing model shards") repeat what the log says, at every save; the
-# Trainer's training bar is separate (--disable_tqdm).
-transformers.logging.disable_progress_bar()
+silence_progress_bars()  # transformers' and datasets' own bars repeat what the log says
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: E402
 
 from finetune_cli import check_ranges, parse_args as parse_flags  # noqa: E402
 from finetune_data import (DataError, RecordError, held_out_split, invalid_reason, is_trained,  # noqa: E402
                            normalized_rows, sample_indices, tally)
-from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_divisor, peft_wrapping,  # noqa: E402
+from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_divisor,  # noqa: E402
                                   sequence_parallel_loader, setup_sequence_parallel, skip_first_batches_routed_to,
                                   start_cpu_deepspeed_state, zero_stage)
-from finetune_preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback,  # noqa: E402
-                                 adapt_to_world_size, record_exit_code)
-from finetune_faults import (Fault, FaultHandling, NonFiniteGuard, cache_temp_name, cache_write_error,  # noqa: E402
-                             checkpoint_bytes, remove_new_files, reuse_cache_entry, saving, warn_if_low_space,
-                             write_cache_manifest)
-from finetune_report import data_report, log0, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
+from finetune_adapter import peft_wrapping  # noqa: E402
+from finetune_agreement import StepAgreement  # noqa: E402
+from finetune_cache import build_entry, cache_write_error, dataset_cache_root, entry_path  # noqa: E402
+from finetune_checkpoints import find_resume_checkpoint, remove_new_files  # noqa: E402
+from finetune_exit_codes import ExitCode, record_exit_code  # noqa: E402
+from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size  # noqa: E402
+from finetune_faults import (Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving,  # noqa: E402
+                             warn_if_low_space)
+from finetune_report import data_report, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
 from finetune_sources import check_data_flags, file_id, resolve_data_spec  # noqa: E402
 from finetune_template import (check_chat_template_flag, chat_template_source, encode_regions,  # noqa: E402
-                               render_conversation)
+                               parse_template_kwargs, render_conversation)
 from finetune_tokens import (fit_model_to_tokenizer, keep_adapter_small, lora_token_indices,  # noqa: E402
                              prepare_tokenizer, save_stop_tokens)
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "5"  # bump when tokenization output changes, to invalidate old caches (5: with manifest.json)
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # ---------------------------------------------------------------------------------------------
@@ -246,10 +251,6 @@ def parse_args(argv=None):
     return parse_flags(ARGUMENT_CLASSES, argv)
 
 
-def dataset_cache_root(data_args):
-    return data_args.dataset_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
-
-
 def check_model_path(name, reads="weights"):
     """A local model folder must exist and hold what this run reads of it: config.json (all but --show_masking,
     which reads only the tokenizer) and the weights (all but --dry_run); anything else must look like a hub id."""
@@ -290,7 +291,8 @@ def validate_args(model_args, data_args, training_args, lora_args):
     """Fail fast, before any data is read or any model, process group or output directory is touched."""
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a model directory or hub id).")
-    check_data_flags(data_args)  # --dataset entries join --data_path; --columns, --val_size, --chat_template_kwargs
+    check_data_flags(data_args)  # --dataset entries join --data_path; --columns, --val_size
+    data_args.template_kwargs = parse_template_kwargs(data_args.chat_template_kwargs)
     check_ranges(training_args, lora_args, data_args)
     check_model_path(model_args.model_name_or_path,
                      "tokenizer" if data_args.show_masking else "config" if data_args.dry_run else "weights")
@@ -509,57 +511,22 @@ def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_onl
     return pa.table(columns)
 
 
-def _cache_key(entries, tokenizer, data_args, training_args):
-    """Every file's path, size, mtime, inode and ctime (an in-place edit that restores size and mtime
-    still changes ctime; a file replaced by another one changes the inode), the ratios, the tokenizer,
-    the template and every setting that changes the tokens; how each entry is read (format, columns, tags)."""
-    files = []
-    for entry in entries:
-        for file, _ in entry.files:
-            st = os.stat(file)
-            files.append([os.path.abspath(file), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, entry.ratio,
-                          entry.options])
-    h = hashlib.sha256(json.dumps({
-        "v": CACHE_VERSION, "files": files, "format": data_args.data_format,
-        "template": tokenizer.chat_template, "max_len": training_args.model_max_length,
-        "specials": [tokenizer.bos_token, tokenizer.eos_token],
-        "prompt": data_args.train_on_prompt, "last": data_args.train_on_last_turn_only,
-        "skip": data_args.skip_invalid_records, "seed": training_args.seed,
-        "template_kwargs": data_args.template_kwargs, "val_size": data_args.val_size,
-    }, sort_keys=True).encode())
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
-    return h.hexdigest()[:20]
-
-
 def build_dataset(spec, tokenizer, data_args, training_args, cache_root):
-    """Validate + tokenize the files named by `spec` into an Arrow dataset at cache_root/<key>.
-    A second run with the same files, tokenizer and settings just loads it. The dataset is written to a
-    temporary folder, removed on any failure, and renamed into place when complete (atomic: a crash never
-    leaves a half-written cache that looks complete)."""
+    """Validate + tokenize the files named by `spec` into an Arrow dataset at cache_root/<key> (finetune_cache.py:
+    built once into a temporary folder and renamed into place when complete; a second run with the same files,
+    tokenizer and settings just loads it) -> its folder."""
     entries, skipped = data_sources(data_args, spec)
     for kind, why in (("hidden", "hidden, skipped"), ("ignored", "not read (other types, metadata, other splits)")):
         if skipped[kind]:
-            log0(f"data: {len(skipped[kind])} {why}: {', '.join(skipped[kind][:5])}{' ...' if len(skipped[kind]) > 5 else ''}")
-    path = os.path.join(cache_root, _cache_key(entries, tokenizer, data_args, training_args))
-    if reuse_cache_entry(path):  # only an entry that matches its manifest; a damaged one is rebuilt (a note)
-        return path
-    tmp = cache_temp_name(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        report = _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_args)
-        with open(os.path.join(tmp, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)
-        write_cache_manifest(tmp)  # sizes and checksums, written last: an entry is used only if it matches them
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+            log0(f"data: {len(skipped[kind])} {why}: {', '.join(skipped[kind][:5])}"
+                 f"{' ...' if len(skipped[kind]) > 5 else ''}")
+    path = entry_path(entries, tokenizer, data_args, training_args, cache_root)
+    return build_entry(path, lambda tmp: _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args,
+                                                        training_args))
 
 
 def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_args):
-    """Read, validate, tokenize, sample and save the dataset under tmp/data -> its report."""
+    """Read, validate, tokenize, sample and save the dataset under tmp/data, its report as tmp/report.json."""
     import datasets
 
     stats = {"files": {}, "invalid": {}, "rows": 0}
@@ -578,8 +545,6 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
             raise DataError(f"{spec}: no valid record in {len(stats['files'])} files, all "
                             f"{sum(f['records'] for f in stats['files'].values())} records invalid: {stats['invalid']}") from None
         raise
-    finally:
-        datasets.disable_progress_bars()
     sources = sorted(raw.unique("source"))
     tokenized = raw.map(
         _tokenize_batch, batched=True, batch_size=256, num_proc=data_args.preprocessing_num_workers,
@@ -622,10 +587,13 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
                                     training_args.seed)
         report["held_out"] = {"val_size": data_args.val_size, **_save_split(tokenized.select(held), tmp, "eval")}
     final = tokenized.select(sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
-    return {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
-            "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
-            "truncated": truncated, "samples_before_ratio": int(len(keep)), **_save_split(final, tmp, "data"),
-            "sources": sources, "skipped_files": skipped, **report}
+    report = {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
+              "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
+              "truncated": truncated, "samples_before_ratio": int(len(keep)), **_save_split(final, tmp, "data"),
+              "sources": sources, "skipped_files": skipped, **report}
+    with open(os.path.join(tmp, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)  # datasets' scratch: not part of the entry
 
 
 def _save_split(dataset, tmp, name):
@@ -664,7 +632,7 @@ def load_datasets(data_args, training_args, tokenizer):
     if error is not None and not isinstance(error, (DataError, FileNotFoundError)):
         raise error  # rank 0: not a data problem; keep the traceback
     if message and training_args.process_index != 0:
-        sys.exit(2)  # rank 0 reports it: the message once, not once per rank
+        sys.exit(ExitCode.BAD_INPUT)  # rank 0 reports it: the message once, not once per rank
     if message:
         raise DataError(f"invalid data, nothing was trained:\n{message}")
     loaded = [datasets.load_from_disk(os.path.join(p, "data")) for p in paths]
@@ -970,7 +938,6 @@ class FinetuneTrainer(FaultHandling, Trainer):
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
                              for split, names in self._names.items()}
         self._gradient_divisor = gradient_divisor(self.args, self.get_sp_size())
-        self.checkpoint_is_complete = checkpoint_is_complete  # for FaultHandling's checkpoint writes
         if self.get_sp_size() > 1:
             self.accelerator.deepspeed_ulysses_dl_adapter = functools.partial(
                 sequence_parallel_loader, self.accelerator.deepspeed_ulysses_dl_adapter,
@@ -1119,44 +1086,6 @@ class LossPlotCallback(transformers.TrainerCallback):
 # Checkpoints and saving (ZeRO-3 safe)
 # ---------------------------------------------------------------------------------------------
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
-                "pytorch_model.bin", "adapter_model.bin")
-
-
-def checkpoint_is_complete(path):
-    """trainer_state.json is written last by Trainer; weights must be there, and a DeepSpeed
-    checkpoint must have its `latest` tag (written after every rank saved its shards)."""
-    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return False
-    if not any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_FILES):
-        return False
-    if glob.glob(os.path.join(path, "global_step*")) and not os.path.isfile(os.path.join(path, "latest")):
-        return False
-    return True
-
-
-def find_resume_checkpoint(training_args):
-    """--resume_from_checkpoint PATH, else the newest complete checkpoint-N in output_dir (if any).
-    Half-written checkpoints (a crash during save) are removed so that save_total_limit rotation
-    can never prefer them over the last complete one."""
-    requested = training_args.resume_from_checkpoint
-    if requested and str(requested).lower() in ("false", "no", "none"):
-        return None
-    if requested and str(requested).lower() not in ("true", "yes"):
-        if not checkpoint_is_complete(requested):
-            raise FileNotFoundError(f"--resume_from_checkpoint {requested} is not a complete checkpoint.")
-        return requested
-    found = glob.glob(os.path.join(training_args.output_dir, "checkpoint-*"))
-    found = sorted((p for p in found if p.rsplit("-", 1)[-1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[-1]))
-    complete = [p for p in found if checkpoint_is_complete(p)]
-    if training_args.process_index == 0:
-        for p in found:
-            if p not in complete:
-                log0(f"WARNING: {p} is incomplete (interrupted while saving); removing it.")
-                shutil.rmtree(p, ignore_errors=True)
-    return complete[-1] if complete else None
-
-
 def save_model(trainer, tokenizer, output_dir):
     """Trainer.save_model gathers ZeRO-3 partitions (stage3_gather_16bit_weights_on_model_save) and
     writes on rank 0 only: a full model, or just the PEFT adapter for LoRA. We then check that no
@@ -1252,7 +1181,7 @@ def save_results(trainer, tokenizer, result, report, has_eval):
     def final_bytes():
         return checkpoint_bytes(trainer.model, training_args, zero_stage(training_args), training_args.use_lora)[1]
 
-    with saving(training_args.output_dir, "the final model", training_args, checkpoint_is_complete, final_bytes,
+    with saving(training_args.output_dir, "the final model", training_args, final_bytes,
                 remove=lambda: remove_new_files(training_args.output_dir, since)):
         save_model(trainer, tokenizer, training_args.output_dir)
         trainer.log_metrics("train", result.metrics)
@@ -1289,10 +1218,10 @@ def train(argv=None):
     log_run_plan(report, training_args, attn, len(train_data))
     model = load_model(model_args, training_args, lora_args, attn, tokenizer)
     warn_if_low_space(model, training_args, zero_stage(training_args), training_args.use_lora)
-    # the non-finite guard after the preemption callback: its flag travels in that one's all-reduce, and it has
-    # the last word on should_save at a step end (finetune_faults)
-    guard = NonFiniteGuard(training_args, reports[0]["sources"], checkpoint_is_complete)
-    callbacks = [LossPlotCallback(), PreemptionCallback(also=guard), guard]
+    # preemption and the non-finite guard act on what all ranks agree on at each step end (one all-reduce)
+    agreement = StepAgreement()
+    callbacks = [LossPlotCallback(), agreement, PreemptionCallback(agreement),
+                 NonFiniteGuard(training_args, reports[0]["sources"], agreement)]
     if training_args.early_stopping_patience:
         callbacks.append(transformers.EarlyStoppingCallback(training_args.early_stopping_patience))
     trainer = FinetuneTrainer(
@@ -1319,8 +1248,8 @@ def main():
         train()
     except Preempted as e:
         log0(e)
-        record_exit_code(PREEMPTED_EXIT_CODE)
-        sys.exit(PREEMPTED_EXIT_CODE)
+        record_exit_code(ExitCode.PREEMPTED)
+        sys.exit(ExitCode.PREEMPTED)
     except Fault as e:  # finetune_faults: training diverged (3), a save failed (74); printed where it happened
         if os.environ.get("FINETUNE_TRACEBACK"):
             raise
@@ -1333,8 +1262,8 @@ def main():
         if os.environ.get("FINETUNE_TRACEBACK"):
             raise
         print(f"[finetune] error: {e}", file=sys.stderr, flush=True)
-        record_exit_code(2)
-        sys.exit(2)
+        record_exit_code(ExitCode.BAD_INPUT)
+        sys.exit(ExitCode.BAD_INPUT)
     record_exit_code(0)
 
 

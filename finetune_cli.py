@@ -1,19 +1,15 @@
 """Command-line parsing for finetune.py: flags (HfArgumentParser over its argument dataclasses), a JSON/YAML file
 of flags as the first argument, repeated --data_path flags, one-line errors for unknown flags and config keys
 (with a did-you-mean), and the numeric ranges every flag must be in (FLAG_RANGES: checked before anything is
-read). Interface: parse_args(dataclass_types, argv), check_ranges(*groups), suggest(name, known)."""
+read). Interface: parse_args(dataclass_types, argv), check_ranges(*groups)."""
 
-import difflib
 import json
 import math
 import os
 import re
 import sys
 
-def suggest(name, known):
-    """' (did you mean 'x'?)' for a near-miss of one of `known`, else ''."""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+from finetune_console import suggest
 
 
 def read_config_file(path, actions):

@@ -21,8 +21,7 @@ import zlib
 
 import numpy as np
 
-from finetune_cli import suggest
-from finetune_report import log0
+from finetune_console import log0, suggest
 
 
 class DataError(ValueError):
@@ -861,8 +860,8 @@ def normalized_rows(entries, data_format, skip_invalid, stats):
         raise DataError("\n".join(lines))
 
     for entry_idx, entry in enumerate(entries):
-        options = entry[3] if len(entry) > 3 else {}
-        for file, source in entry[2]:
+        options = entry.options
+        for file, source in entry.files:
             fmt = options.get("format") or (None if data_format == "auto" else data_format)
             fstats = {"records": 0, "invalid": 0, "samples": 0, "truncated": 0, "dropped": 0}
             stats["files"][file] = fstats
@@ -898,9 +897,8 @@ def normalized_rows(entries, data_format, skip_invalid, stats):
                 fail(f"{file}: no records (an empty {'JSON array' if file_kind(file) == 'json' else 'table'}).",
                      stopped=True)
     for entry in entries:
-        options = entry[3] if len(entry) > 3 else {}
-        unused = [f"{n}={k}" for n, k in (options.get("columns") or {}).items() if n not in seen]
-        if unused and not options.get("label"):
+        unused = [f"{n}={k}" for n, k in (entry.options.get("columns") or {}).items() if n not in seen]
+        if unused and not entry.options.get("label"):
             fail(f"--columns {unused[0]}: no data file has a column or key {unused[0].split('=')[0]!r} (found: "
                  f"{', '.join(sorted(seen)[:20])}).")
     if errors:

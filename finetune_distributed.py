@@ -4,7 +4,7 @@
 - how a run batches (batch_plan: data-parallel size, global batch, steps per epoch);
 - sequence parallelism (DeepSpeed Ulysses through accelerate): the checks, the loader wrappers, the
   gradient divisor;
-- library notices the user cannot act on, dropped where they arise (quiet_known_notices);
+- library workarounds (the notices dropped from the console are finetune_console.KNOWN_NOTICES);
 - LIBRARY_INTERNALS: every private method, attribute or behaviour of transformers, accelerate, DeepSpeed and
   Jinja that finetune relies on, with why and the version it was checked against. tests/test_library_internals.py
   probes each entry and fails naming it when a library changes it.
@@ -18,46 +18,7 @@ import os
 
 import torch
 
-# Library notices that tell the user nothing to act on: logger name -> test of the record. Each is narrow.
-KNOWN_NOTICES = {
-    # On CPUs with AVX512-BF16, bitsandbytes tries a faster 4-bit CPU matmul from the Hub through the `kernels`
-    # package (a transformers >= 5.25 dependency) and falls back to its own, with the same results: whether
-    # `kernels` is missing, offline, or refuses the unversioned, unverified repository, nothing is for the user
-    # to do.
-    "bitsandbytes.backends.cpu.ops": lambda r: "gemm_4bit_forward" in r.msg,
-    # No GPU: DeepSpeed says it runs on CPU, which is the plan (finetune.sh chose gloo for it).
-    "DeepSpeed": lambda r: "Setting accelerator to CPU" in r.getMessage() and not torch.cuda.is_available(),
-    # torchrun with ONE process: accelerate starts a process group of size 1, which transformers takes
-    # for a mis-launched DDP run. With 2+ processes it never fires; with 1 there is nothing to fix.
-    "transformers.training_args": lambda r: "parallel_mode != ParallelMode.DISTRIBUTED" in r.msg
-    and os.environ.get("WORLD_SIZE", "1") == "1",
-    # DeepSpeed + accumulation: Trainer accumulates itself and gives accelerate 1 on purpose, and
-    # DeepSpeed gets the real value from the config; the "mismatch" is by design.
-    "accelerate.accelerator": lambda r: "Gradient accumulation steps mismatch" in r.getMessage(),
-    # Checkpoints written within a second of each other (short runs): step order is used, as wanted.
-    "transformers.trainer_utils": lambda r: "mtime may not be reliable" in r.msg,
-}
-
-
-def quiet_known_notices():
-    """Drop KNOWN_NOTICES where they arise (loggers are filtered before the libraries are imported:
-    bitsandbytes speaks on import)."""
-    import logging
-
-    for name, is_notice in KNOWN_NOTICES.items():
-        logging.getLogger(name).addFilter(lambda record, is_notice=is_notice: not is_notice(record))
-
-
-@contextlib.contextmanager
-def peft_wrapping():
-    """While peft wraps a model: peft (0.21) reads the model's `is_gradient_checkpointing`, which transformers 5
-    deprecates with a FutureWarning on every LoRA run, naming nothing the user can change. Only that warning is
-    dropped, and only here (finetune.py, chat.py, merge_lora.py)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
+from finetune_console import KNOWN_NOTICES  # LIBRARY_INTERNALS probes their loggers
 
 
 def deepspeed_config(training_args):
@@ -435,7 +396,7 @@ LIBRARY_INTERNALS = [
          and _source_has("torch.optim.lr_scheduler:LRScheduler", "self._last_lr")
          and _source_has("torch.optim.lr_scheduler:LRScheduler", "self.base_lrs")),
     dict(what="library log messages matched by text (bitsandbytes, DeepSpeed, transformers, accelerate)",
-         where="finetune_distributed.quiet_known_notices",
+         where="finetune_console.quiet_known_notices",
          why="notices the user cannot act on are dropped narrowly; a changed text only shows the notice again",
          checked="transformers 5.24.0, accelerate 1.15.0, deepspeed 0.19.8, bitsandbytes 0.49",
          tested_by="test_console.py (fails on any warning line)",

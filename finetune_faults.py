@@ -1,48 +1,45 @@
-"""Faults that no input check catches, for finetune.py: a diverging run, a failed save, a damaged dataset cache.
-Each ends with one `[finetune] error:` line (no traceback), an exit code of its own, and nothing on disk that
-the next run would trust wrongly; the next run then recovers. README: "When a run fails".
+"""Faults that no input check catches, for finetune.py: a diverging run, a failed save (a damaged dataset cache is
+finetune_cache.py's; what a complete checkpoint is, finetune_checkpoints.py's). Each ends with one `[finetune]
+error:` line (no traceback), an exit code of its own (finetune_exit_codes.py), and nothing on disk that the next
+run would trust wrongly; the next run then recovers. README: "When a run fails".
 
 What finetune.py uses (everything else here is internal):
 
-  NonFiniteGuard      a TrainerCallback, listed after PreemptionCallback(also=guard). FinetuneTrainer feeds it
-                      each micro-batch's loss (note_loss, from training_step) and the step's gradient norm
-                      (note_grad_norm, from Trainer._get_grad_norm); at every optimizer-step end all ranks
-                      all-reduce its flag (in the preemption flag's all-reduce), so they agree, and the first
-                      step whose loss or gradient norm is NaN/inf stops the run before anything is saved from it
-                      -> Diverged, exit code 3. Off with --stop_on_nonfinite False.
+  NonFiniteGuard      registers with the run's finetune_agreement.StepAgreement ("nonfinite"). FinetuneTrainer
+                      feeds it each micro-batch's loss (note_loss, from training_step) and the step's gradient
+                      norm (note_grad_norm, from Trainer._get_grad_norm); at every optimizer-step end all ranks
+                      agree on its flag, and the first step whose loss or gradient norm is NaN/inf stops the run
+                      before anything is saved from it -> Diverged (ExitCode.DIVERGED). Off with
+                      --stop_on_nonfinite False.
   saving(...)         a context around a checkpoint or the final save: an I/O failure in it (no space, quota,
                       permissions, read-only or network file system, and the forms torch and safetensors wrap
-                      them in) -> SaveFailed, exit code 74, after the half-written folder is removed.
+                      them in) -> SaveFailed (ExitCode.SAVE_FAILED), after the half-written folder is removed.
   write_errors(...)   the same for any other write during training (loss plot, logs): only errors that are
                       surely the disk's (no space, quota, read-only) are translated.
   apply_learning_rate a resumed run takes a changed --learning_rate (the rerun after a divergence must be able to).
   warn_if_low_space   before training: WARNING when --output_dir has less free space than one checkpoint needs
                       (checkpoint_bytes: estimated from the parameters and the optimizer).
-  dataset cache       cache_temp_name / remove_stale_temps (a folder being written has a temporary name, renamed
-                      when complete), write_cache_manifest (sizes and checksums of every file, written last,
-                      atomically), reuse_cache_entry (an entry is used only if it matches its manifest; else it is
-                      rebuilt with a note, or refused with the path and the command that clears it),
-                      cache_write_error (a failed cache write -> one line).
+  write_error(e), failed_file(e), with_free_space(...), DISK_ERRNOS: what a failed write was, for the dataset
+                      cache's message too (finetune_cache.cache_write_error).
   Fault               base of Diverged and SaveFailed: main() prints it once and exits with its exit_code.
 """
 
 import errno
 import glob
-import json
 import math
 import os
 import re
 import shutil
-import socket
 from contextlib import contextmanager
 
 import torch
 import transformers
 
-from finetune_report import log0
+from finetune_agreement import STOP_DISCARDING_STEP
+from finetune_checkpoints import newest_checkpoint, remove_partial_checkpoint
+from finetune_console import log0
+from finetune_exit_codes import ExitCode
 
-DIVERGED_EXIT_CODE = 3  # the loss or gradient norm became NaN/inf: rerunning as is meets the same step again
-SAVE_FAILED_EXIT_CODE = 74  # sysexits' EX_IOERR: a save failed (disk full, quota, ...); rerun once fixed
 FP16_SKIP_LIMIT = 50  # fp16 loss scaling: this many overflowing (skipped) steps in a row is divergence too
 
 
@@ -57,11 +54,11 @@ class Fault(Exception):
 
 
 class Diverged(Fault):
-    exit_code = DIVERGED_EXIT_CODE
+    exit_code = ExitCode.DIVERGED
 
 
 class SaveFailed(Fault):
-    exit_code = SAVE_FAILED_EXIT_CODE
+    exit_code = ExitCode.SAVE_FAILED
 
 
 def _rank():
@@ -89,39 +86,30 @@ def free_bytes(path):
         return None
 
 
-def newest_checkpoint(output_dir, is_complete, before=None):
-    """The newest complete checkpoint-N in output_dir (N < before), or None."""
-    found = []
-    for p in glob.glob(os.path.join(output_dir, "checkpoint-*")):
-        step = p.rsplit("-", 1)[-1]
-        if step.isdigit() and (before is None or int(step) < before) and is_complete(p):
-            found.append((int(step), p))
-    return max(found)[1] if found else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Non-finite loss or gradient norm
 # ---------------------------------------------------------------------------------------------
 # Cost: nothing is read or computed that the step does not have already; per micro-batch one reference kept
 # to its (device) loss, per step one NaN test of loss + norm on the device (4 tensor ops). The flag travels in
-# the all-reduce that PreemptionCallback makes at every step end anyway (finetune_preemption: `also`), so the
-# guard adds no collective and no sync (measured: bench/bench_faults.py). The weights of the failing step are never
-# saved: the run stops at that step's end, before its log/save/evaluate, which it can cancel because it comes
-# after DefaultFlowCallback and PreemptionCallback in the callback list (they set should_save).
+# the run's one per-step all-reduce (finetune_agreement.StepAgreement), so the guard adds no collective and no
+# sync of its own (measured: bench/bench_faults.py). The weights of the failing step are never saved: the run
+# stops at that step's end, discarding it (STOP_DISCARDING_STEP: no save or evaluation, whoever asks for one).
 
 
 class NonFiniteGuard(transformers.TrainerCallback):
-    def __init__(self, args, source_names, is_complete):
+    def __init__(self, args, source_names, agreement):
         self.enabled = bool(getattr(args, "stop_on_nonfinite", True))
-        self.source_names, self.is_complete = list(source_names), is_complete
+        self.source_names = list(source_names)
         self.skipped_in_row, self.failure, self.started_at = 0, None, 0
         self._new_step()
+        if self.enabled:
+            agreement.register("nonfinite", self.vote, self.decide)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started_at = state.global_step  # > 0: resumed from that step
 
     def _new_step(self):
-        self.losses, self.batches, self.grad_norm, self.step_loss, self.agreed = [], [], None, None, None
+        self.losses, self.batches, self.grad_norm, self.step_loss = [], [], None, None
 
     def note_loss(self, loss, inputs):
         """One micro-batch: its loss (a device tensor; kept, not read) and its batch (for the sources)."""
@@ -133,32 +121,21 @@ class NonFiniteGuard(transformers.TrainerCallback):
         if self.enabled:
             self.grad_norm = grad_norm
 
-    def step_flags(self, device):
-        """1 if this rank's step has a non-finite loss or gradient norm, else 0, as a device tensor [1] (a few
-        tensor ops, no sync), for the caller to all-reduce (MAX) and hand back with agree([flag]); None when off."""
-        if not self.enabled:
-            return None
+    def vote(self, device):
+        """1 if this rank's step has a non-finite loss or gradient norm, else 0, as a device tensor (a few tensor
+        ops, no sync)."""
         total = torch.stack(self.losses).sum() if self.losses else torch.zeros((), device=device)
         self.step_loss = total
         if self.grad_norm is not None:
             total = total + self.grad_norm  # NaN or inf in either stays non-finite in the sum
-        return torch.isfinite(total).logical_not().reshape(1)
+        return torch.isfinite(total).logical_not()
 
-    def agree(self, flags):
-        self.agreed = int(flags[0])
-
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        if not self.enabled:
-            return
-        if self.agreed is None:  # nobody reduced our flag with theirs (PreemptionCallback does): reduce it here
-            flag = self.step_flags(args.device).to(torch.int32)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.agree(flag.tolist())
-        if not self.agreed:
+    def decide(self, agreed, args, state, optimizer=None, **kwargs):
+        """agreed: 1 if the step is non-finite on some rank -> STOP_DISCARDING_STEP (or None: go on)."""
+        if not agreed:
             self.skipped_in_row = 0
             self._new_step()
-            return
+            return None
         # Some rank's step is not finite (rare: from here on, the time does not matter). What, where, from which
         # samples: every rank's details.
         mine = self._details(self.step_loss, self.grad_norm)
@@ -176,12 +153,11 @@ class NonFiniteGuard(transformers.TrainerCallback):
             self.skipped_in_row += 1
             if self.skipped_in_row < FP16_SKIP_LIMIT:
                 self._new_step()
-                return
+                return None
         self.failure = self._message(args, state, bad_loss, bad_norm, ranks)
         # nothing of this step is saved or evaluated; it is logged (loss/grad_norm as they are: every on_log
         # callback sees it), the epoch loop stops, and the epoch end raises (before the epoch's save/evaluate)
-        control.should_save = control.should_evaluate = False
-        control.should_log = control.should_training_stop = True
+        return STOP_DISCARDING_STEP
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.failure:
@@ -236,7 +212,7 @@ class NonFiniteGuard(transformers.TrainerCallback):
         if samples:
             causes.append("a bad batch: this step's samples come from "
                           + ", ".join(f"{name} ({n})" for name, n in sorted(samples.items())))
-        last = newest_checkpoint(args.output_dir, self.is_complete, before=state.global_step)
+        last = newest_checkpoint(args.output_dir, before=state.global_step)
         if last is None:
             then = "No checkpoint was written before it: a rerun starts over."
         elif self.started_at and state.global_step == self.started_at + 1:  # the first step after resuming
@@ -249,7 +225,7 @@ class NonFiniteGuard(transformers.TrainerCallback):
                     "again at once, start over with --resume_from_checkpoint False.")
         return (f"training diverged at step {state.global_step}: {what}. Nothing of this step was saved. {then} "
                 f"Likely causes: {'; '.join(causes)}. --stop_on_nonfinite False trains on regardless (exit code "
-                f"{DIVERGED_EXIT_CODE})")
+                f"{ExitCode.DIVERGED:d})")
 
 
 def apply_learning_rate(scheduler, optimizer, learning_rate):
@@ -284,6 +260,7 @@ WRITE_ERRNOS = {**SPACE_ERRNOS, errno.EROFS: "the file system is read-only",
                 errno.EIO: "input/output error (a failing disk or network file system)",
                 errno.ESTALE: "stale file handle (the network file system lost the folder)",
                 errno.ENOENT: "a file or folder vanished while it was written (deleted by someone else?)"}
+DISK_ERRNOS = (*SPACE_ERRNOS, errno.EROFS, errno.EFBIG)  # a failed write that is surely the disk's
 # How torch's zip writer and safetensors report a failed write: torch says only "unexpected pos" (a short
 # write; seen for ENOSPC and EFBIG with torch 2.13), safetensors wraps the OS error ("... (os error 28)").
 _TORCH_SHORT_WRITE = re.compile(r"inline_container|PytorchStreamWriter|unexpected pos|file write failed")
@@ -328,7 +305,12 @@ def _peer_gone(e):
     return any(isinstance(ex, RuntimeError) and _PEER_GONE.search(str(ex)) for ex in _chain(e))
 
 
-def _space(code, text, folder, needed):
+def failed_file(e):
+    """The file a failed write names (the first OSError with a filename in e's chain), or None."""
+    return next((ex.filename for ex in _chain(e) if isinstance(ex, OSError) and ex.filename), None)
+
+
+def with_free_space(code, text, folder, needed):
     """(errno, text) with the free space in `folder` added where space may be the reason; a short write (no
     errno) is taken for a full disk when the free space is below what the save needs."""
     free = free_bytes(folder)
@@ -357,26 +339,36 @@ def _advice(args, code, checkpoints=True):
 
 
 @contextmanager
-def saving(folder, what, args, is_complete=None, needed=None, remove=None):
-    """Around one save (`what`, into `folder`) on every rank. A failed write -> SaveFailed: the folder, what
-    failed, what to do; `remove` (a callable, acting on rank 0) takes away what was half-written. A collective
-    broken by another process that failed mid-save ends this one the same way, quietly but on rank 0 (rank 0
-    says it once; another rank speaks only for a failure that is its own: not a full disk, which all share).
-    Other errors pass unchanged."""
+def _translated(translate):
+    """Around a write: a Fault passes; any other exception goes to translate(e), which raises the fault it is, or
+    returns (the exception then passes unchanged)."""
     try:
         yield
     except Fault:
         raise
     except Exception as e:
+        translate(e)
+        raise
+
+
+@contextmanager
+def saving(folder, what, args, needed=None, remove=None):
+    """Around one save (`what`, into `folder`) on every rank. A failed write -> SaveFailed: the folder, what
+    failed, what to do; `remove` (a callable, acting on rank 0) takes away what was half-written. A collective
+    broken by another process that failed mid-save ends this one the same way, quietly but on rank 0 (rank 0
+    says it once; another rank speaks only for a failure that is its own: not a full disk, which all share).
+    Other errors pass unchanged."""
+
+    def translate(e):
         failed = write_error(e)
         peer = failed is None and args.world_size > 1 and _peer_gone(e)
         if failed is None and not peer:
-            raise
+            return
         try:
             need = needed() if callable(needed) else needed
         except Exception:  # an estimate for the message must not hide the failure
             need = None
-        code, text = _space(*(failed or (None, "")), args.output_dir, need)  # the free space at the failure
+        code, text = with_free_space(*(failed or (None, "")), args.output_dir, need)  # the free space at the failure
         if peer:
             text = f"another process failed while writing it{text}"
         removed = ""
@@ -387,58 +379,44 @@ def saving(folder, what, args, is_complete=None, needed=None, remove=None):
                     removed = f" The half-written {gone} {'were' if ' and ' in gone else 'was'} removed."
             except OSError:
                 pass
-        last = newest_checkpoint(args.output_dir, is_complete) if is_complete else None
+        last = newest_checkpoint(args.output_dir)
         resume = (f" {last} is the newest complete checkpoint: the same command resumes from it." if last else
                   " There is no complete checkpoint: the same command starts over.")
         here = _rank() == 0 or not (peer or code in SPACE_ERRNOS)
         advice = _advice(args, code, checkpoints=what.startswith("checkpoint-") or last is not None)
         raise SaveFailed(f"saving {what} to {folder} failed: {text}.{removed}{resume} Fix: {advice} "
-                         f"(exit code {SAVE_FAILED_EXIT_CODE})", here=here) from None
+                         f"(exit code {ExitCode.SAVE_FAILED:d})", here=here) from None
+
+    with _translated(translate):
+        yield
+
+
+def disk_error(e, folder):
+    """(errno, what failed with the free space in `folder`, the file) if `e` is surely the disk's (no space, quota,
+    read-only, file too large), else None."""
+    failed = write_error(e)
+    if failed is None or failed[0] not in DISK_ERRNOS:
+        return None
+    return (*with_free_space(*failed, folder, None), failed_file(e))
 
 
 @contextmanager
 def write_errors(args):
     """Any other write of a training run (the loss plot, logs, layout files): a full disk or quota or a
     read-only file system -> SaveFailed; everything else passes unchanged."""
-    try:
-        yield
-    except Fault:
-        raise
-    except Exception as e:
-        failed = write_error(e)
-        if failed is None or failed[0] not in (*SPACE_ERRNOS, errno.EROFS, errno.EFBIG):
-            raise
-        name = next((ex.filename for ex in _chain(e) if isinstance(ex, OSError) and ex.filename), None)
-        code, text = _space(*failed, args.output_dir, None)
+
+    def translate(e):
+        failed = disk_error(e, args.output_dir)
+        if failed is None:
+            return
+        code, text, name = failed
         raise SaveFailed(f"writing {name or f'in {args.output_dir}'} failed: {text}. Fix: {_advice(args, code)}, "
                          "then run the same command again: it resumes from the newest complete checkpoint "
-                         f"(exit code {SAVE_FAILED_EXIT_CODE})", here=_rank() == 0 or code not in SPACE_ERRNOS) from None
+                         f"(exit code {ExitCode.SAVE_FAILED:d})",
+                         here=_rank() == 0 or code not in SPACE_ERRNOS) from None
 
-
-def remove_partial_checkpoint(folder, is_complete):
-    """For saving(remove=...): a checkpoint that a failed save left unfinished goes (rank 0 removes it).
-    Returns what was removed, for the message."""
-    if _rank() == 0 and os.path.isdir(folder) and not is_complete(folder):
-        shutil.rmtree(folder, ignore_errors=True)
-        return os.path.basename(os.path.normpath(folder))
-    return None
-
-
-FINAL_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
-                         "adapter_model.safetensors", "pytorch_model.bin", "pytorch_model-*-of-*.bin",
-                         "pytorch_model.bin.index.json", "adapter_model.bin")
-
-
-def remove_new_files(folder, since, patterns=FINAL_WEIGHT_PATTERNS):
-    """For saving(remove=...) of the final model: the weight files written after `since` (a half-written save,
-    which would look finished: a final model is not resumed, it is used). Returns what was removed."""
-    removed = []
-    for pattern in patterns:
-        for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern))):
-            if _rank() == 0 and os.path.isfile(path) and os.path.getmtime(path) >= since:
-                os.remove(path)
-                removed.append(os.path.basename(path))
-    return " and ".join(removed) or None
+    with _translated(translate):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,144 +480,6 @@ def warn_if_low_space(model, args, zero_stage, lora):
              f"{_size(need)}: the first save will fail. Free space, or set --output_dir to a disk with room.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Dataset cache: written under a temporary name, renamed when complete, checked against its manifest
-# ---------------------------------------------------------------------------------------------
-
-MANIFEST = "manifest.json"
-
-
-def cache_temp_name(path):
-    """Where an entry is built before it is renamed to `path`: host and process id, so that a leftover of a
-    killed run can be recognised (remove_stale_temps) without touching a build in progress elsewhere."""
-    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-
-
-def remove_stale_temps(path, only_mine=False):
-    """Temporary folders beside `path` (any entry's) left by builds of this host whose process no longer runs
-    (killed); only_mine: this process's own (after a failed build)."""
-    host = socket.gethostname()
-    for tmp in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), "*.tmp-*")):
-        owner, _, pid = tmp.rsplit(".tmp-", 1)[-1].rpartition("-")
-        if owner == host and pid.isdigit() and (int(pid) == os.getpid() if only_mine else
-                                                 int(pid) != os.getpid() and not _alive(int(pid))):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _checksum(path):
-    import xxhash  # a dependency of datasets
-
-    h = xxhash.xxh64()
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _entry_files(folder):
-    for root, _, names in os.walk(folder):
-        for name in sorted(names):
-            rel = os.path.relpath(os.path.join(root, name), folder)
-            if rel != MANIFEST:
-                yield rel
-
-
-def atomic_write_json(path, value):
-    """Write to a temporary name in the same folder, flush to disk, rename: all of it or nothing."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_cache_manifest(folder):
-    """Size and xxh64 checksum of every file of a finished entry, written last (before the entry is renamed)."""
-    files = {rel: [os.path.getsize(os.path.join(folder, rel)), _checksum(os.path.join(folder, rel))]
-             for rel in _entry_files(folder)}
-    atomic_write_json(os.path.join(folder, MANIFEST), {"files": files})
-
-
-def check_cache_entry(folder):
-    """None if every file the manifest lists is there with its size and checksum, else what is wrong."""
-    try:
-        with open(os.path.join(folder, MANIFEST)) as f:
-            files = json.load(f)["files"]
-    except FileNotFoundError:
-        return f"no {MANIFEST}: it was not written to the end"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{MANIFEST} is unreadable ({type(e).__name__})"
-    for rel, (size, checksum) in sorted(files.items()):
-        path = os.path.join(folder, rel)
-        try:
-            actual = os.path.getsize(path)
-        except OSError:
-            return f"{rel} is missing"
-        if actual != size:
-            return f"{rel} has {actual:,} bytes, {size:,} when it was written"
-        try:
-            if _checksum(path) != checksum:
-                return f"{rel} differs from what was written (checksum)"
-        except OSError as e:
-            return f"{rel} cannot be read ({e.strerror})"
-    return None
-
-
-def reuse_cache_entry(path):
-    """True: the entry at `path` is complete and unchanged, use it. False: there is none (any more): build it; a
-    damaged one is removed first, with a note. A damaged one that cannot be removed -> ValueError (one line)."""
-    remove_stale_temps(path)
-    if not os.path.lexists(path):
-        return False
-    damage = check_cache_entry(path) if os.path.isdir(path) else "not a folder"
-    if damage is None:
-        return True
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    except OSError as e:
-        raise ValueError(f"dataset cache {path} is damaged ({damage}) and cannot be rebuilt: removing it failed "
-                         f"({e.strerror}). Clear it with: rm -rf {path}  (or set --dataset_cache_dir to another "
-                         "folder)") from None
-    log0(f"note: dataset cache {path} was damaged ({damage}); rebuilding it")
-    return False
-
-
-def cache_write_error(e, cache_root):
-    """A failed write while building the dataset cache -> ValueError (one line, the path and the fix), else None."""
-    failed = write_error(e)
-    if failed is None:
-        return None
-    name = next((ex.filename for ex in _chain(e) if isinstance(ex, OSError) and ex.filename), None)
-    code, text = failed
-    if code not in (*SPACE_ERRNOS, errno.EROFS, errno.EFBIG) and not (name and os.path.abspath(name).startswith(
-            os.path.abspath(cache_root))):
-        return None  # not surely the cache's (a data file that cannot be read, ...)
-    code, text = _space(code, text, cache_root, None)
-    remove_stale_temps(os.path.join(cache_root, "x"), only_mine=True)  # what this build wrote so far
-    return ValueError(f"writing the dataset cache in {cache_root} failed: {text}. Nothing of it is kept (a "
-                      "half-written entry is never used). Free space there, or set --dataset_cache_dir to another "
-                      f"disk; old entries are cleared with: rm -rf {os.path.join(cache_root, '*')}")
-
-
 class FaultHandling:
     """Mixed into finetune.FinetuneTrainer (before transformers.Trainer): feeds NonFiniteGuard each micro-batch's loss
     and each step's gradient norm, turns a failed checkpoint write into one line (the half-written checkpoint
@@ -668,14 +508,13 @@ class FaultHandling:
         # every checkpoint (--save_steps, epoch, preemption) is written here
         from finetune_distributed import zero_stage
 
-        checkpoint_is_complete = self.checkpoint_is_complete  # finetune.py's, given by the Trainer subclass
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
 
         def needed():
             return checkpoint_bytes(self.model, self.args, zero_stage(self.args), self.args.use_lora)[0]
 
-        with saving(folder, os.path.basename(folder), self.args, checkpoint_is_complete, needed,
-                    remove=lambda: remove_partial_checkpoint(folder, checkpoint_is_complete)):
+        with saving(folder, os.path.basename(folder), self.args, needed,
+                    remove=lambda: remove_partial_checkpoint(folder)):
             return super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):

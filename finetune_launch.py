@@ -1,12 +1,12 @@
 """torchrun as finetune.sh starts it: `python finetune_launch.py [torchrun arguments] finetune.py [flags]`.
 
 This is torch.distributed.run itself, with one difference at the end of a run whose workers all stopped on
-purpose with the same exit code: 2 (a user error, which every worker has explained in its one
-`[finetune] error:` line), 3 (training diverged), 74 (a save failed) or 75 (preempted, the checkpoint written
-and named). torchrun would follow that line
-with its own "failed (exitcode: 2)" log line and a ChildFailedError traceback and failure summary, which say
-nothing more; here the launcher exits with the workers' code instead. Every other failure (a crash, a worker
-killed by a signal, workers ending with different codes) is reported by torchrun exactly as usual.
+purpose with the same exit code (finetune_exit_codes.ExitCode: a user error, which every worker has explained in
+its one `[finetune] error:` line, training diverged, a save failed, preempted with the checkpoint written and
+named). torchrun would follow that line with its own "failed (exitcode: 2)" log line and a ChildFailedError
+traceback and failure summary, which say nothing more; here the launcher exits with the workers' code instead.
+Every other failure (a crash, a worker killed by a signal, workers ending with different codes) is reported by
+torchrun exactly as usual.
 """
 
 import logging
@@ -15,9 +15,7 @@ import sys
 from torch.distributed import run
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-# finetune.py's deliberate stops, each explained in its own line: user error, training diverged, a save failed
-# (finetune_faults), preempted (finetune_preemption)
-DELIBERATE_EXIT_CODES = (2, 3, 74, 75)
+from finetune_exit_codes import DELIBERATE_EXIT_CODES  # finetune.py's deliberate stops, each explained in its line
 
 
 def _not_a_deliberate_exit(record):

@@ -1,6 +1,7 @@
 """Preemption-safe training for finetune.py: save on SIGTERM/SIGUSR1 at a step all ranks agree on, exit 75, and
 resume a checkpoint on another number of processes (DeepSpeed universal checkpoints). README: "Preemption and
-requeue". finetune.py adds PreemptionCallback to its Trainer and calls adapt_to_world_size before training."""
+requeue". finetune.py adds PreemptionCallback to its Trainer (it registers with the run's
+finetune_agreement.StepAgreement) and calls adapt_to_world_size before training."""
 
 import glob
 import json
@@ -8,18 +9,18 @@ import os
 import shutil
 import signal
 
-import torch
 import transformers
 
+from finetune_agreement import STOP_AND_SAVE
+from finetune_console import log0
 from finetune_distributed import convert_to_universal, load_universal_on_resume, unshare_adam_step
-from finetune_report import log0
+from finetune_exit_codes import ExitCode
 
 # transformers' --enable_jit_checkpoint is not enough here: it handles SIGTERM only, and each rank acts
 # on its own signal (3 s later, from a timer thread), so ranks that see it a step apart enter ZeRO-3's
 # collective save at different points of the step (without our all-reduce, SIGUSR1 to one rank hung the
 # run); it can also save before the optimizer step.
 
-PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL, "try again": distinct from 1 (crash), 2 (user error), 143 (killed)
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
@@ -28,17 +29,15 @@ class Preempted(Exception):
 
 
 class PreemptionCallback(transformers.TrainerCallback):
-    """The handler only records the signal. At every optimizer-step end all ranks all-reduce it (MAX), so
-    they stop after the same step; the checkpoint of that step is then written exactly like a --save_steps
-    one (Trainer._save_checkpoint: weights, optimizer, scheduler, RNG, trainer_state.json last). Further
-    signals only set the flag again, so they cannot interrupt the save. A signal after the last step
-    changes nothing: the run finishes its final save and exits 0."""
+    """The handler only records the signal. At every optimizer-step end all ranks agree on it (StepAgreement,
+    "preemption": the largest signal number), so they stop after the same step; the checkpoint of that step is
+    then written exactly like a --save_steps one (Trainer._save_checkpoint: weights, optimizer, scheduler, RNG,
+    trainer_state.json last). Further signals only set the flag again, so they cannot interrupt the save. A signal
+    after the last step changes nothing: the run finishes its final save and exits 0."""
 
-    def __init__(self, also=None):
-        # also: a callback whose per-step 0/1 flag travels in the same all-reduce, above the signal number's bits
-        # (finetune_faults.NonFiniteGuard: step_flags() -> device tensor [1], agree([flag])): no collective of its
-        # own, not even a longer one (gloo's all-reduce of 2 numbers takes 1.4x as long as of 1, measured)
-        self.signal, self.stopped_at, self.also = 0, None, also
+    def __init__(self, agreement):
+        self.signal, self.stopped_at = 0, None
+        agreement.register("preemption", self.vote, self.decide)
 
     def _record(self, signum, frame):
         self.signal = signum  # nothing else: a signal handler may run in the middle of anything
@@ -48,21 +47,14 @@ class PreemptionCallback(transformers.TrainerCallback):
             signal.signal(getattr(signal, name), self._record)
         unshare_adam_step(optimizer)  # after a universal resume (a DeepSpeed workaround)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        flag = torch.tensor([self.signal], dtype=torch.int64, device=args.device)
-        extra = self.also.step_flags(args.device) if self.also is not None else None
-        if extra is not None:  # MAX keeps it: a rank with the flag set wins, and that step stops for it anyway
-            flag = flag + extra.to(torch.int64) * 256
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        flag = int(flag.item())
-        if extra is not None:
-            self.also.agree([flag >> 8])
-        flag &= 255  # the signal number
-        if flag and state.global_step < state.max_steps:
-            self.signal, self.stopped_at = int(flag), state.global_step
-            control.should_save = control.should_training_stop = True
-            control.should_evaluate = False  # the grace period is for saving
+    def vote(self, device):
+        return self.signal
+
+    def decide(self, agreed, args, state, **kwargs):
+        if agreed and state.global_step < state.max_steps:
+            self.signal, self.stopped_at = int(agreed), state.global_step
+            return STOP_AND_SAVE
+        return None
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:  # after trainer_state.json: a checkpoint without it is still complete
@@ -80,7 +72,7 @@ class PreemptionCallback(transformers.TrainerCallback):
             name = signal.Signals(self.signal).name
             raise Preempted(f"preempted ({name}), checkpoint-{self.stopped_at} written to "
                             f"{os.path.join(args.output_dir, f'checkpoint-{self.stopped_at}')}; "
-                            f"run the same command to resume (exit code {PREEMPTED_EXIT_CODE})")
+                            f"run the same command to resume (exit code {ExitCode.PREEMPTED:d})")
 
 
 # A ZeRO checkpoint holds one shard per rank. Resumed by another number of processes, rank 0 converts it
@@ -140,11 +132,3 @@ def adapt_to_world_size(checkpoint, training_args):
              f"global batch {old} is not a multiple of {unit} (per device x processes), so it becomes "
              f"{unit * training_args.gradient_accumulation_steps}; the remaining steps see the data in another order.")
     load_universal_on_resume(training_args)
-
-
-def record_exit_code(code):
-    """finetune.sh reads this: torchrun itself exits 1 whenever a worker exits non-zero or it got a signal."""
-    path = os.environ.get("FINETUNE_EXIT_CODE_FILE")
-    if path:
-        with open(path, "a") as f:
-            f.write(f"{code}\n")

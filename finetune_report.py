@@ -1,4 +1,4 @@
-"""What finetune.py reports and plans with: rank-0 logging, the per-device memory estimate (and the loss chunk
+"""What finetune.py reports and plans with: the per-device memory estimate (and the loss chunk
 size its budget allows), the padding share of a batching, token statistics, the data report (--dry_run,
 data_report.json) and its log lines, and the loss plot. Functions of their arguments; finetune.py imports them
 (README: "Memory estimate", "Loss plot and TensorBoard")."""
@@ -9,12 +9,7 @@ import os
 import numpy as np
 import torch
 
-
-def log0(*args):
-    """Print once, on global rank 0 (torchrun sets RANK; a single process has none)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("[finetune]", *args, flush=True)
-
+from finetune_console import log0
 
 LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
 

@@ -25,9 +25,8 @@ import os
 import re
 from typing import NamedTuple
 
-from finetune_cli import suggest
 from finetune_data import DATA_SUFFIXES, READ_SUFFIXES, RECORD_KEYS, DataError, file_kind
-from finetune_report import log0
+from finetune_console import log0, suggest
 
 
 class Entry(NamedTuple):
@@ -572,8 +571,8 @@ def resolve_data_spec(spec, columns=None):
 
 def check_data_flags(args):
     """The data flags of DataArguments, checked and parsed before anything is read: --dataset/--eval_dataset become
-    the --data_path/--eval_data_path entries they mean; --columns -> args.column_map; --chat_template_kwargs ->
-    args.template_kwargs; --val_size (a share or a number; not with an evaluation set of its own)."""
+    the --data_path/--eval_data_path entries they mean; --columns -> args.column_map; --val_size (a share or a
+    number; not with an evaluation set of its own)."""
     for names, flag, attr in ((args.dataset, "--dataset", "data_path"), (args.eval_dataset, "--eval_dataset",
                                                                           "eval_data_path")):
         spec = names and dataset_spec(args.dataset_dir, names, flag)
@@ -595,14 +594,6 @@ def check_data_flags(args):
         if name in args.column_map or key in args.column_map.values():
             raise ValueError(f"--columns {args.columns}: {name if name in args.column_map else key!r} appears twice.")
         args.column_map[name] = key
-    try:
-        args.template_kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--chat_template_kwargs is not valid JSON ({e.msg} at column {e.colno}): "
-                         f"{args.chat_template_kwargs!r}; e.g. '{{\"enable_thinking\": false}}'") from None
-    if not isinstance(args.template_kwargs, dict):
-        raise ValueError(f"--chat_template_kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}'; got "
-                         f"{args.chat_template_kwargs!r}.")
     v = args.val_size
     if v is not None:
         if args.eval_data_path:

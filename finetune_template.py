@@ -4,7 +4,8 @@ end-of-turn tokens and turn markers; the built-in templates (ChatML) for tokeniz
 
 Interface: render_conversation(tokenizer, messages, tools) -> (text, [trained character region per assistant
 turn]); encode_regions(tokenizer, texts, regions) -> token ids and each region's token span;
-end_of_turn_tokens(tokenizer); turn_markers(tokenizer); chat_template_source(flag); ChatRenderer (the fast
+end_of_turn_tokens(tokenizer); turn_markers(tokenizer); chat_template_source(flag); parse_template_kwargs(text)
+(--chat_template_kwargs); ChatRenderer (the fast
 renderer it uses); BUILTIN_TEMPLATES. finetune.py turns the regions into token labels (tokenize_conversation);
 finetune_tokens.py makes the markers single tokens and the end tokens eos; chat.py uses the end tokens to stop.
 """
@@ -33,6 +34,19 @@ def check_chat_template_flag(flag):
     if flag and flag not in BUILTIN_TEMPLATES and not os.path.isfile(flag):
         raise FileNotFoundError(f"--chat_template {flag}: no such file, and not a built-in template "
                                 f"({', '.join(BUILTIN_TEMPLATES)}).")
+
+
+def parse_template_kwargs(text, flag="--chat_template_kwargs"):
+    """--chat_template_kwargs (JSON text, or None) -> the dict the template is rendered with; ValueError if it is not
+    a JSON object (finetune.py and chat.py)."""
+    try:
+        kwargs = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} is not valid JSON ({e.msg} at column {e.colno}): {text!r}; e.g. "
+                         "'{\"enable_thinking\": false}'") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{flag} must be a JSON object, e.g. '{{\"enable_thinking\": false}}'; got {text!r}.")
+    return kwargs
 
 
 def chat_template_source(flag, tokenizer):
@@ -161,21 +175,25 @@ def _template_facts(tokenizer, render):
     template, from one probe chat; cached. The turn opener is the special token that the generation prompt starts
     with (what it adds to the conversation: '<|im_start|>', '<|start_header_id|>', '<|START_OF_TURN_TOKEN|>'), or
     None when it adds no special token."""
+    # The probe is rendered with the conversation's tools, and what it finds holds for conversations with tools, or
+    # for those without: a template may render (or refuse) a chat differently without them. A probe the template
+    # refuses teaches nothing and is not kept (the conversation that follows may render; a refused one says why).
     key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, str(tokenizer.special_tokens_map),
-           json.dumps(render.kwargs, sort_keys=True))
-    if key not in _TEMPLATE_FACTS:
-        specials = _special_tokens(tokenizer)
-        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
-        try:
-            same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False,
-                                                                  **render.kwargs)
-            thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
-            prompt, history = render(probe[:1], True), render(probe[:1])
-            added = prompt[_snap_out_of_specials(prompt, _common_prefix(prompt, history), specials):]
-            opener = next((s for s in specials if added.lstrip().startswith(s)), None)
-        except Exception:
-            same, thinking_off, opener = True, False, None  # the template refuses the probe; real conversations say why
-        _TEMPLATE_FACTS[key] = (tuple(specials), thinking_off, same, opener)
+           json.dumps(render.kwargs, sort_keys=True), bool(render.tools))
+    if key in _TEMPLATE_FACTS:
+        return _TEMPLATE_FACTS[key]
+    specials = _special_tokens(tokenizer)
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning_content": "r"}]
+    try:
+        same = render(probe) == tokenizer.apply_chat_template(probe, tools=render.tools, tokenize=False,
+                                                              **render.kwargs)
+        thinking_off = render(probe[:1], True, **THINKING_OFF) != render(probe[:1], True)
+        prompt, history = render(probe[:1], True), render(probe[:1])
+        added = prompt[_snap_out_of_specials(prompt, _common_prefix(prompt, history), specials):]
+        opener = next((s for s in specials if added.lstrip().startswith(s)), None)
+    except Exception:
+        return tuple(specials), False, True, None
+    _TEMPLATE_FACTS[key] = (tuple(specials), thinking_off, same, opener)
     return _TEMPLATE_FACTS[key]
 
 

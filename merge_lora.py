@@ -20,6 +20,8 @@ import os
 import shutil
 import sys
 
+from finetune_adapter import adapter_base, is_adapter, load_base_and_adapter
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -43,15 +45,10 @@ def parse_args(argv=None):
 
 def check_paths(args):
     """Fail before loading anything: missing adapter, output that would destroy data."""
-    config_file = os.path.join(args.adapter, "adapter_config.json")
-    if not os.path.isfile(config_file):
+    if not is_adapter(args.adapter):
         raise SystemExit(f"error: {args.adapter} is not an adapter directory (no adapter_config.json). "
                          "A full fine-tune needs no merge: use its output directory directly.")
-    with open(config_file) as f:
-        adapter_config = json.load(f)
-    base = args.base or adapter_config.get("base_model_name_or_path")
-    if not base:
-        raise SystemExit("error: adapter_config.json names no base model; pass --base.")
+    base, adapter_config = adapter_base(args.adapter, args.base)
     out = os.path.realpath(args.output)
     for name, path in (("--adapter", args.adapter), ("--base", base)):
         if os.path.exists(path) and os.path.realpath(path) == out:
@@ -63,23 +60,13 @@ def check_paths(args):
     return base, adapter_config
 
 
-def load_tokenizer(adapter_dir, base, trust_remote_code):
-    """The tokenizer saved with the adapter (finetune.py writes it, with the chat template used in
-    training), else the base model's."""
-    from transformers import AutoTokenizer
-
-    has_own = any(os.path.isfile(os.path.join(adapter_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    return AutoTokenizer.from_pretrained(adapter_dir if has_own else base, trust_remote_code=trust_remote_code)
-
-
 def merge(args):
     base, adapter_config = check_paths(args)
 
     import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from finetune_tokens import prepare_base_for_adapter, write_stop_tokens
+    from finetune_tokens import write_stop_tokens
 
     config = AutoConfig.from_pretrained(base, trust_remote_code=args.trust_remote_code)
     if getattr(config, "quantization_config", None):
@@ -92,14 +79,9 @@ def merge(args):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     method = "DoRA" if adapter_config.get("use_dora") else "LoRA"
     log(f"loading base {base} ({str(dtype).replace('torch.', '')}) and {method} adapter {args.adapter}")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    tokenizer = load_tokenizer(args.adapter, base, args.trust_remote_code)
-    # tokens added in training: the base's embeddings and head grown as they were (finetune_tokens.py); the
-    # adapter holds the trained rows, which the merge writes into them
-    from finetune_distributed import peft_wrapping
-
-    with peft_wrapping():
-        model = PeftModel.from_pretrained(prepare_base_for_adapter(model, tokenizer, args.adapter), args.adapter)
+    # tokens added in training: the base's embeddings and head grown as they were; the adapter holds the trained
+    # rows, which the merge writes into them
+    model, tokenizer, _ = load_base_and_adapter(args.adapter, base, dtype, args.trust_remote_code)
     # peft computes each delta (B @ A * scale, and DoRA's magnitude rescaling) in fp32 on CPU and
     # safe_merge checks the merged weights for NaN/inf before replacing them.
     model = model.merge_and_unload(safe_merge=True)
@@ -124,7 +106,7 @@ def merge(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from finetune_distributed import quiet_known_notices
+    from finetune_console import quiet_known_notices
 
     quiet_known_notices()  # first: the library notices finetune.py drops too (bitsandbytes on CPU, DeepSpeed's no-GPU)
     import transformers

@@ -4,10 +4,10 @@
     python bench/bench_faults.py --steps 300 --repeats 4
 
 1. The step-end work alone, 1 process (CPU), the best of 9 rounds of --calls steps of 4 micro-batches (the
-   two setups alternate round by round): PreemptionCallback.on_step_end as before (its flag's .tolist()), and
-   with the guard as train() sets them up (PreemptionCallback(also=guard), then guard.on_step_end; note_loss per
-   micro-batch, note_grad_norm): the difference is what the guard adds (a NaN test of loss + norm on the
-   device; its flag rides in the same all-reduce, in the same number: no collective, no sync of its own).
+   two setups alternate round by round): the run's StepAgreement.on_step_end with preemption alone registered,
+   and with the guard too, as train() sets them up (note_loss per micro-batch, note_grad_norm): the difference
+   is what the guard adds (a NaN test of loss + norm on the device; its flag rides in the same all-reduce, one
+   more number in it: no collective, no sync of its own).
    Not timed this way with 2 processes: on gloo, any work at all before an all-reduce (40 us of matmuls just
    as well) turns its 120-200 us into 500 us on a loaded 2-core machine, the ranks no longer arriving together,
    which a real step (milliseconds of work before it) pays with or without the guard.
@@ -42,6 +42,7 @@ def step_end_alone(calls):
     import torch
     import transformers
 
+    from finetune_agreement import StepAgreement
     from finetune_faults import NonFiniteGuard
     from finetune_preemption import PreemptionCallback
 
@@ -53,22 +54,23 @@ def step_end_alone(calls):
     state, control = types.SimpleNamespace(global_step=1, max_steps=10**9), transformers.TrainerControl()
     batch = {"token_source": torch.zeros(4, 512, dtype=torch.long), "position_ids": torch.arange(512).expand(4, 512)}
     loss, norm = torch.tensor(2.5), torch.tensor(1.0)
-    guard = NonFiniteGuard(args, ["a"], lambda p: True)
-    setups = {"preemption only": [PreemptionCallback()],
-              "preemption + guard": [PreemptionCallback(also=guard), guard]}
+    alone, shared = StepAgreement(), StepAgreement()
+    PreemptionCallback(alone)
+    PreemptionCallback(shared)
+    guard = NonFiniteGuard(args, ["a"], shared)
+    setups = {"preemption only": alone, "preemption + guard": shared}
     rounds = {name: [] for name in setups}
     for _ in range(9):  # the setups alternate, round by round: a busy machine disturbs both alike
-        for name, callbacks in setups.items():
+        for name, agreement in setups.items():
             if world > 1:
                 torch.distributed.barrier()
             start = time.perf_counter()
             for _ in range(calls):
-                if len(callbacks) > 1:
+                if agreement is shared:
                     for _ in range(4):
                         guard.note_loss(loss, batch)
                     guard.note_grad_norm(norm)
-                for callback in callbacks:
-                    callback.on_step_end(args, state, control)
+                agreement.on_step_end(args, state, control)
             rounds[name].append((time.perf_counter() - start) / calls)
     return {name: min(r) * 1e6 for name, r in rounds.items()}  # the least disturbed round
 

@@ -166,6 +166,15 @@ def worker(opts):
                       "tokens_per_step": tokens // opts.steps}))
 
 
+def parse_with_worker_flags(parser):
+    """--workdir, and the hidden flags this script starts its worker processes with (--mode, --model, --data),
+    added to `parser` -> the parsed options (real_model.py's too)."""
+    parser.add_argument("--workdir", default=None)
+    for hidden in ("--mode", "--model", "--data"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, nargs="+", default=[151_936, 4096])
@@ -175,11 +184,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps (the first is not timed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--before_rev", default="1a24878", help="git revision of finetune.py for `before`")
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--mode", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    opts = parser.parse_args()
+    opts = parse_with_worker_flags(parser)
     if opts.mode:
         return worker(opts)
     workdir = opts.workdir or tempfile.mkdtemp(prefix="bench_loss_")

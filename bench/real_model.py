@@ -53,6 +53,8 @@ import tempfile
 import threading
 import time
 
+from loss_memory import parse_with_worker_flags  # this folder is sys.path[0]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -365,11 +367,7 @@ def main():
     parser.add_argument("--ours_args", default="", help="extra finetune.py flags for the ours_* modes (experiments)")
     parser.add_argument("--finetune_py", default=os.path.join(ROOT, "finetune.py"),
                         help="the finetune.py of the ours_* modes, e.g. an older revision: git show REV:finetune.py > F")
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--mode", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    opts = parser.parse_args()
+    opts = parse_with_worker_flags(parser)
     if opts.mode:
         return worker(opts)
     opts.workdir = opts.workdir or tempfile.mkdtemp(prefix="bench_real_")

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import run_finetune, write_jsonl
 import finetune as ft
+import finetune_cache
 import finetune_data as fd
 import finetune_sources as fsrc
 
@@ -345,11 +346,11 @@ class TestCacheKey:
                                                "--output_dir", str(tmp_path / "out")])
         tok = AutoTokenizer.from_pretrained(tiny_model)
         st = os.stat(path)
-        key = ft._cache_key(ft.resolve_data_spec(path)[0], tok, dargs, targs)
+        key = finetune_cache.cache_key(ft.resolve_data_spec(path)[0], tok, dargs, targs)
         with open(path, "r+") as f:  # same size, then the old mtime put back
             text = f.read().replace("q1", "q2")
             f.seek(0)
             f.write(text)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
         assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
-        assert ft._cache_key(ft.resolve_data_spec(path)[0], tok, dargs, targs) != key
+        assert finetune_cache.cache_key(ft.resolve_data_spec(path)[0], tok, dargs, targs) != key

@@ -1,5 +1,6 @@
-"""The README's demo command on the real model: a console without warnings, the fact learned, the general
-answer kept; finetune.sh shows the command it runs once, and a user error ends the run with its error line."""
+"""The README's demo command on the real model: a console without warnings or library progress bars, the fact
+learned, the general answer kept; finetune.sh shows the command it runs once, and a user error ends the run with its
+error line."""
 
 import re
 import subprocess
@@ -16,8 +17,18 @@ WARNING_LINE = re.compile(r"warning\b|\bwarn\b|^W\d{4} |^E\d{4} |Failed to load 
                           r"be reliable|Traceback|ChildFailedError", re.IGNORECASE)
 
 
+# A library's own progress bar: a description, then a percentage bar or a count ("Generating train split: 18 examples
+# [00:00, ...]", "Loading weights: 100%|...", "Map: 100%|..."); the Trainer's training bar has no description
+# (and is off with --disable_tqdm).
+LIBRARY_BAR = re.compile(r"^\s*[A-Za-z][^:|\[]*: *(\d+%\||\d+ \w+ \[)")
+
+
 def warning_lines(log):
     return [line for line in log.splitlines() if WARNING_LINE.search(line)]
+
+
+def library_bars(log):
+    return [line for line in log.splitlines() if LIBRARY_BAR.search(line)]
 
 
 def answers(log, section):
@@ -36,6 +47,7 @@ def test_demo_console_is_clean_and_the_fact_is_learned(demo_run):
     assert demo_run["returncode"] == 0, log[-6000:]
     assert "[finetune] done:" in log
     assert warning_lines(log) == [], "\n".join(warning_lines(log))
+    assert library_bars(log) == [], "\n".join(library_bars(log))
     launch = [line for line in log.splitlines() if line.startswith("[finetune.sh] ")]
     assert len(launch) == 1 and "finetune_launch.py --nproc_per_node 1" in launch[0], launch
     assert not [line for line in log.splitlines() if line.startswith("+ ")]  # no shell trace
@@ -78,3 +90,5 @@ def test_gradient_checkpointing_flag_without_deprecation_warning(tiny_model, tmp
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert warning_lines(proc.stdout) == [], "\n".join(warning_lines(proc.stdout))
+    assert library_bars(proc.stdout) == [], "\n".join(library_bars(proc.stdout))  # datasets' and transformers'
+    assert "[finetune] data: 18 samples" in proc.stdout and "%|" in proc.stdout  # the Trainer's own bar is kept

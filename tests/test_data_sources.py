@@ -18,6 +18,7 @@ import pytest
 from conftest import SHARED, read_log_history, run_finetune, write_jsonl
 from test_bad_input import dry_run_args, run_main, user_error
 import finetune as ft
+import finetune_cache
 import finetune_data as fd
 import finetune_sources as fsrc
 
@@ -574,7 +575,7 @@ def test_cache_key_covers_tables_columns_and_entry_options(tiny_model, tmp_path)
         margs, dargs, targs, _ = ft.parse_args(["--model_name_or_path", tiny_model, "--data_path", path,
                                                "--output_dir", str(tmp_path / "o"), *flags])
         fsrc.check_data_flags(dargs)
-        return ft._cache_key(fsrc.resolve_data_spec(path, dargs.column_map)[0], tok, dargs, targs)
+        return finetune_cache.cache_key(fsrc.resolve_data_spec(path, dargs.column_map)[0], tok, dargs, targs)
 
     base = key("--columns", "q=prompt,a=completion")
     assert key("--columns", "q=instruction,a=output") != base

@@ -40,7 +40,10 @@ from safetensors.torch import load_file
 from test_distributed import ZERO2, ZERO3, free_port, torchrun_cmd
 
 import finetune
-from finetune_faults import DIVERGED_EXIT_CODE, MANIFEST, SAVE_FAILED_EXIT_CODE, check_cache_entry, checkpoint_bytes
+from finetune_cache import MANIFEST, check_cache_entry
+from finetune_checkpoints import checkpoint_is_complete
+from finetune_exit_codes import ExitCode
+from finetune_faults import checkpoint_bytes
 
 DEMO = ROOT / "examples" / "demo_data.jsonl"  # 18 conversations, sources "dialogues" and "facts"
 
@@ -69,7 +72,7 @@ def no_worker_traceback(log):
 
 def complete_steps(out):
     return sorted(int(p.name.split("-")[1]) for p in Path(out).glob("checkpoint-*")
-                  if finetune.checkpoint_is_complete(p))
+                  if checkpoint_is_complete(p))
 
 
 def all_finite(path):
@@ -84,7 +87,7 @@ def all_finite(path):
 def test_diverging_run_stops_at_the_first_nonfinite_step_and_the_rerun_recovers(tiny_model, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     proc = run_finetune(args(tiny_model, out, cache, "--learning_rate", 1e5), check=False)
-    assert proc.returncode == DIVERGED_EXIT_CODE == 3, proc.stdout[-4000:]
+    assert proc.returncode == ExitCode.DIVERGED == 3, proc.stdout[-4000:]
     line = error_line(proc.stdout)
     assert line.startswith("[finetune] error: training diverged at step 3: the gradient norm is nan (loss 6.7"), line
     assert f"The newest checkpoint is {out}/checkpoint-2: the same command resumes from it" in line, line
@@ -125,35 +128,40 @@ def test_diverging_run_without_the_guard_trains_on_and_logs_nan_not_zero(tiny_mo
     assert not all_finite(out / "model.safetensors")  # what the user asked for: the old behaviour
 
 
-AGREE = textwrap.dedent("""
-    import json, os, sys, types
+# What each of the 2 processes of the agreement tests starts with
+TWO_RANKS = textwrap.dedent("""
+    import json, os, signal, sys, types
     import torch, transformers
     sys.path.insert(0, os.environ["ROOT"])
+    from finetune_agreement import StepAgreement
     from finetune_faults import Diverged, NonFiniteGuard
     from finetune_preemption import PreemptionCallback
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     args = types.SimpleNamespace(device=torch.device("cpu"), fp16=False, world_size=2, learning_rate=1e-3,
                                  max_grad_norm=1.0, stop_on_nonfinite=True, output_dir=os.environ["OUT"])
-    guard, result = NonFiniteGuard(args, ["a", "b"], lambda p: True), {}
+""")
+AGREE = TWO_RANKS + textwrap.dedent("""
+    agreement = StepAgreement()
+    guard, result = NonFiniteGuard(args, ["a", "b"], agreement), {}
     batch = {"token_source": torch.tensor([[rank, rank, -1]]), "position_ids": torch.tensor([[0, 1, 2]])}
     for step, bad in ((1, False), (2, rank == 1)):  # step 2: the loss is NaN on rank 1 only, the norm finite
         control = transformers.TrainerControl()
         guard.note_loss(torch.tensor(float("nan") if bad else 2.5), batch)
         guard.note_grad_norm(torch.tensor(1.0))
-        guard.on_step_end(args, types.SimpleNamespace(global_step=step), control)
+        agreement.on_step_end(args, types.SimpleNamespace(global_step=step), control)
         result[step] = {"stop": control.should_training_stop, "save": control.should_save}
     try:
         guard.on_epoch_end(args, None, control)
     except Diverged as e:
         result["message"], result["here"] = str(e), e.here
-    # in a run, the flags travel in the preemption flag's all-reduce (one collective per step for both)
-    shared = NonFiniteGuard(args, ["a", "b"], lambda p: True)
-    preemption, control = PreemptionCallback(also=shared), transformers.TrainerControl()
+    # in a run, preemption votes in the same agreement (one collective per step for both)
+    agreement, control = StepAgreement(), transformers.TrainerControl()
+    shared = NonFiniteGuard(args, ["a", "b"], agreement)
+    preemption = PreemptionCallback(agreement)
     shared.note_loss(torch.tensor(float("inf") if rank == 1 else 2.5), batch)
     shared.note_grad_norm(torch.tensor(1.0))
-    for callback in (preemption, shared):  # the order of train()'s callback list
-        callback.on_step_end(args, types.SimpleNamespace(global_step=3, max_steps=9), control)
+    agreement.on_step_end(args, types.SimpleNamespace(global_step=3, max_steps=9), control)
     result["shared"] = {"stop": control.should_training_stop, "message": shared.failure}
     print(json.dumps(result))
 """)
@@ -162,20 +170,79 @@ AGREE = textwrap.dedent("""
 def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """The per-step agreement (one all-reduce) without which the other ranks would train on, or wait forever
     in the next collective: 2 real gloo processes, rank 1's loss NaN at step 2, the gradient norm finite; the
-    same with the flags carried by PreemptionCallback's all-reduce, as in a run."""
-    port, procs = free_port(), []
-    for rank in (0, 1):
-        env = {**ENV, "ROOT": str(ROOT), "OUT": str(tmp_path), "RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-c", AGREE], env=env, stdout=subprocess.PIPE, text=True))
-    results = [json.loads(p.communicate(timeout=120)[0].splitlines()[-1]) for p in procs]
-    for rank, r in enumerate(results):
+    same with preemption voting in the same agreement, as in a run."""
+    for rank, r in enumerate(two_ranks(AGREE, tmp_path)):
         assert r["1"] == {"stop": False, "save": False}, r
         assert r["2"]["stop"] is True, (rank, r)
         assert "training diverged at step 2: the loss is nan" in r["message"], r
         assert "non-finite on rank 1 of 2" in r["message"] and "from a (1), b (1)" in r["message"], r
         assert r["here"] == (rank == 0)  # printed once
         assert r["shared"]["stop"] is True and "at step 3: the loss is inf" in r["shared"]["message"], r
+
+
+def two_ranks(script, tmp_path):
+    """`script` in 2 real gloo processes (RANK 0 and 1) -> what each printed last, as JSON."""
+    port, procs = free_port(), []
+    for rank in (0, 1):
+        env = {**ENV, "ROOT": str(ROOT), "OUT": str(tmp_path), "RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True))
+    return [json.loads(p.communicate(timeout=120)[0].splitlines()[-1]) for p in procs]
+
+
+BOTH = TWO_RANKS + textwrap.dedent("""
+    reduces, all_reduce = [], torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *a, **k: reduces.append(1) or all_reduce(*a, **k)
+    result = {}
+    for order in ("preemption first", "guard first"):  # the order the features register in (and are listed)
+        for case, signalled, nan in (("both", rank == 0, rank == 1), ("signal", rank == 1, False),
+                                     ("nan", False, rank == 0), ("neither", False, False)):
+            agreement, control, state = StepAgreement(), transformers.TrainerControl(), types.SimpleNamespace(
+                global_step=3, max_steps=9)
+            if order == "preemption first":
+                preemption = PreemptionCallback(agreement)
+                guard = NonFiniteGuard(args, ["a", "b"], agreement)
+            else:
+                guard = NonFiniteGuard(args, ["a", "b"], agreement)
+                preemption = PreemptionCallback(agreement)
+            preemption.on_train_begin(args, state, control)  # installs the signal handlers
+            if signalled:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            guard.note_loss(torch.tensor(float("nan") if nan else 2.5), {})
+            guard.note_grad_norm(torch.tensor(1.0))
+            control.should_save = control.should_evaluate = True  # a --save_steps/--eval_steps step
+            del reduces[:]
+            agreement.on_step_end(args, state, control)
+            try:
+                guard.on_epoch_end(args, state, control)
+                diverged = False
+            except Diverged:
+                diverged = True
+            result[f"{order}, {case}"] = {
+                "reduces": len(reduces), "signal": preemption.signal, "stopped_at": preemption.stopped_at,
+                "diverged": diverged, "save": control.should_save, "evaluate": control.should_evaluate,
+                "stop": control.should_training_stop}
+    print(json.dumps(result))
+""")
+
+
+def test_preemption_and_a_nonfinite_step_at_the_same_step_on_different_ranks(tmp_path):
+    """Both step-end features of a run in one StepAgreement, 2 real gloo processes: SIGUSR1 on rank 0 and a NaN
+    loss on rank 1 at the same step. Each rank learns both (one all-reduce), whatever order the features
+    registered in: the run stops there, the preemption is recorded, and the diverged step is neither saved nor
+    evaluated. Alone, each does what it does in a run."""
+    usr1 = int(signal.SIGUSR1)
+    expected = {
+        "both": {"signal": usr1, "stopped_at": 3, "diverged": True, "save": False, "evaluate": False, "stop": True},
+        "signal": {"signal": usr1, "stopped_at": 3, "diverged": False, "save": True, "evaluate": False, "stop": True},
+        "nan": {"signal": 0, "stopped_at": None, "diverged": True, "save": False, "evaluate": False, "stop": True},
+        "neither": {"signal": 0, "stopped_at": None, "diverged": False, "save": True, "evaluate": True,
+                    "stop": False},
+    }
+    for rank, r in enumerate(two_ranks(BOTH, tmp_path)):
+        for order in ("preemption first", "guard first"):
+            for case, want in expected.items():
+                assert r[f"{order}, {case}"] == {"reduces": 1, **want}, (rank, order, case, r[f"{order}, {case}"])
 
 
 def test_fp16_overflow_steps_are_not_divergence_unless_they_never_end(tmp_path):
@@ -186,6 +253,7 @@ def test_fp16_overflow_steps_are_not_divergence_unless_they_never_end(tmp_path):
 
     import transformers
 
+    from finetune_agreement import StepAgreement
     from finetune_faults import FP16_SKIP_LIMIT, NonFiniteGuard
 
     args = types.SimpleNamespace(device=torch.device("cpu"), fp16=True, world_size=1, learning_rate=1e-5,
@@ -196,16 +264,22 @@ def test_fp16_overflow_steps_are_not_divergence_unless_they_never_end(tmp_path):
         control = transformers.TrainerControl()
         guard.note_loss(torch.tensor(loss), {})
         guard.note_grad_norm(torch.tensor(norm))
-        guard.on_step_end(args, types.SimpleNamespace(global_step=n), control, optimizer=skipped)
+        guard.agreement.on_step_end(args, types.SimpleNamespace(global_step=n), control, optimizer=skipped)
         return control.should_training_stop
 
-    guard = NonFiniteGuard(args, ["data"], lambda p: True)
+    def new_guard():
+        agreement = StepAgreement()
+        guard = NonFiniteGuard(args, ["data"], agreement)
+        guard.agreement = agreement
+        return guard
+
+    guard = new_guard()
     assert not any(step(guard, n) for n in range(1, FP16_SKIP_LIMIT))  # the scaler finds its scale
     assert not step(guard, FP16_SKIP_LIMIT, norm=1.0)  # a good step: the count starts again
     assert not any(step(guard, n) for n in range(FP16_SKIP_LIMIT + 1, 2 * FP16_SKIP_LIMIT))
     assert step(guard, 2 * FP16_SKIP_LIMIT)
     assert f"the fp16 loss scaler skipped {FP16_SKIP_LIMIT} steps in a row" in guard.failure
-    guard = NonFiniteGuard(args, ["data"], lambda p: True)
+    guard = new_guard()
     assert step(guard, 1, loss=float("nan"), norm=1.0)
     assert "the loss is nan" in guard.failure and "train with --bf16 True instead" in guard.failure
 
@@ -326,7 +400,7 @@ def test_full_disk_at_the_second_save_stops_clearly_and_the_rerun_resumes(tiny_m
         out = disk.path / "out"
         command = args(tiny_model, out, tmp_path / "cache", "--learning_rate", 1e-3)
         proc = run_finetune(command, check=False, env=disk.env)
-        assert proc.returncode == SAVE_FAILED_EXIT_CODE == 74, proc.stdout[-4000:]
+        assert proc.returncode == ExitCode.SAVE_FAILED == 74, proc.stdout[-4000:]
         line = error_line(proc.stdout)
         assert line.startswith(f"[finetune] error: saving checkpoint-4 to {out}/checkpoint-4 failed: no space "
                                "left on device ("), line

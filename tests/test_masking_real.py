@@ -11,6 +11,7 @@ apply_chat_template's text that change when only that message's content (or tool
 import copy
 import functools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from transformers import AutoTokenizer
 from conftest import SHARED
 from finetune import IGNORE_INDEX, tokenize_conversation
 from finetune_template import ChatRenderer, _with_template_arguments
-from test_masking import FAMILY, TEMPLATES, TOOL_CLOSING, spans, with_template
+from test_masking import _MARKERS, FAMILY, TEMPLATES, TOOL_CLOSING, spans, with_template
+from test_masking import TOOLS as DESCRIBED_TOOLS
 
 REAL = ["llama-spm", "gpt-2", "deepseek-llm"]
 MARK = "\ue00a"  # private use: never in the conversations below
@@ -113,10 +115,14 @@ def covered_characters(tok, text, labels):
     return covered, enc["input_ids"]
 
 
-def check(tok, name, messages, closing=None, tool_closing=None):
+def check(tok, name, messages, closing=None, tool_closing=None, tools=TOOLS):
     """name: a FAMILY template (its closings are FAMILY's and TOOL_CLOSING's), or any other name with the
-    closings given."""
-    tools = TOOLS if any(m.get("tool_calls") or m["role"] == "tool" for m in messages) or "Hermes" in name else None
+    closings given. tools: what tool conversations (and Hermes') are rendered with; given explicitly, every
+    conversation is rendered with them."""
+    if any(m.get("tool_calls") or m["role"] == "tool" for m in messages) or "Hermes" in name:
+        tools = tools or TOOLS
+    elif tools is TOOLS:
+        tools = None
     try:
         messages, text = _with_template_arguments(ChatRenderer(tok, tools), messages)  # the form it renders
         assert text == tok.apply_chat_template(messages, tools=tools, tokenize=False)
@@ -355,3 +361,33 @@ def test_tool_call_turn_without_end_token_before_a_shared_opener(real):
     texts = spans(tokenize_conversation(tok, CONVERSATIONS["tool_dict_args"], 100000, tools=TOOLS), tok)
     assert texts[0].endswith('"city": "Paris"}\n    }\n]```\n') and "<|START_OF_TURN_TOKEN|>" not in texts[0], texts
     assert texts[1].strip() == "It is 21 degrees.<|END_OF_TURN_TOKEN|>", texts
+
+
+# The real Command-R+ tool-use template, from llama.cpp (tests/templates/README.md): a tool-call turn ends with
+# ']```\n' and no end token; the tool result opens with <|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>, as does the
+# instruction block it writes after every conversation; it refuses a conversation without tools.
+COMMAND_R_PLUS = Path(__file__).parent / "templates" / "CohereForAI-c4ai-command-r-plus-tool_use.jinja"
+
+
+@pytest.mark.parametrize("real", REAL)
+def test_command_r_plus_tool_use_real_template(real):
+    """Every conversation, in the order a mixed dataset may hold them: first without tools (which this template
+    refuses), then with them. Nothing of the tool result's opener after a tool-call turn is trained, nor of any
+    header; every reply and its <|END_OF_TURN_TOKEN|> is. What the rule learns of a template is learned with the
+    conversation's tools: a probe the template refuses (no tools) must not decide for the conversations it takes."""
+    tok = copy.deepcopy(real_tokenizer(real))
+    tok.chat_template = COMMAND_R_PLUS.read_text(encoding="utf-8")
+    markers = sorted(set(_MARKERS.findall(tok.chat_template)) | {"<BOS_TOKEN>"})  # as the real model has them
+    tok.add_special_tokens({"additional_special_tokens": markers})
+    tok.bos_token, tok.eos_token = "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"
+    without = {label: check(tok, "command-r-plus-tool-use", copy.deepcopy(msgs), closing="<|END_OF_TURN_TOKEN|>",
+                            tool_closing="") for label, msgs in CONVERSATIONS.items()}
+    assert [r for r in without.values() if r != "ok"] and all(r.startswith("refused") for r in without.values()
+                                                                if r != "ok"), without
+    with_tools = {label: check(tok, "command-r-plus-tool-use", copy.deepcopy(msgs), closing="<|END_OF_TURN_TOKEN|>",
+                               tool_closing="", tools=DESCRIBED_TOOLS) for label, msgs in CONVERSATIONS.items()}
+    assert set(with_tools.values()) == {"ok"}, with_tools
+    for label in ("tool_dict_args", "tool_string_args"):
+        texts = spans(tokenize_conversation(tok, CONVERSATIONS[label], 100000, tools=DESCRIBED_TOOLS), tok)
+        assert texts[0].endswith("    }\n]```\n") and "<|START_OF_TURN_TOKEN|>" not in texts[0], texts
+        assert "<|SYSTEM_TOKEN|>" not in "".join(texts) and texts[1].endswith(".<|END_OF_TURN_TOKEN|>"), texts

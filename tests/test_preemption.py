@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from test_distributed import (DEMO, REL_TOL, STEP_TOL, ZERO2, ZERO3, assert_same_training, free_port, max_diff,
                               train_args)
 
-from finetune import PREEMPTED_EXIT_CODE, checkpoint_is_complete
+from finetune_checkpoints import checkpoint_is_complete
+from finetune_exit_codes import ExitCode
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def signal_during_run(cmd_env, log_path, sig, target, after_steps=None, after_fi
 def assert_preempted(code, log, out, sig_name):
     """Exit 75, one "preempted" line from rank 0, and the checkpoint it names is complete and at a step
     between the first logged one and the end."""
-    assert code == PREEMPTED_EXIT_CODE, (code, log[-4000:])
+    assert code == ExitCode.PREEMPTED, (code, log[-4000:])
     lines = re.findall(rf"\[finetune\] preempted \({sig_name}\), checkpoint-(\d+) written", log)
     assert len(lines) == 1, log[-4000:]
     step = int(lines[0])

@@ -15,6 +15,7 @@ import torch
 from conftest import ENV, ROOT, read_log_history, run_finetune, write_jsonl
 
 import finetune
+from finetune_checkpoints import checkpoint_is_complete
 
 DEMO = ROOT / "examples" / "demo_data.jsonl"
 PROBE = [{"role": "user", "content": "What is the capital of Zubrowka?"}]
@@ -163,14 +164,14 @@ def test_lora_resume_after_sigkill(tiny_model, tmp_path):
     proc = subprocess.Popen(_resume_command(tiny_model, out, cache), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not finetune.checkpoint_is_complete(out / "checkpoint-10"):
+    while not checkpoint_is_complete(out / "checkpoint-10"):
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
     killed_at = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
-                    if finetune.checkpoint_is_complete(p))
+                    if checkpoint_is_complete(p))
     assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
 
     again = run_finetune(_resume_command(tiny_model, out, cache)[2:])
@@ -200,7 +201,7 @@ def test_incomplete_checkpoint_is_not_resumed(tiny_model, tmp_path):
         tiny_model, DEMO, out, tmp_path / "cache"))[2]) == str(out / "checkpoint-4")
     trainer = run(6)
     assert trainer.state.global_step == 6
-    assert finetune.checkpoint_is_complete(out / "checkpoint-6")  # rewritten by the resumed run
+    assert checkpoint_is_complete(out / "checkpoint-6")  # rewritten by the resumed run
 
 
 def test_tokenizer_without_pad_token_or_template(tiny_model, tmp_path, capsys):
