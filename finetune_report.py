@@ -203,7 +203,20 @@ def log_data_summary(report):
         h = t["held_out"]
         log0(f"eval: {h['samples']} samples held out from the training data (--val_size {h['val_size']:g}), per "
              f"source {h['samples_per_source']}")
+    if t.get("token_accounting"):
+        log0(token_accounting_line(t["token_accounting"]))
     s = t["tokens"]
     log0(f"tokens: {s['tokens']:,} total, {s['trained_tokens']:,} trained; length mean {s['mean']} "
          f"p50 {s['p50']} p90 {s['p90']} p99 {s['p99']} max {s['max']}; padding share {t['padding_share']:.1%} "
          f"with {report['batching']}")
+
+
+def token_accounting_line(a):
+    """One log line: the tokens read, in samples and trained, and what truncation cost (finetune.token_accounting)."""
+    line = (f"tokens read {a['read']:,}: {a['in_samples']:,} in samples ({a['trained']:,} trained), "
+            f"{a['lost_to_truncation']:,} lost to truncation ({a['samples_truncated']} samples cut to "
+            f"--model_max_length), {a['in_dropped_records']:,} in dropped records")
+    if a["long_texts_split"]:
+        line += f"; {a['long_texts_split']} long texts split into {a['blocks']} blocks, every token kept"
+    lossy = [f"{fmt} {b['lost_to_truncation']:,}" for fmt, b in a["by_format"].items() if b["lost_to_truncation"]]
+    return line + (f" (lost per format: {', '.join(lossy)})" if len(a["by_format"]) > 1 and lossy else "")

@@ -151,7 +151,7 @@ def test_prompt_completion_strings_and_conversational(tiny_model, tmp_path):
 def test_text_format_trains_every_token_with_eos_and_packs(tiny_model, tmp_path):
     texts = ["The quick brown fox jumps over the lazy dog.", "A second document.\nWith two lines.", "word " * 300]
     path = write_parquet(tmp_path / "corpus.parquet", [{"text": t} for t in texts])
-    ds, report, tok, _ = build(tiny_model, tmp_path, path, "--model_max_length", "64")
+    ds, report, tok, _ = build(tiny_model, tmp_path, path, "--model_max_length", "64", "--long_text", "cut")
     eos = tok.eos_token_id
     for row, text in zip(ds, texts):
         assert row["labels"] == row["input_ids"] and row["n_trained"] == row["length"] - 1
