@@ -335,6 +335,48 @@ def _text(content, where):
     raise RecordError(where, f"content must be a string, got {type(content).__name__}")
 
 
+# LLaMA-Factory v1's content parts ({"type": ..., "value": ...}) and the media kinds of any content part
+V1_PARTS = ("text", "reasoning", "tool_call")
+MEDIA_PARTS = {"image_url": "images", "image": "images", "video_url": "videos", "video": "videos",
+               "audio_url": "audio", "audio": "audio", "input_audio": "audio", "file": "files"}
+
+
+def has_parts(content):
+    """A list of content parts that _text alone does not read: LLaMA-Factory v1's (value), or media parts."""
+    return isinstance(content, list) and any(isinstance(p, dict) and ("value" in p or p.get("type") in MEDIA_PARTS)
+                                             for p in content)
+
+
+def content_parts(message, where):
+    """LLaMA-Factory v1's content parts -> (text, the message with the turn's reasoning as reasoning_content,
+    tool calls): text parts joined, reasoning parts the turn's reasoning, tool_call parts (a JSON string or an
+    object with name and arguments) its tool calls. Media parts are refused, every kind named."""
+    texts, reasoning, calls, media = [], [], [], []
+    for j, p in enumerate(message["content"]):
+        kind = p.get("type") if isinstance(p, dict) else None
+        value = p.get("value", p.get(kind)) if isinstance(p, dict) else None
+        if kind in MEDIA_PARTS:
+            media.append(MEDIA_PARTS[kind])
+        elif kind not in V1_PARTS:
+            raise RecordError(f"{where}[{j}]", f"unknown content part {json.dumps(p)[:60]} (parts: "
+                              f"{', '.join(V1_PARTS)}: LLaMA-Factory's {{\"type\": ..., \"value\": ...}})")
+        elif kind == "tool_call":
+            calls += _tool_calls(value, f"{where}[{j}].value")
+        elif not isinstance(value, str):
+            raise RecordError(f"{where}[{j}].value", f"a {kind} part's value must be a string")
+        else:
+            (texts if kind == "text" else reasoning).append(value)
+    if media:
+        raise RecordError(where, f"multimodal content ({', '.join(dict.fromkeys(media))}): this script trains "
+                          "text-only models; drop the media parts or use a multimodal trainer")
+    if (reasoning or calls) and message.get("role") != "assistant":
+        raise RecordError(where, f"{'reasoning' if reasoning else 'tool_call'} parts belong to an assistant turn, "
+                          f"not {message.get('role')!r}")
+    if reasoning and message.get("reasoning_content"):
+        raise RecordError(where, "reasoning given twice: as reasoning parts and as reasoning_content")
+    return "".join(texts), {**message, "reasoning_content": "".join(reasoning)} if reasoning else message, calls
+
+
 def _tools(tools):
     if tools in (None, "", []):
         return None
@@ -430,7 +472,11 @@ def _message_list(msgs, field_name):
         if "content" not in m and not m.get("tool_calls"):
             raise RecordError(f"{where}.content", "missing")
         calls = _tool_calls(m["tool_calls"], f"{where}.tool_calls") if m.get("tool_calls") else None
-        out.append(_message(role, m.get("content"), f"{where}.content", m, calls))
+        content = m.get("content")
+        if has_parts(content):  # LLaMA-Factory v1: text, reasoning and tool_call parts
+            content, m, part_calls = content_parts(m, f"{where}.content")
+            calls = (calls or []) + part_calls or None
+        out.append(_message(role, content, f"{where}.content", m, calls))
     return out
 
 

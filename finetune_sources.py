@@ -423,7 +423,12 @@ def _sft_names(info):
 
 def dataset_spec(dataset_dir, names, flag="--dataset"):
     """--dataset_dir DIR --dataset a,b:0.5 -> 'DIR/dataset_info.json[a],DIR/dataset_info.json[b]:0.5' (the
-    --data_path entries they mean), checked here: the file, and every name."""
+    --data_path entries they mean), checked here: the file, and every name. A name ending in .yaml is a
+    LLaMA-Factory v1 dataset file (v1_dataset_spec)."""
+    items = [n.strip() for n in names.split(",") if n.strip()]
+    if any(V1_YAML.search(n) for n in items):
+        return ",".join(v1_dataset_spec(dataset_dir, n, flag) if V1_YAML.search(n) else dataset_spec(dataset_dir, n, flag)
+                        for n in items)
     path = os.path.join(dataset_dir, "dataset_info.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: {path} does not exist (--dataset_dir names LLaMA-Factory's data folder, "
@@ -515,6 +520,96 @@ def llamafactory_entry(path, name, flag="--dataset"):
 
 
 # ---------------------------------------------------------------------------------------------
+# LLaMA-Factory v1's .yaml dataset files: {name: {path, source, converter, size, weight, split}}
+# ---------------------------------------------------------------------------------------------
+
+V1_YAML = re.compile(r"\.ya?ml(:[0-9.eE+-]+)?$")
+V1_CONVERTERS = {"alpaca": "alpaca", "sharegpt": "sharegpt", None: None}  # None: v1 messages (content parts)
+
+
+def read_v1_yaml(path):
+    """A LLaMA-Factory v1 dataset file -> {name: attributes}, or None if the YAML file is something else."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if isinstance(info, dict) and info and all(isinstance(v, dict) and "path" in v for v in info.values()):
+        return info
+    return None
+
+
+def v1_dataset_spec(dataset_dir, item, flag="--dataset"):
+    """--dataset FILE.yaml[:RATIO] (in --dataset_dir, or a path) -> 'FILE.yaml[a],FILE.yaml[b]:W': every dataset
+    of the file, each with its weight (times RATIO)."""
+    m = re.fullmatch(r"(.+?)(?::([0-9.eE+-]+))?", item)
+    name, ratio = m.group(1), float(m.group(2) or 1)
+    path = name if os.path.isfile(name) or not os.path.isfile(os.path.join(dataset_dir, name)) else \
+        os.path.join(dataset_dir, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {name}: neither {os.path.join(dataset_dir, name)} nor {name} exists "
+                                "(a LLaMA-Factory v1 dataset file, .yaml).")
+    info = read_v1_yaml(path)
+    if info is None:
+        raise ValueError(f"{flag} {name}: {path} is not a LLaMA-Factory v1 dataset file (a mapping of named "
+                         "datasets, each with path, and source, converter, size, weight, split).")
+    out = []
+    for entry, attr in info.items():
+        weight = attr.get("weight") or 1.0
+        if not isinstance(weight, (int, float)) or weight <= 0:
+            raise ValueError(f"{flag} {name}: {entry}.weight in {path} must be a number > 0.")
+        r = ratio * weight
+        out.append(f"{path}[{entry}]" + (f":{r:g}" if r != 1 else ""))
+    return ",".join(x.replace(",", "\\,") for x in out)
+
+
+def v1_local_path(path, yaml_path):
+    """A v1 dataset's path, relative to where LLaMA-Factory is run (data/x.json, the folder above data/):
+    tried as given, under the .yaml's folder, and under the folder above it."""
+    here = os.path.dirname(yaml_path) or "."
+    for candidate in (path, os.path.join(here, path), os.path.join(os.path.dirname(os.path.abspath(here)), path)):
+        if os.path.isabs(path) or os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def llamafactory_v1_entry(path, name, flag="--dataset"):
+    """One dataset of a LLaMA-Factory v1 .yaml file -> (files, options, skipped): path (a local file or folder, or a
+    Hub id for source hf_hub, the default), converter (alpaca, sharegpt; none: v1 messages with content parts;
+    pair: preference data, refused), size (that many samples), split."""
+    info = read_v1_yaml(path)
+    if not name:
+        raise ValueError(f"--data_path {path}: LLaMA-Factory v1 dataset file; read it with --dataset {path} "
+                         f"(datasets: {', '.join(list(info)[:5])}{', ...' if len(info) > 5 else ''}).")
+    if name not in info:
+        raise ValueError(f"{flag} {name}: no such dataset in {path}{suggest(name, list(info))}.")
+    attr, label = info[name], f"{flag} {name}"
+    converter = attr.get("converter")
+    if converter == "pair":
+        raise ValueError(f"{label}: {path} gives converter pair: preference (DPO) data, not supervised fine-tuning "
+                         "data; this script trains SFT.")
+    if converter not in V1_CONVERTERS:
+        raise ValueError(f"{label}: converter {converter!r} in {path}; alpaca, sharegpt or none (v1 messages) "
+                         "are read.")
+    options = {"label": label, **({"format": V1_CONVERTERS[converter]} if converter else {})}
+    if attr.get("size") is not None:
+        if not isinstance(attr["size"], int) or attr["size"] < 1:
+            raise ValueError(f"{label}: size in {path} must be a whole number >= 1.")
+        options["num_samples"] = attr["size"]
+    local = v1_local_path(str(attr["path"]), path)
+    if attr.get("source", "hf_hub") != "local" and local is None:
+        files, opts, skipped = hub_id_files(str(attr["path"]), attr.get("split"), label)
+    elif local is None:
+        raise FileNotFoundError(f"{label}: path {attr['path']!r} in {path} does not exist (tried as given, under "
+                                f"{os.path.dirname(path) or '.'} and the folder above it).")
+    else:
+        files, opts, skipped = locate(local, flag=label)
+    return [(f, name) for f, _ in files], {**opts, **options}, skipped
+
+
+# ---------------------------------------------------------------------------------------------
 # --data_path -> entries
 # ---------------------------------------------------------------------------------------------
 
@@ -522,6 +617,8 @@ def llamafactory_entry(path, name, flag="--dataset"):
 def locate(item, flag="--data_path"):
     """One entry (without its ratio) -> ([(file, source)], options, skipped)."""
     base, select = split_selection(item)
+    if os.path.isfile(base) and base.lower().endswith((".yaml", ".yml")) and read_v1_yaml(base) is not None:
+        return llamafactory_v1_entry(base, select, flag="--dataset" if select else flag)
     if os.path.isfile(base):
         if os.path.basename(base) == "dataset_info.json" and read_dataset_info(base) is not None:
             return llamafactory_entry(base, select, flag="--dataset" if select else flag)
