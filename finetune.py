@@ -129,6 +129,9 @@ class DataArguments:
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Drop invalid records (reported with counts) instead of stopping."}
     )
+    placeholders: Optional[str] = field(default=None, metadata={"help": "Fill {{NAME}} placeholders in the data "
+                                        "(LLaMA-Factory's identity.json: {{name}}, {{author}}): NAME=VALUE,... e.g. "
+                                        "name=Aria,author=Acme; repeatable. Unfilled ones in trained text are flagged."})
     long_text: str = field(
         default="split",
         metadata={"help": "split | cut. A text-format record longer than --model_max_length: split (every token "
@@ -171,6 +174,7 @@ class DataArguments:
     resolved: dict = field(default_factory=dict, init=False, repr=False)  # data_sources(): not a flag
     column_map: dict = field(default_factory=dict, init=False, repr=False)  # --columns, parsed
     template_kwargs: dict = field(default_factory=dict, init=False, repr=False)  # --chat_template_kwargs, parsed
+    placeholder_map: dict = field(default_factory=dict, init=False, repr=False)  # --placeholders, parsed
 
 
 @dataclass
@@ -550,6 +554,7 @@ def _cache_key(entries, tokenizer, data_args, training_args):
         "template": tokenizer.chat_template, "max_len": training_args.model_max_length,
         "specials": [tokenizer.bos_token, tokenizer.eos_token],
         "prompt": data_args.train_on_prompt, "last": data_args.train_on_last_turn_only, "long": data_args.long_text,
+        "placeholders": data_args.placeholder_map,
         "skip": data_args.skip_invalid_records, "seed": training_args.seed,
         "template_kwargs": data_args.template_kwargs, "val_size": data_args.val_size,
     }, sort_keys=True).encode())
@@ -593,7 +598,8 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
         raw = datasets.Dataset.from_generator(
             # a tuple, not a list: datasets would shard a list and call the generator once per entry
             normalized_rows, gen_kwargs={"entries": tuple(entries), "data_format": data_args.data_format,
-                                         "skip_invalid": data_args.skip_invalid_records, "stats": stats},
+                                         "skip_invalid": data_args.skip_invalid_records, "stats": stats,
+                                         "placeholders": data_args.placeholder_map},
             cache_dir=os.path.join(tmp, "raw"), keep_in_memory=False,
         )
     except datasets.exceptions.DatasetGenerationError as e:
@@ -652,7 +658,8 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
     return {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
             "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
             "truncated": truncated, "samples_before_ratio": int(len(keep)),
-            "token_accounting": token_accounting(tokenized, status, stats["files"]), **_save_split(final, tmp, "data"),
+            "token_accounting": token_accounting(tokenized, status, stats["files"]),
+            "placeholders": {**stats["placeholders"], "asked": sorted(data_args.placeholder_map)}, **_save_split(final, tmp, "data"),
             "sources": sources, "skipped_files": skipped, **report}
 
 

@@ -63,7 +63,7 @@ def renamed_flags(argv, actions):
     return out
 
 
-def join_repeated(argv, names=("data_path", "eval_data_path", "dataset", "eval_dataset", "columns")):
+def join_repeated(argv, names=("data_path", "eval_data_path", "dataset", "eval_dataset", "columns", "placeholders")):
     """A repeated --data_path (--dataset, --columns, ...) adds its entries (argparse would keep only the last one)."""
     out, seen = [], {}
     i = 0

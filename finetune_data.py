@@ -892,11 +892,64 @@ def read_records(path, options=None, fmt=None, seen=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def normalized_rows(entries, data_format, skip_invalid, stats):
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+def parse_placeholders(spec):
+    """--placeholders name=Foo,author=Bar -> {"name": "Foo", "author": "Bar"} ('\\,' is a comma in a value)."""
+    out = {}
+    for item in re.split(r"(?<!\\),", spec or ""):
+        if not item.strip():
+            continue
+        name, sep, value = item.replace("\\,", ",").partition("=")
+        name = name.strip().strip("{}")
+        if not sep or not re.fullmatch(r"\w+", name):
+            raise ValueError(f"--placeholders {spec}: {item.strip()!r} is not NAME=VALUE (e.g. --placeholders "
+                             "name=Aria,author=Acme: every {{name}} in the data becomes Aria).")
+        if name in out:
+            raise ValueError(f"--placeholders {spec}: {name!r} is given twice.")
+        out[name] = value
+    return out
+
+
+def fill_placeholders(conversation, values, where, found):
+    """Every {{NAME}} of --placeholders (values) replaced in the texts and reasoning of a normalized record; the
+    placeholders left in what is trained (trained assistant turns; a text record) counted in `found`
+    ({"records", "by_name", "first", "filled"})."""
+    def sub(m):
+        if m.group(1) not in values:
+            return m.group(0)
+        tally(found["filled"], m.group(1))
+        return values[m.group(1)]
+
+    def fill(text):
+        return PLACEHOLDER.sub(sub, text) if values and isinstance(text, str) and "{{" in text else text
+
+    trained = []
+    if "text" in conversation:
+        conversation["text"] = fill(conversation["text"])
+        trained.append(conversation["text"])
+    for m in conversation.get("messages") or ():
+        for key in ("content", "reasoning_content"):
+            if key in m:
+                m[key] = fill(m[key])
+        if m["role"] == "assistant" and is_trained(m):
+            trained += [m.get("content") or "", m.get("reasoning_content") or ""]
+    names = [n for t in trained if "{{" in t for n in PLACEHOLDER.findall(t)]
+    if names:
+        found["records"] += 1
+        found["first"] = found["first"] or where
+        for n in names:
+            tally(found["by_name"], n)
+    return conversation
+
+
+def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None):
     """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes. Without
     --skip_invalid_records the first invalid record stops the output but not the reading: every file is
     still validated so that the error names the total count."""
     errors, n_invalid, seen = [], 0, set()
+    stats.setdefault("placeholders", {"records": 0, "by_name": {}, "first": None, "filled": {}})
 
     def fail(last=None, stopped=False):
         lines = errors + ([last] if last else [])
@@ -926,6 +979,8 @@ def normalized_rows(entries, data_format, skip_invalid, stats):
                         fstats["format"] = fmt
                         conversation = {"text": normalize_text(record)} if fmt == "text" else \
                             dict(zip(("messages", "tools"), normalize_record(record, fmt, options.get("tags"))))
+                        conversation = fill_placeholders(conversation, placeholders, f"{file}:{where}",
+                                                         stats["placeholders"])
                     except RecordError as e:
                         fstats["invalid"] += 1
                         n_invalid += 1

@@ -26,7 +26,7 @@ import re
 from typing import NamedTuple
 
 from finetune_cli import suggest
-from finetune_data import DATA_SUFFIXES, READ_SUFFIXES, RECORD_KEYS, DataError, file_kind
+from finetune_data import DATA_SUFFIXES, READ_SUFFIXES, RECORD_KEYS, DataError, file_kind, parse_placeholders
 from finetune_report import log0
 
 
@@ -700,6 +700,7 @@ def check_data_flags(args):
     if not isinstance(args.template_kwargs, dict):
         raise ValueError(f"--chat_template_kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}'; got "
                          f"{args.chat_template_kwargs!r}.")
+    args.placeholder_map = parse_placeholders(args.placeholders)
     v = args.val_size
     if v is not None:
         if args.eval_data_path:
