@@ -72,3 +72,108 @@ def test_cut_and_conversations_say_the_tokens_truncation_lost(llama_spm, tmp_pat
     assert f"messages {conv['lost_to_truncation']:,}, text {text['lost_to_truncation']:,}" in line
     code, log = run_main(dry_run_args(llama_spm, str(WIKI), tmp_path, "--model_max_length", "512"), monkeypatch, capsys)
     assert code == 0 and "0 lost to truncation" in log and "2 long texts split into 4 blocks, every token kept" in log
+
+
+# ------------------------------------------------------------------------------------------------
+# Point 4: unfilled {{placeholders}} are flagged once; --placeholders fills them
+# ------------------------------------------------------------------------------------------------
+
+
+def test_identity_placeholders_are_flagged_once_and_filled(smollm2, tmp_path, monkeypatch, capsys):
+    identity = str(DATA / "identity.json")  # LLaMA-Factory's: 85 of 91 answers carry {{name}}/{{author}}
+    code, log = run_main(dry_run_args(smollm2, identity, tmp_path), monkeypatch, capsys)
+    assert code == 0, log[-3000:]
+    warnings = [x for x in log.splitlines() if "warning" in x]
+    assert warnings == [f"[finetune] warning: 85 records train unfilled placeholders ({{{{name}}}} 77 times, "
+                        f"{{{{author}}}} 60 times), the first at {identity}:2: fill them with --placeholders "
+                        "name=...,author=..., or edit the data"]
+    assert report_of(tmp_path)["train"]["placeholders"]["records"] == 85
+    code, log = run_main(dry_run_args(smollm2, identity, tmp_path, "--placeholders", "name=Aria", "--placeholders",
+                                      "author=Acme\\, Inc.", "--show_masking", "91"), monkeypatch, capsys)
+    assert code == 0 and "warning" not in log and "{{" not in log, log[-3000:]
+    assert "[[Hello! I am Aria, an AI assistant developed by Acme, Inc.. How can I assist you today?" in log
+    code, log = run_main(dry_run_args(smollm2, identity, tmp_path, "--placeholders", "name=Aria,nme=X"), monkeypatch,
+                         capsys)
+    assert "records train unfilled placeholders ({{author}} 60 times), the first at" in log
+    assert "warning: --placeholders nme: no {{nme}} in the data" in log
+    assert "'author' is not NAME=VALUE" in user_error(dry_run_args(smollm2, identity, tmp_path, "--placeholders",
+                                                                   "author"), monkeypatch, capsys)
+
+
+# ------------------------------------------------------------------------------------------------
+# Point 5: LLaMA-Factory's v1 format and its .yaml dataset files
+# ------------------------------------------------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+
+
+def v1_tool_record(city, temp, call_as_object=False):
+    """Shaped like LLaMA-Factory's reason_tool_use_demo_50.jsonl: text, reasoning and tool_call parts, tools as a
+    JSON string."""
+    call = {"name": "get_weather", "arguments": {"city": city}}
+    return {"messages": [
+        {"role": "system", "content": [{"type": "text", "value": "You answer with tools."}]},
+        {"role": "user", "content": [{"type": "text", "value": f"Weather in {city}?"}]},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": f"I should look up {city}."},
+                                          {"type": "tool_call", "value": call if call_as_object else json.dumps(call)}]},
+        {"role": "tool", "content": [{"type": "text", "value": json.dumps({"temp": temp})}]},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "Now report it."},
+                                          {"type": "text", "value": f"It is {temp} degrees in {city}."}]}],
+        "tools": json.dumps(TOOLS)}
+
+
+def make_v1_dir(root):
+    """LLaMA-Factory's layout: ROOT/data/ holds the files and a .yaml whose paths start with data/ (relative to
+    where LLaMA-Factory runs, the folder above data/), shaped like its v1_sft_demo.yaml."""
+    data = Path(root) / "data"
+    data.mkdir(parents=True)
+    write_jsonl(data / "tools_v1.jsonl", [v1_tool_record("Oslo", 3), v1_tool_record("Lima", 19, True)])
+    write_jsonl(data / "chat_v1.jsonl", [  # shaped like v1_sft_demo.jsonl
+        {"messages": [{"role": "user", "content": [{"type": "text", "value": f"hi {i}"}], "loss_weight": 0.0},
+                      {"role": "assistant", "content": [{"type": "text", "value": f"Hello {i}!"}], "loss_weight": 1.0}]}
+        for i in range(4)])
+    (data / "identity.json").symlink_to(DATA / "identity.json")
+    (data / "mine.yaml").write_text("tools_v1:\n  path: data/tools_v1.jsonl\n  source: local\n"
+                                    "chat_v1:\n  path: data/chat_v1.jsonl\n  source: local\n  size: 6\n"
+                                    "identity:\n  path: data/identity.json\n  source: local\n  converter: alpaca\n"
+                                    "  size: 10\n")
+    (data / "pairs.yaml").write_text("dpo:\n  path: HuggingFaceH4/orca_dpo_pairs\n  split: train_prefs\n"
+                                     "  converter: pair\n")
+    return data
+
+
+def test_v1_parts_become_reasoning_and_tool_calls(smollm2, tmp_path, monkeypatch, capsys):
+    data = make_v1_dir(tmp_path / "lf")
+    qwen3 = SHARED / "templates" / "Qwen-Qwen3-0.6B.jinja"  # renders tools, tool calls and the last turns' reasoning
+    code, log = run_main(dry_run_args(smollm2, f"{data}/mine.yaml[tools_v1]", tmp_path, "--chat_template", qwen3,
+                                      "--show_masking", "2"), monkeypatch, capsys)
+    assert code == 0, log[-3000:]
+    assert '"name": "get_weather", "description": "The weather in a city"' in log  # the tools column, in the system turn
+    for city, temp in (("Oslo", 3), ("Lima", 19)):
+        assert (f'[[<think>\nI should look up {city}.\n</think>\n\n<tool_call>\n{{"name": "get_weather", "arguments": '
+                f'{{"city": "{city}"}}}}\n</tool_call><|im_end|>]]') in log
+        assert f"<tool_response>\n{{\"temp\": {temp}}}\n</tool_response><|im_end|>" in log  # not trained
+        assert f"[[<think>\nNow report it.\n</think>\n\nIt is {temp} degrees in {city}.<|im_end|>]]" in log
+
+
+def test_v1_yaml_dataset_files_are_read_from_dataset_dir(smollm2, tmp_path, monkeypatch, capsys):
+    data = make_v1_dir(tmp_path / "lf")
+    argv = ["--model_name_or_path", smollm2, "--dataset_dir", data, "--dataset", "mine.yaml", "--output_dir",
+            tmp_path / "out", "--dataset_cache_dir", tmp_path / "cache", "--dry_run", "True"]
+    code, log = run_main(argv, monkeypatch, capsys)
+    assert code == 0, log[-3000:]
+    train = report_of(tmp_path)["train"]
+    assert train["samples_per_source"] == {"tools_v1": 2, "chat_v1": 6, "identity": 10}  # size: that many samples
+    assert {Path(f).name: s["format"] for f, s in train["files"].items()} == {
+        "tools_v1.jsonl": "messages", "chat_v1.jsonl": "messages", "identity.json": "alpaca"}
+    argv[argv.index("mine.yaml")] = str(data / "pairs.yaml")  # a path works too; preference data is refused
+    assert "--dataset dpo: " + str(data / "pairs.yaml") + " gives converter pair: preference (DPO) data" in \
+        user_error(argv, monkeypatch, capsys)
+    media = [{"messages": [{"role": "user", "content": [{"type": "image_url", "value": "a.jpg"},
+                                                        {"type": "text", "value": "What is it?"},
+                                                        {"type": "audio_url", "value": "b.wav"}]},
+                           {"role": "assistant", "content": [{"type": "text", "value": "A cat."}]}]}]
+    msg = user_error(dry_run_args(smollm2, write_jsonl(tmp_path / "mm.jsonl", media), tmp_path), monkeypatch, capsys)
+    assert "mm.jsonl:1: messages[0].content: multimodal content (images, audio)" in msg
