@@ -588,6 +588,11 @@ def _check_keys(record):
     for key in record:
         if near_miss(key):
             raise RecordError(key, f"unknown key{near_miss(key)}")
+    media = [kind for key, kind in (("images", "images"), ("videos", "videos"), ("audios", "audio")) if record.get(key)]
+    if media:  # LLaMA-Factory's multimodal records: the media would be dropped without a word
+        raise RecordError(next(k for k in ("images", "videos", "audios") if record.get(k)),
+                          f"multimodal record ({', '.join(media)}): this script trains text-only models; drop the "
+                          "media or use a multimodal trainer")
 
 
 def normalize_record(record, fmt, tags=None):

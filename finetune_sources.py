@@ -421,6 +421,41 @@ def _sft_names(info):
     return [n for n, a in info.items() if not a.get("ranking") and not set(a.get("columns") or {}) & set(LF_NOT_SFT)]
 
 
+def some_entries(info, name=None, n=5):
+    """At most n SFT entry names of a dataset_info.json, the closest to `name` first, and how many there are: a
+    message shows a handful, not LLaMA-Factory's hundred."""
+    import difflib
+
+    names = _sft_names(info)
+    shown = (difflib.get_close_matches(name, names, n=n, cutoff=0.3) if name else []) or names[:n]
+    return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > len(shown) else "")
+
+
+LF_MEDIA = {"images": "images", "videos": "videos", "audios": "audio"}
+
+
+def not_sft(attr):
+    """What a dataset_info.json entry that is not SFT data holds, every kind named (all its media kinds)."""
+    if attr.get("ranking"):
+        return "preference data (ranking: true)"
+    columns = [c for c in LF_NOT_SFT if c in (attr.get("columns") or {})]
+    kinds = list(dict.fromkeys(LF_NOT_SFT[c] for c in columns if c not in LF_MEDIA))
+    media = [LF_MEDIA[c] for c in columns if c in LF_MEDIA]
+    return " and ".join(kinds + ([f"multimodal data ({', '.join(media)})"] if media else []))
+
+
+def hub_only_error(label, path, repo, error):
+    """An entry with hf_hub_url and no file_name that could not be read: it needs the Hub or its cache; say
+    whether the network was tried."""
+    detail = str(error).split("no such file or folder, and ", 1)[-1]
+    tried = ("the network was not tried (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1)" if _offline() else
+             "the network was tried")
+    return (f"{label}: {path} gives only hf_hub_url {repo!r} (no file_name): the data lives on the Hugging Face Hub "
+            f"and is read from it or from its local cache; {tried}: {detail} To train offline, download it where "
+            f"there is network (huggingface-cli download --repo-type dataset {repo}) into the cache, or give the "
+            "entry a file_name of a local copy.")
+
+
 def dataset_spec(dataset_dir, names, flag="--dataset"):
     """--dataset_dir DIR --dataset a,b:0.5 -> 'DIR/dataset_info.json[a],DIR/dataset_info.json[b]:0.5' (the
     --data_path entries they mean), checked here: the file, and every name. A name ending in .yaml is a
@@ -449,8 +484,8 @@ def dataset_spec(dataset_dir, names, flag="--dataset"):
         name, sep, ratio = item.rpartition(":")
         name, ratio = (item, "") if item in info or not sep else (name, f":{ratio}")
         if name not in info:
-            raise ValueError(f"{flag} {name}: no such entry in {path}{suggest(name, list(info))}; its SFT entries: "
-                             f"{', '.join(_sft_names(info))}.")
+            raise ValueError(f"{flag} {name}: no such entry in {path}{suggest(name, list(info))}; its SFT entries "
+                             f"include: {some_entries(info, name)}.")
         out.append(f"{path}[{name}]{ratio}".replace(",", "\\,"))
     return ",".join(out)
 
@@ -463,17 +498,15 @@ def llamafactory_entry(path, name, flag="--dataset"):
     folder = os.path.dirname(path) or "."
     if not name:
         raise ValueError(f"--data_path {path}: LLaMA-Factory's dataset_info.json; name entries with --dataset_dir "
-                         f"{folder} --dataset NAME[,NAME...] (entries: {', '.join(_sft_names(info))}).")
+                         f"{folder} --dataset NAME[,NAME...] (entries: {some_entries(info)}).")
     if name not in info:
-        raise ValueError(f"{flag} {name}: no such entry in {path}{suggest(name, list(info))}; its SFT entries: "
-                         f"{', '.join(_sft_names(info))}.")
+        raise ValueError(f"{flag} {name}: no such entry in {path}{suggest(name, list(info))}; its SFT entries "
+                         f"include: {some_entries(info, name)}.")
     attr, label = info[name], f"{flag} {name}"
     columns = attr.get("columns")
     if attr.get("ranking") or set(columns or {}) & set(LF_NOT_SFT):
-        what = "preference data (ranking: true)" if attr.get("ranking") else \
-            LF_NOT_SFT[sorted(set(columns) & set(LF_NOT_SFT))[0]]
-        raise ValueError(f"{label}: {path} describes {what}, not supervised fine-tuning data; this script trains SFT: "
-                         f"choose another entry ({', '.join(_sft_names(info))}).")
+        raise ValueError(f"{label}: {path} describes {not_sft(attr)}, not supervised fine-tuning data; this script "
+                         f"trains SFT on text: choose another entry (e.g. {some_entries(info, name)}).")
     formatting = attr.get("formatting", "alpaca")
     if columns is not None and not isinstance(columns, dict) or not isinstance(attr.get("tags", {}), dict):
         raise ValueError(f"{label}: in {path}, columns and tags must be objects.")
@@ -504,7 +537,10 @@ def llamafactory_entry(path, name, flag="--dataset"):
         if attr.get("folder"):
             raise ValueError(f"{label}: 'folder' (a sub-folder of a Hub repository) is not read; download it and "
                              "give its file_name.")
-        files, opts, skipped = hub_id_files(attr["hf_hub_url"], select, label)
+        try:
+            files, opts, skipped = hub_id_files(attr["hf_hub_url"], select, label)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(hub_only_error(label, path, attr["hf_hub_url"], e)) from None
         return [(f, name) for f, _ in files], {**opts, **options}, skipped
     if not attr.get("file_name"):
         found = [k for k in LLAMAFACTORY_SOURCES if k in attr]
@@ -638,7 +674,7 @@ def locate(item, flag="--data_path"):
             if info is not None:
                 raise ValueError(f"{flag} {base}: LLaMA-Factory's data folder (its dataset_info.json names the data); "
                                  f"read its entries with --dataset_dir {base} --dataset NAME[,NAME...] (entries: "
-                                 f"{', '.join(_sft_names(info))}).")
+                                 f"{some_entries(info)}).")
         if select is not None or _save_to_disk_kind(base) or is_hub_folder(base):
             return dataset_folder_files(base, select, item)
         files, skipped = list_data_files(base)
