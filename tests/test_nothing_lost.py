@@ -177,3 +177,57 @@ def test_v1_yaml_dataset_files_are_read_from_dataset_dir(smollm2, tmp_path, monk
                            {"role": "assistant", "content": [{"type": "text", "value": "A cat."}]}]}]
     msg = user_error(dry_run_args(smollm2, write_jsonl(tmp_path / "mm.jsonl", media), tmp_path), monkeypatch, capsys)
     assert "mm.jsonl:1: messages[0].content: multimodal content (images, audio)" in msg
+
+
+# ------------------------------------------------------------------------------------------------
+# Point 6: the messages a LLaMA-Factory user meets are short and exact
+# ------------------------------------------------------------------------------------------------
+
+LF_INFO = Path(__file__).parent / "data" / "llamafactory"  # LLaMA-Factory's real dataset_info.json (104 entries)
+
+
+def lf_args(model, tmp_path, name):
+    return ["--model_name_or_path", model, "--dataset_dir", LF_INFO, "--dataset", name, "--output_dir",
+            tmp_path / "out", "--dataset_cache_dir", tmp_path / "cache", "--dry_run", "True"]
+
+
+def test_refusals_name_a_handful_of_entries_and_every_media_kind(smollm2, tmp_path, monkeypatch, capsys):
+    msg = user_error(lf_args(smollm2, tmp_path, "alpaca_demo"), monkeypatch, capsys)
+    listed = msg.split("its SFT entries include: ")[1]
+    names, rest = listed.split(", ...")
+    assert "(did you mean 'alpaca_" in msg and 1 <= len(names.split(", ")) <= 5 and "in all)" in rest
+    assert "alpaca_en_demo" in names and "mllm" not in listed and len(msg) < 400, msg
+    msg = user_error(lf_args(smollm2, tmp_path, "mllm_video_audio_demo"), monkeypatch, capsys)
+    assert "describes multimodal data (videos, audio), not supervised fine-tuning data" in msg and len(msg) < 400
+    assert "describes KTO data" in user_error(lf_args(smollm2, tmp_path, "kto_en_demo"), monkeypatch, capsys)
+    mm = [{"messages": [{"role": "user", "content": "<image><video>What is it?"},
+                        {"role": "assistant", "content": "A cat."}], "images": ["a.jpg"], "videos": ["b.mp4"]}]
+    msg = user_error(dry_run_args(smollm2, write_jsonl(tmp_path / "mm.jsonl", mm), tmp_path), monkeypatch, capsys)
+    assert "mm.jsonl:1: images: multimodal record (images, videos)" in msg
+
+
+def test_a_hub_only_entry_says_it_needs_the_hub(smollm2, tmp_path):
+    from conftest import run_finetune
+
+    proc = run_finetune(lf_args(smollm2, tmp_path, "alpaca_en"), check=False, env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert proc.returncode == 2 and proc.stdout.count("[finetune] error:") == 1, proc.stdout[-3000:]
+    assert (f"--dataset alpaca_en: {LF_INFO}/dataset_info.json gives only hf_hub_url 'llamafactory/alpaca_en' (no "
+            "file_name): the data lives on the Hugging Face Hub and is read from it or from its local cache; the "
+            "network was not tried (HF_HUB_OFFLINE=1") in proc.stdout
+
+
+def test_llamafactory_flag_names_point_at_this_scripts_flags(smollm2, tmp_path, monkeypatch, capsys):
+    msg = user_error(dry_run_args(smollm2, DATA / "identity.json", tmp_path, "--cutoff_len", "1024"), monkeypatch,
+                     capsys)
+    assert "--cutoff_len: did you mean --model_max_length?" in msg
+    msg = user_error(dry_run_args(smollm2, DATA / "identity.json", tmp_path, "--lora_target", "all"), monkeypatch,
+                     capsys)  # argparse would take it as an abbreviation of --lora_target_modules
+    assert "--lora_target: did you mean --lora_target_modules? (LLaMA-Factory's `all` is all-linear)" in msg
+    config = tmp_path / "llamafactory_sft.yaml"  # a LLaMA-Factory training config, as its examples/ write them
+    config.write_text(f"model_name_or_path: {smollm2}\nstage: sft\nfinetuning_type: lora\nlora_rank: 8\n"
+                      "lora_target: all\ntemplate: qwen\ncutoff_len: 1024\ndataset: identity\n")
+    msg = user_error([config], monkeypatch, capsys)
+    for hint in ("stage: not needed: this script does supervised fine-tuning", "finetuning_type: did you mean use_lora?",
+                 "lora_rank: did you mean lora_r?", "lora_target: did you mean lora_target_modules?",
+                 "template: did you mean chat_template?", "cutoff_len: did you mean model_max_length?"):
+        assert hint in msg, msg
