@@ -129,9 +129,9 @@ class DataArguments:
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Drop invalid records (reported with counts) instead of stopping."}
     )
-    placeholders: Optional[str] = field(default=None, metadata={"help": "Fill {{NAME}} placeholders in the data "
-                                        "(LLaMA-Factory's identity.json: {{name}}, {{author}}): NAME=VALUE,... e.g. "
-                                        "name=Aria,author=Acme; repeatable. Unfilled ones in trained text are flagged."})
+    placeholders: Optional[str] = field(default=None, metadata={
+        "help": "Fill {{NAME}} placeholders in the data (LLaMA-Factory's identity.json: {{name}}, {{author}}): "
+        "NAME=VALUE,... e.g. name=Aria,author=Acme; repeatable. Unfilled ones in trained text are flagged."})
     long_text: str = field(
         default="split",
         metadata={"help": "split | cut. A text-format record longer than --model_max_length: split (every token "
@@ -659,7 +659,8 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
             "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
             "truncated": truncated, "samples_before_ratio": int(len(keep)),
             "token_accounting": token_accounting(tokenized, status, stats["files"]),
-            "placeholders": {**stats["placeholders"], "asked": sorted(data_args.placeholder_map)}, **_save_split(final, tmp, "data"),
+            "placeholders": {**stats["placeholders"], "asked": sorted(data_args.placeholder_map)},
+            **_save_split(final, tmp, "data"),
             "sources": sources, "skipped_files": skipped, **report}
 
 

@@ -232,7 +232,8 @@ def placeholder_lines(found):
     lines = []
     if found["records"]:
         names = sorted(found["by_name"], key=lambda n: -found["by_name"][n])
-        shown = ", ".join("{{%s}} %d times" % (n, found["by_name"][n]) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+        shown = ", ".join("{{%s}} %d times" % (n, found["by_name"][n]) for n in names[:5])
+        shown += ", ..." if len(names) > 5 else ""
         lines.append(f"warning: {found['records']} records train unfilled placeholders ({shown}), the first at "
                      f"{found['first']}: fill them with --placeholders {','.join(n + '=...' for n in names[:5])}, "
                      "or edit the data")

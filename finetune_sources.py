@@ -462,8 +462,8 @@ def dataset_spec(dataset_dir, names, flag="--dataset"):
     LLaMA-Factory v1 dataset file (v1_dataset_spec)."""
     items = [n.strip() for n in names.split(",") if n.strip()]
     if any(V1_YAML.search(n) for n in items):
-        return ",".join(v1_dataset_spec(dataset_dir, n, flag) if V1_YAML.search(n) else dataset_spec(dataset_dir, n, flag)
-                        for n in items)
+        return ",".join(v1_dataset_spec(dataset_dir, n, flag) if V1_YAML.search(n) else
+                        dataset_spec(dataset_dir, n, flag) for n in items)
     path = os.path.join(dataset_dir, "dataset_info.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: {path} does not exist (--dataset_dir names LLaMA-Factory's data folder, "

@@ -376,7 +376,8 @@ def test_llamafactory_dataset_info(tiny_model, tmp_path, monkeypatch, capsys):
     cases = [("dpo_en_demo", "--dataset dpo_en_demo: " + lf + "/dataset_info.json describes preference data "
               "(ranking: true), not supervised fine-tuning data"),
              ("alpaca_demo", "--dataset alpaca_demo: no such entry in " + lf + "/dataset_info.json (did you mean "
-              "'alpaca_en_demo'?); its SFT entries include: alpaca_en_demo, c4_demo, glaive_toolcall_en_demo, ... (8 in all)."),
+              "'alpaca_en_demo'?); its SFT entries include: alpaca_en_demo, c4_demo, glaive_toolcall_en_demo, ... "
+              "(8 in all)."),
              ("typo", "--dataset typo: file_name 'alpaca_en_dmeo.json' in " + lf + "/dataset_info.json does not "
               "exist in " + lf + " (did you mean 'alpaca_en_demo.json'?)")]
     for name, expected in cases:

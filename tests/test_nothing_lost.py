@@ -45,7 +45,7 @@ def test_long_texts_are_split_into_blocks_that_keep_every_token(llama_spm, tmp_p
     assert all(len(b) <= 256 for b in blocks) and len(blocks) == sum(-(-len(w) // 256) for w in whole)
     starts = [i for i, b in enumerate(blocks) if b[0] == tok.bos_token_id]
     ends = [i for i, b in enumerate(blocks) if b[-1] == tok.eos_token_id]
-    assert len(starts) == len(ends) == len(docs) and starts[0] == 0 and ends[-1] == len(blocks) - 1  # BOS first, EOS last
+    assert len(starts) == len(ends) == len(docs) and starts[0] == 0 and ends[-1] == len(blocks) - 1  # BOS 1st, EOS last
     assert ds["labels"] == blocks  # text: every token trained
     acc = report["token_accounting"]
     assert acc["read"] == acc["in_samples"] == sum(map(len, whole)) and acc["lost_to_truncation"] == 0
@@ -116,8 +116,9 @@ def v1_tool_record(city, temp, call_as_object=False):
     return {"messages": [
         {"role": "system", "content": [{"type": "text", "value": "You answer with tools."}]},
         {"role": "user", "content": [{"type": "text", "value": f"Weather in {city}?"}]},
-        {"role": "assistant", "content": [{"type": "reasoning", "value": f"I should look up {city}."},
-                                          {"type": "tool_call", "value": call if call_as_object else json.dumps(call)}]},
+        {"role": "assistant", "content": [
+            {"type": "reasoning", "value": f"I should look up {city}."},
+            {"type": "tool_call", "value": call if call_as_object else json.dumps(call)}]},
         {"role": "tool", "content": [{"type": "text", "value": json.dumps({"temp": temp})}]},
         {"role": "assistant", "content": [{"type": "reasoning", "value": "Now report it."},
                                           {"type": "text", "value": f"It is {temp} degrees in {city}."}]}],
@@ -150,7 +151,7 @@ def test_v1_parts_become_reasoning_and_tool_calls(smollm2, tmp_path, monkeypatch
     code, log = run_main(dry_run_args(smollm2, f"{data}/mine.yaml[tools_v1]", tmp_path, "--chat_template", qwen3,
                                       "--show_masking", "2"), monkeypatch, capsys)
     assert code == 0, log[-3000:]
-    assert '"name": "get_weather", "description": "The weather in a city"' in log  # the tools column, in the system turn
+    assert '"name": "get_weather", "description": "The weather in a city"' in log  # the tools column, system turn
     for city, temp in (("Oslo", 3), ("Lima", 19)):
         assert (f'[[<think>\nI should look up {city}.\n</think>\n\n<tool_call>\n{{"name": "get_weather", "arguments": '
                 f'{{"city": "{city}"}}}}\n</tool_call><|im_end|>]]') in log
@@ -209,7 +210,8 @@ def test_refusals_name_a_handful_of_entries_and_every_media_kind(smollm2, tmp_pa
 def test_a_hub_only_entry_says_it_needs_the_hub(smollm2, tmp_path):
     from conftest import run_finetune
 
-    proc = run_finetune(lf_args(smollm2, tmp_path, "alpaca_en"), check=False, env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    proc = run_finetune(lf_args(smollm2, tmp_path, "alpaca_en"), check=False,
+                        env={"HF_HUB_CACHE": str(tmp_path / "hub")})
     assert proc.returncode == 2 and proc.stdout.count("[finetune] error:") == 1, proc.stdout[-3000:]
     assert (f"--dataset alpaca_en: {LF_INFO}/dataset_info.json gives only hf_hub_url 'llamafactory/alpaca_en' (no "
             "file_name): the data lives on the Hugging Face Hub and is read from it or from its local cache; the "
@@ -227,7 +229,8 @@ def test_llamafactory_flag_names_point_at_this_scripts_flags(smollm2, tmp_path, 
     config.write_text(f"model_name_or_path: {smollm2}\nstage: sft\nfinetuning_type: lora\nlora_rank: 8\n"
                       "lora_target: all\ntemplate: qwen\ncutoff_len: 1024\ndataset: identity\n")
     msg = user_error([config], monkeypatch, capsys)
-    for hint in ("stage: not needed: this script does supervised fine-tuning", "finetuning_type: did you mean use_lora?",
+    for hint in ("stage: not needed: this script does supervised fine-tuning",
+                 "finetuning_type: did you mean use_lora?",
                  "lora_rank: did you mean lora_r?", "lora_target: did you mean lora_target_modules?",
                  "template: did you mean chat_template?", "cutoff_len: did you mean model_max_length?"):
         assert hint in msg, msg
