@@ -446,14 +446,18 @@ def not_sft(attr):
 
 def hub_only_error(label, path, repo, error):
     """An entry with hf_hub_url and no file_name that could not be read: it needs the Hub or its cache; say
-    whether the network was tried."""
-    detail = str(error).split("no such file or folder, and ", 1)[-1]
-    tried = ("the network was not tried (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1)" if _offline() else
-             "the network was tried")
-    return (f"{label}: {path} gives only hf_hub_url {repo!r} (no file_name): the data lives on the Hugging Face Hub "
-            f"and is read from it or from its local cache; {tried}: {detail} To train offline, download it where "
-            f"there is network (huggingface-cli download --repo-type dataset {repo}) into the cache, or give the "
-            "entry a file_name of a local copy.")
+    whether the network was tried (and what it answered)."""
+    import huggingface_hub as hh
+
+    if _offline():
+        why = (f"it is not in the cache ({hh.constants.HF_HUB_CACHE}) and the network was not tried (offline: "
+               "HF_HUB_OFFLINE=1)")
+    else:
+        answer = str(error).split("no such file or folder, and ", 1)[-1].split(";")[0].rstrip(".")
+        why = f"the network was tried: {answer}"
+    return (f"{label}: {path} gives only hf_hub_url {repo!r} (no file_name): it needs the Hugging Face Hub or its "
+            f"cache; {why}. Download it where there is network (huggingface-cli download --repo-type dataset {repo}) "
+            "or give the entry a file_name of a local copy.")
 
 
 def dataset_spec(dataset_dir, names, flag="--dataset"):

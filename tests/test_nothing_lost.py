@@ -214,8 +214,8 @@ def test_a_hub_only_entry_says_it_needs_the_hub(smollm2, tmp_path):
                         env={"HF_HUB_CACHE": str(tmp_path / "hub")})
     assert proc.returncode == 2 and proc.stdout.count("[finetune] error:") == 1, proc.stdout[-3000:]
     assert (f"--dataset alpaca_en: {LF_INFO}/dataset_info.json gives only hf_hub_url 'llamafactory/alpaca_en' (no "
-            "file_name): the data lives on the Hugging Face Hub and is read from it or from its local cache; the "
-            "network was not tried (HF_HUB_OFFLINE=1") in proc.stdout
+            f"file_name): it needs the Hugging Face Hub or its cache; it is not in the cache ({tmp_path / 'hub'}) and "
+            "the network was not tried (offline: HF_HUB_OFFLINE=1). Download it where there is network") in proc.stdout
 
 
 def test_llamafactory_flag_names_point_at_this_scripts_flags(smollm2, tmp_path, monkeypatch, capsys):
