@@ -184,7 +184,8 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "Optimizer (any transformers OptimizerNames). adamw_torch_fused: AdamW in one kernel per "
         "parameter (on CPU 4x faster per step than adamw_torch's loop over parameters)."})
     model_max_length: int = field(
-        default=8192, metadata={"help": "Maximum tokens per sample; longer conversations lose whole turns."}
+        default=8192, metadata={"help": "Maximum tokens per sample; longer conversations lose whole turns, longer "
+                                "texts are split into blocks (--long_text)."}
     )
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     early_stopping_patience: Optional[int] = field(
