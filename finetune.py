@@ -134,6 +134,15 @@ class DataArguments:
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Drop invalid records (reported with counts) instead of stopping."}
     )
+    placeholders: Optional[str] = field(default=None, metadata={
+        "help": "Fill {{NAME}} placeholders in the data (LLaMA-Factory's identity.json: {{name}}, {{author}}): "
+        "NAME=VALUE,... e.g. name=Aria,author=Acme; repeatable. Unfilled ones in trained text are flagged."})
+    long_text: str = field(
+        default="split",
+        metadata={"help": "split | cut. A text-format record longer than --model_max_length: split (every token "
+                  "kept: consecutive blocks of near-equal length, each a sample) or cut (the tail is lost).",
+                  "choices": ["split", "cut"]},
+    )
     train_on_prompt: bool = field(default=False, metadata={"help": "Train on every token, prompts included."})
     train_on_last_turn_only: bool = field(default=False, metadata={"help": "Train only the last assistant turn."})
     packing: str = field(
@@ -170,6 +179,7 @@ class DataArguments:
     resolved: dict = field(default_factory=dict, init=False, repr=False)  # data_sources(): not a flag
     column_map: dict = field(default_factory=dict, init=False, repr=False)  # --columns, parsed
     template_kwargs: dict = field(default_factory=dict, init=False, repr=False)  # --chat_template_kwargs, parsed
+    placeholder_map: dict = field(default_factory=dict, init=False, repr=False)  # --placeholders, parsed
 
 
 @dataclass
@@ -179,7 +189,8 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "Optimizer (any transformers OptimizerNames). adamw_torch_fused: AdamW in one kernel per "
         "parameter (on CPU 4x faster per step than adamw_torch's loop over parameters)."})
     model_max_length: int = field(
-        default=8192, metadata={"help": "Maximum tokens per sample; longer conversations lose whole turns."}
+        default=8192, metadata={"help": "Maximum tokens per sample; longer conversations lose whole turns, longer "
+                                "texts are split into blocks (--long_text)."}
     )
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     early_stopping_patience: Optional[int] = field(
@@ -386,21 +397,24 @@ def _labels_and_cut(ids, spans, trained, max_length, train_on_prompt):
 
 
 def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False,
-                     template_kwargs=None):
-    """[(messages, tools) or plain text] -> [(input_ids, labels, status)] with numpy arrays; see tokenize_many. Plain
-    text (the text format): no chat template, the tokenizer's own BOS (if any) + text + EOS, every token trained."""
+                     template_kwargs=None, long_text="cut"):
+    """[(messages, tools) or plain text] -> [(input_ids, labels, status, tokens read)] with numpy arrays; see
+    tokenize_many. Plain text (the text format): no chat template, the tokenizer's own BOS (if any) + text + EOS,
+    every token trained; over max_length with long_text 'split', the whole text with status 'split' (split_blocks
+    makes the samples)."""
     empty = np.zeros(0, dtype=np.int64)
     results, texts, pending = [None] * len(conversations), [], []
     plain = [i for i, c in enumerate(conversations) if isinstance(c, str)]
     eos = tokenizer.eos_token_id
     for i, ids in zip(plain, tokenizer([conversations[i] for i in plain], verbose=False)["input_ids"] if plain else []):
         ids = np.asarray(ids + ([eos] if eos is not None and ids[-1:] != [eos] else []), dtype=np.int64)
-        results[i] = _labels_and_cut(ids, [(0, len(ids))], [True], max_length, train_on_prompt=True)
+        results[i] = (ids, ids, "split", len(ids)) if long_text == "split" and len(ids) > max_length else \
+            (*_labels_and_cut(ids, [(0, len(ids))], [True], max_length, train_on_prompt=True), len(ids))
     for i, (messages, tools) in ((i, c) for i, c in enumerate(conversations) if not isinstance(c, str)):
         try:
             text, regions = render_conversation(tokenizer, messages, tools, template_kwargs)
         except RecordError as e:
-            results[i] = (empty, empty, f"error:{e}")
+            results[i] = (empty, empty, f"error:{e}", 0)
             continue
         trained = [is_trained(m) for m in messages if m["role"] == "assistant"]
         if last_turn_only:
@@ -410,15 +424,23 @@ def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False
     if texts:
         encoded = encode_regions(tokenizer, texts, [regions for _, regions, _ in pending])
         for (i, _, trained), (ids, spans) in zip(pending, encoded):
-            results[i] = _labels_and_cut(ids, spans, trained, max_length, train_on_prompt)
+            results[i] = (*_labels_and_cut(ids, spans, trained, max_length, train_on_prompt), len(ids))
     return results
+
+
+def split_blocks(ids, max_length):
+    """A text's tokens -> consecutive blocks of at most max_length tokens, as few as fit and of near-equal length
+    (no short tail block that would train little), every token in exactly one block: the first keeps the BOS, the
+    last the EOS. Each block is a sample of its own (no attention across blocks)."""
+    n_blocks = -(-len(ids) // max_length)
+    return np.array_split(ids, n_blocks)
 
 
 def tokenize_many(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False):
     """Batch version of tokenize_conversation: [(messages, tools)] -> [dict(input_ids, labels, status)].
     Renders each conversation once and encodes all of them in one fast-tokenizer call."""
     return [{"input_ids": ids.tolist(), "labels": labels.tolist(), "status": status}
-            for ids, labels, status in _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt,
+            for ids, labels, status, _ in _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt,
                                                         last_turn_only)]
 
 
@@ -483,31 +505,40 @@ def load_tokenizer(model_args, training_args):
 # ---------------------------------------------------------------------------------------------
 
 
-def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_only, sources=None, template_kwargs=None):
+def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_only, sources=None, template_kwargs=None,
+                    long_text="cut"):
     """datasets.map function -> an Arrow table: the batch's other columns, then the tokens, which go to
     Arrow straight from numpy (int32 list arrays), not through per-token Python ints. `sources`
-    ({name: index}) adds the source_idx column."""
+    ({name: index}) adds the source_idx column. A long text split into blocks gives one row per block (each
+    with its record's other columns); n_read: the tokens each row's record had before any truncation."""
     import pyarrow as pa
 
     convs = [json.loads(c) for c in batch["conversation"]]
-    out = _tokenize_arrays(tokenizer, [c["text"] if "text" in c else (c["messages"], c["tools"]) for c in convs],
-                           max_length, train_on_prompt, last_turn_only, template_kwargs)
-    lengths = np.asarray([len(ids) for ids, _, _ in out], dtype=np.int64)
+    tokenized = _tokenize_arrays(tokenizer, [c["text"] if "text" in c else (c["messages"], c["tools"]) for c in convs],
+                                 max_length, train_on_prompt, last_turn_only, template_kwargs, long_text)
+    out, rows = [], []
+    for r, (ids, labels, status, n_read) in enumerate(tokenized):
+        parts = [(b, b, status, len(b)) for b in split_blocks(ids, max_length)] if status == "split" else \
+            [(ids, labels, status, n_read)]
+        out += parts
+        rows += [r] * len(parts)
+    lengths = np.asarray([len(ids) for ids, *_ in out], dtype=np.int64)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
 
     def tokens(arrays):
         return pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(arrays).astype(np.int32)))
 
-    columns = {k: batch[k] for k in batch.keys() if k != "conversation"}
+    columns = {k: [batch[k][r] for r in rows] for k in batch.keys() if k != "conversation"}
     columns.update({
-        "input_ids": tokens([ids for ids, _, _ in out]),
-        "labels": tokens([labels for _, labels, _ in out]),
+        "input_ids": tokens([ids for ids, *_ in out]),
+        "labels": tokens([labels for _, labels, *_ in out]),
         "length": lengths,
-        "n_trained": np.asarray([int((labels[1:] != IGNORE_INDEX).sum()) for _, labels, _ in out], dtype=np.int64),
-        "status": [status for _, _, status in out],
+        "n_trained": np.asarray([int((labels[1:] != IGNORE_INDEX).sum()) for _, labels, *_ in out], dtype=np.int64),
+        "status": [status for _, _, status, _ in out],
+        "n_read": np.asarray([n for *_, n in out], dtype=np.int64),
     })
     if sources is not None:
-        columns["source_idx"] = np.asarray([sources[s] for s in batch["source"]], dtype=np.int64)
+        columns["source_idx"] = np.asarray([sources[s] for s in columns["source"]], dtype=np.int64)
     return pa.table(columns)
 
 
@@ -534,7 +565,8 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
         raw = datasets.Dataset.from_generator(
             # a tuple, not a list: datasets would shard a list and call the generator once per entry
             normalized_rows, gen_kwargs={"entries": tuple(entries), "data_format": data_args.data_format,
-                                         "skip_invalid": data_args.skip_invalid_records, "stats": stats},
+                                         "skip_invalid": data_args.skip_invalid_records, "stats": stats,
+                                         "placeholders": data_args.placeholder_map},
             cache_dir=os.path.join(tmp, "raw"), keep_in_memory=False,
         )
     except datasets.exceptions.DatasetGenerationError as e:
@@ -551,8 +583,9 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
         fn_kwargs={"tokenizer": tokenizer, "max_length": training_args.model_max_length,
                    "train_on_prompt": data_args.train_on_prompt,
                    "last_turn_only": data_args.train_on_last_turn_only,
-                   "sources": {s: i for i, s in enumerate(sources)}, "template_kwargs": data_args.template_kwargs},
-        remove_columns=["conversation"], desc="tokenizing",
+                   "sources": {s: i for i, s in enumerate(sources)}, "template_kwargs": data_args.template_kwargs,
+                   "long_text": data_args.long_text},
+        remove_columns=raw.column_names, desc="tokenizing",  # all: _tokenize_batch returns them (a split adds rows)
     )
     n_raw = len(raw)
     del raw  # unmap the raw Arrow file: its pages read by map would otherwise stay in this process's RSS
@@ -575,7 +608,7 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
             tally(fstats, "samples")
             tally(fstats, "truncated", s == "truncated")
             truncated += s == "truncated"
-    keep = np.flatnonzero(np.asarray([s in ("", "truncated") for s in status]))
+    keep = np.flatnonzero(np.asarray([s in ("", "truncated", "split") for s in status]))
     if len(keep) == 0:
         hint = (f"; every prompt is longer than --model_max_length {training_args.model_max_length}: raise it"
                 if "prompt_longer_than_model_max_length" in dropped else "")
@@ -589,18 +622,46 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
     final = tokenized.select(sample_indices(tokenized["entry"][:], keep, entries, training_args.seed))
     report = {"files": stats["files"], "records": sum(f["records"] for f in stats["files"].values()),
               "records_valid": n_raw - len(failed), "invalid": stats["invalid"], "dropped": dropped,
-              "truncated": truncated, "samples_before_ratio": int(len(keep)), **_save_split(final, tmp, "data"),
-              "sources": sources, "skipped_files": skipped, **report}
+              "truncated": truncated, "samples_before_ratio": int(len(keep)),
+              "token_accounting": token_accounting(tokenized, status, stats["files"]),
+              "placeholders": {**stats["placeholders"], "asked": sorted(data_args.placeholder_map)},
+              **_save_split(final, tmp, "data"), "sources": sources, "skipped_files": skipped, **report}
     with open(os.path.join(tmp, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)  # datasets' scratch: not part of the entry
+
+
+def token_accounting(tokenized, status, files):
+    """Where the data's tokens went, before --val_size and the ratios, in all and per format: read (every valid
+    record rendered and tokenized whole), in_samples, trained, lost_to_truncation (cut off a sample to fit
+    --model_max_length: a conversation's last turns, a text's tail with --long_text cut), in_dropped_records
+    (records dropped whole); and the long texts split into blocks (every token kept)."""
+    columns = {k: np.asarray(tokenized[k][:]) for k in ("n_read", "length", "n_trained")}
+    origins = np.asarray(tokenized["origin"][:], dtype=object)
+    formats = np.asarray([files[o.rsplit(":", 1)[0]].get("format", "?") for o in origins], dtype=object)
+    ok = np.asarray([not s.startswith("error:") for s in status], dtype=bool)
+    kept = np.asarray([s in ("", "truncated", "split") for s in status], dtype=bool)
+    split = np.asarray([s == "split" for s in status], dtype=bool)
+
+    def count(rows):
+        n_read, length, n_trained = (columns[k][rows] for k in ("n_read", "length", "n_trained"))
+        k = kept[rows]
+        return {"read": int(n_read.sum()), "in_samples": int(length[k].sum()), "trained": int(n_trained[k].sum()),
+                "lost_to_truncation": int((n_read - length)[k].sum()),
+                "samples_truncated": int((k & (n_read > length)).sum()),
+                "in_dropped_records": int(n_read[~k].sum()),
+                "long_texts_split": len(set(origins[rows & split])), "blocks": int((rows & split).sum())}
+
+    report = count(ok)
+    report["by_format"] = {f: count(ok & (formats == f)) for f in sorted(set(formats[ok]))}
+    return report
 
 
 def _save_split(dataset, tmp, name):
     """Saves the tokenized samples under tmp/name -> their counts. source_idx came with the tokens; dropping
     columns rewrites nothing: save_to_disk is the one pass."""
     per_source = dict(zip(*np.unique(dataset["source"][:], return_counts=True)))
-    dataset.remove_columns(["origin", "status", "entry", "source"]).save_to_disk(os.path.join(tmp, name))
+    dataset.remove_columns(["origin", "status", "entry", "source", "n_read"]).save_to_disk(os.path.join(tmp, name))
     return {"samples": len(dataset), "samples_per_source": {str(k): int(v) for k, v in per_source.items()}}
 
 

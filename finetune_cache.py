@@ -23,7 +23,7 @@ import socket
 from finetune_console import log0
 from finetune_faults import DISK_ERRNOS, failed_file, with_free_space, write_error
 
-CACHE_VERSION = "5"  # bump when tokenization output changes, to invalidate old caches (5: with manifest.json)
+CACHE_VERSION = "6"  # bump when tokenization output changes, to invalidate old caches (6: token accounting)
 MANIFEST = "manifest.json"
 
 
@@ -45,8 +45,8 @@ def cache_key(entries, tokenizer, data_args, training_args):
         "v": CACHE_VERSION, "files": files, "format": data_args.data_format,
         "template": tokenizer.chat_template, "max_len": training_args.model_max_length,
         "specials": [tokenizer.bos_token, tokenizer.eos_token],
-        "prompt": data_args.train_on_prompt, "last": data_args.train_on_last_turn_only,
-        "skip": data_args.skip_invalid_records, "seed": training_args.seed,
+        "prompt": data_args.train_on_prompt, "last": data_args.train_on_last_turn_only, "long": data_args.long_text,
+        "placeholders": data_args.placeholder_map, "skip": data_args.skip_invalid_records, "seed": training_args.seed,
         "template_kwargs": data_args.template_kwargs, "val_size": data_args.val_size,
     }, sort_keys=True).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())

@@ -12,6 +12,29 @@ import sys
 from finetune_console import suggest
 
 
+# LLaMA-Factory's names for what this script calls otherwise (its dataset, dataset_dir, val_size, ... are the same):
+# name -> (this script's flag or None, a note)
+LLAMAFACTORY_FLAGS = {
+    "cutoff_len": ("model_max_length", ""),
+    "template": ("chat_template", " (default: the model's own template; a .jinja file or a built-in name)"),
+    "lora_rank": ("lora_r", ""),
+    "lora_target": ("lora_target_modules", " (LLaMA-Factory's `all` is all-linear)"),
+    "stage": (None, "not needed: this script does supervised fine-tuning (stage sft); for pretraining (stage pt) "
+                    "give text-format data"),
+    "finetuning_type": ("use_lora", " (lora: use_lora true; full is the default; freeze is not offered)"),
+    "quantization_bit": ("q_lora", " (4-bit)"),
+}
+
+
+def llamafactory_flags(names, where, dashes="--"):
+    """One error line for LLaMA-Factory flag names that are named otherwise here, each with this script's flag."""
+    found = [n for n in dict.fromkeys(names) if n in LLAMAFACTORY_FLAGS]
+    hints = [f"{dashes}{n}: did you mean {dashes}{flag}?{note}" if flag else f"{dashes}{n}: {note}"
+             for n, (flag, note) in ((n, LLAMAFACTORY_FLAGS[n]) for n in found)]
+    if hints:
+        raise ValueError(f"{where}: LLaMA-Factory's name{'s' if len(hints) > 1 else ''} " + "; ".join(hints))
+
+
 def read_config_file(path, actions):
     """A JSON/YAML config file -> flags; its keys are flag names without '--', checked here so that a
     typo names the file and the key (not 'unused arguments')."""
@@ -30,6 +53,7 @@ def read_config_file(path, actions):
                          f"{' '.join(str(e).split())}") from None
     if not isinstance(config, (dict, type(None))):
         raise ValueError(f"config file {path}: expected a mapping of flag: value, got {type(config).__name__}")
+    llamafactory_flags([str(k) for k in config or {} if str(k) not in actions], f"config file {path}", dashes="")
     flags = []
     for key, value in (config or {}).items():
         if str(key) not in actions:
@@ -59,7 +83,7 @@ def renamed_flags(argv, actions):
     return out
 
 
-def join_repeated(argv, names=("data_path", "eval_data_path", "dataset", "eval_dataset", "columns")):
+def join_repeated(argv, names=("data_path", "eval_data_path", "dataset", "eval_dataset", "columns", "placeholders")):
     """A repeated --data_path (--dataset, --columns, ...) adds its entries (argparse would keep only the last one)."""
     out, seen = [], {}
     i = 0
@@ -95,6 +119,8 @@ def parse_args(dataclass_types, argv=None):
         raise ValueError(f"{message} (see python finetune.py --help)")
 
     parser.error = error
+    llamafactory_flags([a[2:].partition("=")[0] for a in argv if a.startswith("--") and
+                        a[2:].partition("=")[0] not in actions], "unknown flag")
     try:
         return parser.parse_args_into_dataclasses(args=argv)
     except json.JSONDecodeError as e:  # transformers reads --deepspeed (and other JSON file flags) itself

@@ -334,6 +334,48 @@ def _text(content, where):
     raise RecordError(where, f"content must be a string, got {type(content).__name__}")
 
 
+# LLaMA-Factory v1's content parts ({"type": ..., "value": ...}) and the media kinds of any content part
+V1_PARTS = ("text", "reasoning", "tool_call")
+MEDIA_PARTS = {"image_url": "images", "image": "images", "video_url": "videos", "video": "videos",
+               "audio_url": "audio", "audio": "audio", "input_audio": "audio", "file": "files"}
+
+
+def has_parts(content):
+    """A list of content parts that _text alone does not read: LLaMA-Factory v1's (value), or media parts."""
+    return isinstance(content, list) and any(isinstance(p, dict) and ("value" in p or p.get("type") in MEDIA_PARTS)
+                                             for p in content)
+
+
+def content_parts(message, where):
+    """LLaMA-Factory v1's content parts -> (text, the message with the turn's reasoning as reasoning_content,
+    tool calls): text parts joined, reasoning parts the turn's reasoning, tool_call parts (a JSON string or an
+    object with name and arguments) its tool calls. Media parts are refused, every kind named."""
+    texts, reasoning, calls, media = [], [], [], []
+    for j, p in enumerate(message["content"]):
+        kind = p.get("type") if isinstance(p, dict) else None
+        value = p.get("value", p.get(kind)) if isinstance(p, dict) else None
+        if kind in MEDIA_PARTS:
+            media.append(MEDIA_PARTS[kind])
+        elif kind not in V1_PARTS:
+            raise RecordError(f"{where}[{j}]", f"unknown content part {json.dumps(p)[:60]} (parts: "
+                              f"{', '.join(V1_PARTS)}: LLaMA-Factory's {{\"type\": ..., \"value\": ...}})")
+        elif kind == "tool_call":
+            calls += _tool_calls(value, f"{where}[{j}].value")
+        elif not isinstance(value, str):
+            raise RecordError(f"{where}[{j}].value", f"a {kind} part's value must be a string")
+        else:
+            (texts if kind == "text" else reasoning).append(value)
+    if media:
+        raise RecordError(where, f"multimodal content ({', '.join(dict.fromkeys(media))}): this script trains "
+                          "text-only models; drop the media parts or use a multimodal trainer")
+    if (reasoning or calls) and message.get("role") != "assistant":
+        raise RecordError(where, f"{'reasoning' if reasoning else 'tool_call'} parts belong to an assistant turn, "
+                          f"not {message.get('role')!r}")
+    if reasoning and message.get("reasoning_content"):
+        raise RecordError(where, "reasoning given twice: as reasoning parts and as reasoning_content")
+    return "".join(texts), {**message, "reasoning_content": "".join(reasoning)} if reasoning else message, calls
+
+
 def _tools(tools):
     if tools in (None, "", []):
         return None
@@ -429,7 +471,11 @@ def _message_list(msgs, field_name):
         if "content" not in m and not m.get("tool_calls"):
             raise RecordError(f"{where}.content", "missing")
         calls = _tool_calls(m["tool_calls"], f"{where}.tool_calls") if m.get("tool_calls") else None
-        out.append(_message(role, m.get("content"), f"{where}.content", m, calls))
+        content = m.get("content")
+        if has_parts(content):  # LLaMA-Factory v1: text, reasoning and tool_call parts
+            content, m, part_calls = content_parts(m, f"{where}.content")
+            calls = (calls or []) + part_calls or None
+        out.append(_message(role, content, f"{where}.content", m, calls))
     return out
 
 
@@ -541,6 +587,11 @@ def _check_keys(record):
     for key in record:
         if near_miss(key):
             raise RecordError(key, f"unknown key{near_miss(key)}")
+    media = [kind for key, kind in (("images", "images"), ("videos", "videos"), ("audios", "audio")) if record.get(key)]
+    if media:  # LLaMA-Factory's multimodal records: the media would be dropped without a word
+        raise RecordError(next(k for k in ("images", "videos", "audios") if record.get(k)),
+                          f"multimodal record ({', '.join(media)}): this script trains text-only models; drop the "
+                          "media or use a multimodal trainer")
 
 
 def normalize_record(record, fmt, tags=None):
@@ -845,11 +896,64 @@ def read_records(path, options=None, fmt=None, seen=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def normalized_rows(entries, data_format, skip_invalid, stats):
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+def parse_placeholders(spec):
+    """--placeholders name=Foo,author=Bar -> {"name": "Foo", "author": "Bar"} ('\\,' is a comma in a value)."""
+    out = {}
+    for item in re.split(r"(?<!\\),", spec or ""):
+        if not item.strip():
+            continue
+        name, sep, value = item.replace("\\,", ",").partition("=")
+        name = name.strip().strip("{}")
+        if not sep or not re.fullmatch(r"\w+", name):
+            raise ValueError(f"--placeholders {spec}: {item.strip()!r} is not NAME=VALUE (e.g. --placeholders "
+                             "name=Aria,author=Acme: every {{name}} in the data becomes Aria).")
+        if name in out:
+            raise ValueError(f"--placeholders {spec}: {name!r} is given twice.")
+        out[name] = value
+    return out
+
+
+def fill_placeholders(conversation, values, where, found):
+    """Every {{NAME}} of --placeholders (values) replaced in the texts and reasoning of a normalized record; the
+    placeholders left in what is trained (trained assistant turns; a text record) counted in `found`
+    ({"records", "by_name", "first", "filled"})."""
+    def sub(m):
+        if m.group(1) not in values:
+            return m.group(0)
+        tally(found["filled"], m.group(1))
+        return values[m.group(1)]
+
+    def fill(text):
+        return PLACEHOLDER.sub(sub, text) if values and isinstance(text, str) and "{{" in text else text
+
+    trained = []
+    if "text" in conversation:
+        conversation["text"] = fill(conversation["text"])
+        trained.append(conversation["text"])
+    for m in conversation.get("messages") or ():
+        for key in ("content", "reasoning_content"):
+            if key in m:
+                m[key] = fill(m[key])
+        if m["role"] == "assistant" and is_trained(m):
+            trained += [m.get("content") or "", m.get("reasoning_content") or ""]
+    names = [n for t in trained if "{{" in t for n in PLACEHOLDER.findall(t)]
+    if names:
+        found["records"] += 1
+        found["first"] = found["first"] or where
+        for n in names:
+            tally(found["by_name"], n)
+    return conversation
+
+
+def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None):
     """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes. Without
     --skip_invalid_records the first invalid record stops the output but not the reading: every file is
     still validated so that the error names the total count."""
     errors, n_invalid, seen = [], 0, set()
+    stats.setdefault("placeholders", {"records": 0, "by_name": {}, "first": None, "filled": {}})
 
     def fail(last=None, stopped=False):
         lines = errors + ([last] if last else [])
@@ -879,6 +983,8 @@ def normalized_rows(entries, data_format, skip_invalid, stats):
                         fstats["format"] = fmt
                         conversation = {"text": normalize_text(record)} if fmt == "text" else \
                             dict(zip(("messages", "tools"), normalize_record(record, fmt, options.get("tags"))))
+                        conversation = fill_placeholders(conversation, placeholders, f"{file}:{where}",
+                                                         stats["placeholders"])
                     except RecordError as e:
                         fstats["invalid"] += 1
                         n_invalid += 1

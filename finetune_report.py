@@ -198,7 +198,42 @@ def log_data_summary(report):
         h = t["held_out"]
         log0(f"eval: {h['samples']} samples held out from the training data (--val_size {h['val_size']:g}), per "
              f"source {h['samples_per_source']}")
+    if t.get("token_accounting"):
+        log0(token_accounting_line(t["token_accounting"]))
+    for line in placeholder_lines(t.get("placeholders")):
+        log0(line)
     s = t["tokens"]
     log0(f"tokens: {s['tokens']:,} total, {s['trained_tokens']:,} trained; length mean {s['mean']} "
          f"p50 {s['p50']} p90 {s['p90']} p99 {s['p99']} max {s['max']}; padding share {t['padding_share']:.1%} "
          f"with {report['batching']}")
+
+
+def token_accounting_line(a):
+    """One log line: the tokens read, in samples and trained, and what truncation cost (finetune.token_accounting)."""
+    line = (f"tokens read {a['read']:,}: {a['in_samples']:,} in samples ({a['trained']:,} trained), "
+            f"{a['lost_to_truncation']:,} lost to truncation ({a['samples_truncated']} samples cut to "
+            f"--model_max_length), {a['in_dropped_records']:,} in dropped records")
+    if a["long_texts_split"]:
+        line += f"; {a['long_texts_split']} long texts split into {a['blocks']} blocks, every token kept"
+    lossy = [f"{fmt} {b['lost_to_truncation']:,}" for fmt, b in a["by_format"].items() if b["lost_to_truncation"]]
+    return line + (f" (lost per format: {', '.join(lossy)})" if len(a["by_format"]) > 1 and lossy else "")
+
+
+def placeholder_lines(found):
+    """The log lines about {{NAME}} placeholders (finetune_data.fill_placeholders): one warning when trained text
+    holds unfilled ones, one when a --placeholders name is in no record; nothing when all is well."""
+    if not found:
+        return []
+    lines = []
+    if found["records"]:
+        names = sorted(found["by_name"], key=lambda n: -found["by_name"][n])
+        shown = ", ".join("{{%s}} %d times" % (n, found["by_name"][n]) for n in names[:5])
+        shown += ", ..." if len(names) > 5 else ""
+        lines.append(f"warning: {found['records']} records train unfilled placeholders ({shown}), the first at "
+                     f"{found['first']}: fill them with --placeholders {','.join(n + '=...' for n in names[:5])}, "
+                     "or edit the data")
+    unused = [n for n in found.get("asked", ()) if n not in found["filled"]]
+    if unused:
+        lines.append(f"warning: --placeholders {', '.join(unused)}: no {{{{{unused[0]}}}}} in the data (placeholders "
+                     f"are written {{{{NAME}}}})")
+    return lines

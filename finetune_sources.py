@@ -25,8 +25,8 @@ import os
 import re
 from typing import NamedTuple
 
-from finetune_data import DATA_SUFFIXES, READ_SUFFIXES, RECORD_KEYS, DataError, file_kind
 from finetune_console import log0, suggest
+from finetune_data import DATA_SUFFIXES, READ_SUFFIXES, RECORD_KEYS, DataError, file_kind, parse_placeholders
 
 
 class Entry(NamedTuple):
@@ -420,9 +420,53 @@ def _sft_names(info):
     return [n for n, a in info.items() if not a.get("ranking") and not set(a.get("columns") or {}) & set(LF_NOT_SFT)]
 
 
+def some_entries(info, name=None, n=5):
+    """At most n SFT entry names of a dataset_info.json, the closest to `name` first, and how many there are: a
+    message shows a handful, not LLaMA-Factory's hundred."""
+    import difflib
+
+    names = _sft_names(info)
+    shown = (difflib.get_close_matches(name, names, n=n, cutoff=0.3) if name else []) or names[:n]
+    return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > len(shown) else "")
+
+
+LF_MEDIA = {"images": "images", "videos": "videos", "audios": "audio"}
+
+
+def not_sft(attr):
+    """What a dataset_info.json entry that is not SFT data holds, every kind named (all its media kinds)."""
+    if attr.get("ranking"):
+        return "preference data (ranking: true)"
+    columns = [c for c in LF_NOT_SFT if c in (attr.get("columns") or {})]
+    kinds = list(dict.fromkeys(LF_NOT_SFT[c] for c in columns if c not in LF_MEDIA))
+    media = [LF_MEDIA[c] for c in columns if c in LF_MEDIA]
+    return " and ".join(kinds + ([f"multimodal data ({', '.join(media)})"] if media else []))
+
+
+def hub_only_error(label, path, repo, error):
+    """An entry with hf_hub_url and no file_name that could not be read: it needs the Hub or its cache; say
+    whether the network was tried (and what it answered)."""
+    import huggingface_hub as hh
+
+    if _offline():
+        why = (f"it is not in the cache ({hh.constants.HF_HUB_CACHE}) and the network was not tried (offline: "
+               "HF_HUB_OFFLINE=1)")
+    else:
+        answer = str(error).split("no such file or folder, and ", 1)[-1].split(";")[0].rstrip(".")
+        why = f"the network was tried: {answer}"
+    return (f"{label}: {path} gives only hf_hub_url {repo!r} (no file_name): it needs the Hugging Face Hub or its "
+            f"cache; {why}. Download it where there is network (huggingface-cli download --repo-type dataset {repo}) "
+            "or give the entry a file_name of a local copy.")
+
+
 def dataset_spec(dataset_dir, names, flag="--dataset"):
     """--dataset_dir DIR --dataset a,b:0.5 -> 'DIR/dataset_info.json[a],DIR/dataset_info.json[b]:0.5' (the
-    --data_path entries they mean), checked here: the file, and every name."""
+    --data_path entries they mean), checked here: the file, and every name. A name ending in .yaml is a
+    LLaMA-Factory v1 dataset file (v1_dataset_spec)."""
+    items = [n.strip() for n in names.split(",") if n.strip()]
+    if any(V1_YAML.search(n) for n in items):
+        return ",".join(v1_dataset_spec(dataset_dir, n, flag) if V1_YAML.search(n) else
+                        dataset_spec(dataset_dir, n, flag) for n in items)
     path = os.path.join(dataset_dir, "dataset_info.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: {path} does not exist (--dataset_dir names LLaMA-Factory's data folder, "
@@ -443,8 +487,8 @@ def dataset_spec(dataset_dir, names, flag="--dataset"):
         name, sep, ratio = item.rpartition(":")
         name, ratio = (item, "") if item in info or not sep else (name, f":{ratio}")
         if name not in info:
-            raise ValueError(f"{flag} {name}: no such entry in {path}{suggest(name, list(info))}; its SFT entries: "
-                             f"{', '.join(_sft_names(info))}.")
+            raise ValueError(f"{flag} {name}: no such entry in {path}{suggest(name, list(info))}; its SFT entries "
+                             f"include: {some_entries(info, name)}.")
         out.append(f"{path}[{name}]{ratio}".replace(",", "\\,"))
     return ",".join(out)
 
@@ -457,17 +501,15 @@ def llamafactory_entry(path, name, flag="--dataset"):
     folder = os.path.dirname(path) or "."
     if not name:
         raise ValueError(f"--data_path {path}: LLaMA-Factory's dataset_info.json; name entries with --dataset_dir "
-                         f"{folder} --dataset NAME[,NAME...] (entries: {', '.join(_sft_names(info))}).")
+                         f"{folder} --dataset NAME[,NAME...] (entries: {some_entries(info)}).")
     if name not in info:
-        raise ValueError(f"{flag} {name}: no such entry in {path}{suggest(name, list(info))}; its SFT entries: "
-                         f"{', '.join(_sft_names(info))}.")
+        raise ValueError(f"{flag} {name}: no such entry in {path}{suggest(name, list(info))}; its SFT entries "
+                         f"include: {some_entries(info, name)}.")
     attr, label = info[name], f"{flag} {name}"
     columns = attr.get("columns")
     if attr.get("ranking") or set(columns or {}) & set(LF_NOT_SFT):
-        what = "preference data (ranking: true)" if attr.get("ranking") else \
-            LF_NOT_SFT[sorted(set(columns) & set(LF_NOT_SFT))[0]]
-        raise ValueError(f"{label}: {path} describes {what}, not supervised fine-tuning data; this script trains SFT: "
-                         f"choose another entry ({', '.join(_sft_names(info))}).")
+        raise ValueError(f"{label}: {path} describes {not_sft(attr)}, not supervised fine-tuning data; this script "
+                         f"trains SFT on text: choose another entry (e.g. {some_entries(info, name)}).")
     formatting = attr.get("formatting", "alpaca")
     if columns is not None and not isinstance(columns, dict) or not isinstance(attr.get("tags", {}), dict):
         raise ValueError(f"{label}: in {path}, columns and tags must be objects.")
@@ -498,7 +540,10 @@ def llamafactory_entry(path, name, flag="--dataset"):
         if attr.get("folder"):
             raise ValueError(f"{label}: 'folder' (a sub-folder of a Hub repository) is not read; download it and "
                              "give its file_name.")
-        files, opts, skipped = hub_id_files(attr["hf_hub_url"], select, label)
+        try:
+            files, opts, skipped = hub_id_files(attr["hf_hub_url"], select, label)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(hub_only_error(label, path, attr["hf_hub_url"], e)) from None
         return [(f, name) for f, _ in files], {**opts, **options}, skipped
     if not attr.get("file_name"):
         found = [k for k in LLAMAFACTORY_SOURCES if k in attr]
@@ -514,6 +559,96 @@ def llamafactory_entry(path, name, flag="--dataset"):
 
 
 # ---------------------------------------------------------------------------------------------
+# LLaMA-Factory v1's .yaml dataset files: {name: {path, source, converter, size, weight, split}}
+# ---------------------------------------------------------------------------------------------
+
+V1_YAML = re.compile(r"\.ya?ml(:[0-9.eE+-]+)?$")
+V1_CONVERTERS = {"alpaca": "alpaca", "sharegpt": "sharegpt", None: None}  # None: v1 messages (content parts)
+
+
+def read_v1_yaml(path):
+    """A LLaMA-Factory v1 dataset file -> {name: attributes}, or None if the YAML file is something else."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if isinstance(info, dict) and info and all(isinstance(v, dict) and "path" in v for v in info.values()):
+        return info
+    return None
+
+
+def v1_dataset_spec(dataset_dir, item, flag="--dataset"):
+    """--dataset FILE.yaml[:RATIO] (in --dataset_dir, or a path) -> 'FILE.yaml[a],FILE.yaml[b]:W': every dataset
+    of the file, each with its weight (times RATIO)."""
+    m = re.fullmatch(r"(.+?)(?::([0-9.eE+-]+))?", item)
+    name, ratio = m.group(1), float(m.group(2) or 1)
+    path = name if os.path.isfile(name) or not os.path.isfile(os.path.join(dataset_dir, name)) else \
+        os.path.join(dataset_dir, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {name}: neither {os.path.join(dataset_dir, name)} nor {name} exists "
+                                "(a LLaMA-Factory v1 dataset file, .yaml).")
+    info = read_v1_yaml(path)
+    if info is None:
+        raise ValueError(f"{flag} {name}: {path} is not a LLaMA-Factory v1 dataset file (a mapping of named "
+                         "datasets, each with path, and source, converter, size, weight, split).")
+    out = []
+    for entry, attr in info.items():
+        weight = attr.get("weight") or 1.0
+        if not isinstance(weight, (int, float)) or weight <= 0:
+            raise ValueError(f"{flag} {name}: {entry}.weight in {path} must be a number > 0.")
+        r = ratio * weight
+        out.append(f"{path}[{entry}]" + (f":{r:g}" if r != 1 else ""))
+    return ",".join(x.replace(",", "\\,") for x in out)
+
+
+def v1_local_path(path, yaml_path):
+    """A v1 dataset's path, relative to where LLaMA-Factory is run (data/x.json, the folder above data/):
+    tried as given, under the .yaml's folder, and under the folder above it."""
+    here = os.path.dirname(yaml_path) or "."
+    for candidate in (path, os.path.join(here, path), os.path.join(os.path.dirname(os.path.abspath(here)), path)):
+        if os.path.isabs(path) or os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def llamafactory_v1_entry(path, name, flag="--dataset"):
+    """One dataset of a LLaMA-Factory v1 .yaml file -> (files, options, skipped): path (a local file or folder, or a
+    Hub id for source hf_hub, the default), converter (alpaca, sharegpt; none: v1 messages with content parts;
+    pair: preference data, refused), size (that many samples), split."""
+    info = read_v1_yaml(path)
+    if not name:
+        raise ValueError(f"--data_path {path}: LLaMA-Factory v1 dataset file; read it with --dataset {path} "
+                         f"(datasets: {', '.join(list(info)[:5])}{', ...' if len(info) > 5 else ''}).")
+    if name not in info:
+        raise ValueError(f"{flag} {name}: no such dataset in {path}{suggest(name, list(info))}.")
+    attr, label = info[name], f"{flag} {name}"
+    converter = attr.get("converter")
+    if converter == "pair":
+        raise ValueError(f"{label}: {path} gives converter pair: preference (DPO) data, not supervised fine-tuning "
+                         "data; this script trains SFT.")
+    if converter not in V1_CONVERTERS:
+        raise ValueError(f"{label}: converter {converter!r} in {path}; alpaca, sharegpt or none (v1 messages) "
+                         "are read.")
+    options = {"label": label, **({"format": V1_CONVERTERS[converter]} if converter else {})}
+    if attr.get("size") is not None:
+        if not isinstance(attr["size"], int) or attr["size"] < 1:
+            raise ValueError(f"{label}: size in {path} must be a whole number >= 1.")
+        options["num_samples"] = attr["size"]
+    local = v1_local_path(str(attr["path"]), path)
+    if attr.get("source", "hf_hub") != "local" and local is None:
+        files, opts, skipped = hub_id_files(str(attr["path"]), attr.get("split"), label)
+    elif local is None:
+        raise FileNotFoundError(f"{label}: path {attr['path']!r} in {path} does not exist (tried as given, under "
+                                f"{os.path.dirname(path) or '.'} and the folder above it).")
+    else:
+        files, opts, skipped = locate(local, flag=label)
+    return [(f, name) for f, _ in files], {**opts, **options}, skipped
+
+
+# ---------------------------------------------------------------------------------------------
 # --data_path -> entries
 # ---------------------------------------------------------------------------------------------
 
@@ -521,6 +656,8 @@ def llamafactory_entry(path, name, flag="--dataset"):
 def locate(item, flag="--data_path"):
     """One entry (without its ratio) -> ([(file, source)], options, skipped)."""
     base, select = split_selection(item)
+    if os.path.isfile(base) and base.lower().endswith((".yaml", ".yml")) and read_v1_yaml(base) is not None:
+        return llamafactory_v1_entry(base, select, flag="--dataset" if select else flag)
     if os.path.isfile(base):
         if os.path.basename(base) == "dataset_info.json" and read_dataset_info(base) is not None:
             return llamafactory_entry(base, select, flag="--dataset" if select else flag)
@@ -540,7 +677,7 @@ def locate(item, flag="--data_path"):
             if info is not None:
                 raise ValueError(f"{flag} {base}: LLaMA-Factory's data folder (its dataset_info.json names the data); "
                                  f"read its entries with --dataset_dir {base} --dataset NAME[,NAME...] (entries: "
-                                 f"{', '.join(_sft_names(info))}).")
+                                 f"{some_entries(info)}).")
         if select is not None or _save_to_disk_kind(base) or is_hub_folder(base):
             return dataset_folder_files(base, select, item)
         files, skipped = list_data_files(base)
@@ -594,6 +731,7 @@ def check_data_flags(args):
         if name in args.column_map or key in args.column_map.values():
             raise ValueError(f"--columns {args.columns}: {name if name in args.column_map else key!r} appears twice.")
         args.column_map[name] = key
+    args.placeholder_map = parse_placeholders(args.placeholders)
     v = args.val_size
     if v is not None:
         if args.eval_data_path:

@@ -133,7 +133,7 @@ def test_every_format_normalizes_to_messages():
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train": "no"}]},
      "messages", "messages[1].train: must be true or false"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "image"}]}]},
-     "messages", "messages[1].content: unsupported content part"),
+     "messages", "messages[1].content: multimodal content (images)"),
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}, "sharegpt",
      "conversations[1].from: unknown speaker 'robot'"),
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}]}, "sharegpt",
