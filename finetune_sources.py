@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 from finetune_console import log0, suggest
 from finetune_data import DATA_SUFFIXES, READ_SUFFIXES, RECORD_KEYS, DataError, file_kind, parse_placeholders
+from finetune_template import parse_template_kwargs
 
 
 class Entry(NamedTuple):
@@ -731,6 +732,7 @@ def check_data_flags(args):
         if name in args.column_map or key in args.column_map.values():
             raise ValueError(f"--columns {args.columns}: {name if name in args.column_map else key!r} appears twice.")
         args.column_map[name] = key
+    args.template_kwargs = parse_template_kwargs(args.chat_template_kwargs)
     args.placeholder_map = parse_placeholders(args.placeholders)
     v = args.val_size
     if v is not None:
