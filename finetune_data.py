@@ -544,13 +544,16 @@ def _check_keys(record):
             raise RecordError(key, f"unknown key{near_miss(key)}")
 
 
-def normalize_record(record, fmt, tags=None):
-    """Any supported record -> (messages, tools), or RecordError naming the field and the problem."""
+def normalize_record(record, fmt, tags=None, need_answer=True):
+    """Any supported record -> (messages, tools), or RecordError naming the field and the problem. need_answer
+    False: a conversation without an assistant turn is a prompt (retention's reference set, finetune_retention.py)."""
     _check_keys(record)
     if REQUIRED_KEY[fmt] not in record:
         raise RecordError(REQUIRED_KEY[fmt], f"missing (file read as {fmt} format)")
     messages, tools = ADAPTERS[fmt](record, tags)
     assistants = [m for m in messages if m["role"] == "assistant"]
+    if not assistants and not need_answer:
+        return messages, tools
     if not assistants:
         raise RecordError(REQUIRED_KEY[fmt], "no assistant turn to train on")
     if not any(is_trained(m) for m in assistants):
@@ -846,10 +849,10 @@ def read_records(path, options=None, fmt=None, seen=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def normalized_rows(entries, data_format, skip_invalid, stats):
+def normalized_rows(entries, data_format, skip_invalid, stats, need_answer=True):
     """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes. Without
     --skip_invalid_records the first invalid record stops the output but not the reading: every file is
-    still validated so that the error names the total count."""
+    still validated so that the error names the total count. need_answer: see normalize_record."""
     errors, n_invalid, seen = [], 0, set()
 
     def fail(last=None, stopped=False):
@@ -879,7 +882,7 @@ def normalized_rows(entries, data_format, skip_invalid, stats):
                             raise RecordError("record", no_format(list(record)))
                         fstats["format"] = fmt
                         conversation = {"text": normalize_text(record)} if fmt == "text" else \
-                            dict(zip(("messages", "tools"), normalize_record(record, fmt, options.get("tags"))))
+                            dict(zip(("messages", "tools"), normalize_record(record, fmt, options.get("tags"), need_answer)))
                     except RecordError as e:
                         fstats["invalid"] += 1
                         n_invalid += 1

@@ -42,6 +42,7 @@ import transformers
 from finetune_report import log0
 
 DIVERGED_EXIT_CODE = 3  # the loss or gradient norm became NaN/inf: rerunning as is meets the same step again
+RETENTION_EXIT_CODE = 4  # --retention_min: the model forgot more than allowed (finetune_retention.py)
 SAVE_FAILED_EXIT_CODE = 74  # sysexits' EX_IOERR: a save failed (disk full, quota, ...); rerun once fixed
 FP16_SKIP_LIMIT = 50  # fp16 loss scaling: this many overflowing (skipped) steps in a row is divergence too
 

@@ -15,9 +15,9 @@ import sys
 from torch.distributed import run
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-# finetune.py's deliberate stops, each explained in its own line: user error, training diverged, a save failed
-# (finetune_faults), preempted (finetune_preemption)
-DELIBERATE_EXIT_CODES = (2, 3, 74, 75)
+# finetune.py's deliberate stops, each explained in its own line: user error, training diverged, retention fell
+# (--retention_min), a save failed (finetune_faults), preempted (finetune_preemption)
+DELIBERATE_EXIT_CODES = (2, 3, 4, 74, 75)
 
 
 def _not_a_deliberate_exit(record):
