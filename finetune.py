@@ -153,6 +153,9 @@ class DataArguments:
         default=None, metadata={"help": "Reference prompts for the retention measurement (same syntax and formats as "
                                 "--data_path; a record with an answer keeps it, one without is answered by the base "
                                 "model). Default: the built-in set, retention_prompts.jsonl. README: Retention."})
+    retention_prompts: int = field(
+        default=16, metadata={"help": "Measure retention on the first N reference prompts (0: all). The cost of a "
+                              "measurement grows with N (README: Retention)."})
     dataset_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Where tokenized datasets are cached (default ~/.cache/finetune)."}
     )
@@ -708,8 +711,9 @@ def retention_cache_file(entries, tokenizer, model_args, data_args, training_arg
     h = hashlib.sha256(json.dumps({
         "data": _cache_key(entries, tokenizer, data_args, training_args), "model": model_args.model_name_or_path,
         "weights": [[os.path.abspath(w), os.stat(w).st_size, os.stat(w).st_mtime_ns] for w in weights],
-        "dtype": [training_args.bf16, training_args.fp16], "q_lora": lora_args.q_lora, "lora": training_args.use_lora,
-        "attn": model_args.attn_implementation, "version": RETENTION_CACHE_VERSION,
+        "dtype": [training_args.bf16, training_args.fp16], "q_lora": lora_args.q_lora,
+        "attn": model_args.attn_implementation, "prompts": data_args.retention_prompts,
+        "version": RETENTION_CACHE_VERSION,
     }, sort_keys=True).encode())
     return os.path.join(dataset_cache_root(data_args), f"retention-{h.hexdigest()[:20]}.json")
 
@@ -726,6 +730,7 @@ def load_retention(tokenizer, model_args, data_args, training_args, lora_args):
     entries = resolve_data_spec(spec)[0]
     try:
         conversations = read_reference(entries, "--retention_data" if data_args.retention_data else "built-in set")
+        conversations = conversations[:data_args.retention_prompts or None]
     except DataError:
         if training_args.process_index != 0:
             sys.exit(2)

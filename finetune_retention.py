@@ -1,7 +1,8 @@
 """Retention: how much of the base model's behaviour the model under training keeps (README: "Retention").
 
 Before the first step the base model (for an adapter: the same model with its adapters disabled, no second copy)
-answers a reference set of general prompts (retention_prompts.jsonl, written for this project, or --retention_data),
+answers a reference set of general prompts (the first --retention_prompts of retention_prompts.jsonl, written for
+this project, or of --retention_data),
 greedily and at most MAX_NEW_TOKENS tokens, once; a record that brings its own answer keeps it. One teacher-forced
 forward pass over prompt + answer gives, at every answer position, the base's top-1 token and the answer token's
 negative log-likelihood (NLL). At every evaluation and at the end the same forward pass on the model under training
@@ -42,7 +43,7 @@ from finetune_faults import RETENTION_EXIT_CODE, Fault
 from finetune_report import log0, plot_loss
 
 BUILTIN_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retention_prompts.jsonl")
-MAX_NEW_TOKENS = 48  # the base's answers: short, generated once
+MAX_NEW_TOKENS = 24  # the base's answers: a sentence or so, generated once
 BATCH = 8  # sequences per forward pass (the logits of the answer positions only are computed)
 VERSION = "1"  # bump when the base figures change meaning
 
@@ -58,6 +59,8 @@ def check_flags(data_args, training_args):
         raise ValueError(f"--retention_min {low}: retention lies between 0 and 1; give e.g. 0.9.")
     if low is not None and not training_args.retention:
         raise ValueError("--retention_min needs the retention measurement: drop --retention false.")
+    if data_args.retention_prompts < 0:
+        raise ValueError(f"--retention_prompts {data_args.retention_prompts}: give a number of prompts, or 0 for all.")
     if data_args.retention_data and not training_args.retention:
         raise ValueError("--retention_data needs the retention measurement: drop --retention false.")
 
