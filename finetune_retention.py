@@ -284,8 +284,10 @@ class RetentionEvaluation:
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if eval_dataset is not None or self.eval_dataset is not None or self.retention is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        start = time.time()
+        start, again = time.time(), self.retention.last[0] == self.state.global_step
         metrics = self.retention.measure(self.model, self.state.global_step, metric_key_prefix)
+        if again:  # the final evaluation right after a scheduled one: already logged and checked
+            return metrics
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
