@@ -64,8 +64,8 @@ from finetune_faults import (Fault, FaultHandling, NonFiniteGuard, cache_temp_na
                              checkpoint_bytes, remove_new_files, reuse_cache_entry, saving, warn_if_low_space,
                              write_cache_manifest)
 from finetune_report import data_report, log0, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
-from finetune_retention import (BUILTIN_REFERENCE, Retention, RetentionCallback, RetentionEvaluation,  # noqa: E402
-                                eval_schedule, read_reference, summary)
+from finetune_retention import (BUILTIN_PROMPTS, BUILTIN_REFERENCE, Retention, RetentionCallback,  # noqa: E402
+                                RetentionEvaluation, eval_schedule, read_reference, summary)
 from finetune_retention import check_flags as check_retention_flags  # noqa: E402
 from finetune_retention import encode as encode_reference  # noqa: E402
 from finetune_sources import check_data_flags, file_id, resolve_data_spec  # noqa: E402
@@ -153,9 +153,10 @@ class DataArguments:
         default=None, metadata={"help": "Reference prompts for the retention measurement (same syntax and formats as "
                                 "--data_path; a record with an answer keeps it, one without is answered by the base "
                                 "model). Default: the built-in set, retention_prompts.jsonl. README: Retention."})
-    retention_prompts: int = field(
-        default=16, metadata={"help": "Measure retention on the first N reference prompts (0: all). The cost of a "
-                              "measurement grows with N (README: Retention)."})
+    retention_prompts: Optional[int] = field(
+        default=None, metadata={"help": "Measure retention on the first N reference prompts (0: all). Default: 8 of "
+                                "the built-in set (a measurement within 5% of the demo's training time), all of "
+                                "--retention_data. A measurement's cost grows with N (README: Retention)."})
     dataset_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Where tokenized datasets are cached (default ~/.cache/finetune)."}
     )
@@ -730,7 +731,9 @@ def load_retention(tokenizer, model_args, data_args, training_args, lora_args):
     entries = resolve_data_spec(spec)[0]
     try:
         conversations = read_reference(entries, "--retention_data" if data_args.retention_data else "built-in set")
-        conversations = conversations[:data_args.retention_prompts or None]
+        n = data_args.retention_prompts
+        n = BUILTIN_PROMPTS if n is None and not data_args.retention_data else n
+        conversations = conversations[:n or None]
     except DataError:
         if training_args.process_index != 0:
             sys.exit(2)

@@ -882,7 +882,8 @@ def normalized_rows(entries, data_format, skip_invalid, stats, need_answer=True)
                             raise RecordError("record", no_format(list(record)))
                         fstats["format"] = fmt
                         conversation = {"text": normalize_text(record)} if fmt == "text" else \
-                            dict(zip(("messages", "tools"), normalize_record(record, fmt, options.get("tags"), need_answer)))
+                            dict(zip(("messages", "tools"),
+                                     normalize_record(record, fmt, options.get("tags"), need_answer)))
                     except RecordError as e:
                         fstats["invalid"] += 1
                         n_invalid += 1

@@ -1,12 +1,11 @@
 """Retention: how much of the base model's behaviour the model under training keeps (README: "Retention").
 
 Before the first step the base model (for an adapter: the same model with its adapters disabled, no second copy)
-answers a reference set of general prompts (the first --retention_prompts of retention_prompts.jsonl, written for
-this project, or of --retention_data),
-greedily and at most MAX_NEW_TOKENS tokens, once; a record that brings its own answer keeps it. One teacher-forced
-forward pass over prompt + answer gives, at every answer position, the base's top-1 token and the answer token's
-negative log-likelihood (NLL). At every evaluation and at the end the same forward pass on the model under training
-gives:
+answers a reference set of general prompts (by default the first 8 of retention_prompts.jsonl, written for this
+project, or --retention_data) greedily and at most MAX_NEW_TOKENS tokens, once; a record that brings its own answer
+keeps it. One teacher-forced forward pass over prompt + answer gives, at every answer position, the base's top-1 token
+and the answer token's negative log-likelihood (NLL). At every evaluation and at the end the same forward pass on the
+model under training gives:
 
     eval_retention             share of answer positions where the model still ranks first what the base ranked
                                first (for the base's own answers: the share of its answer tokens it still ranks first)
@@ -43,6 +42,7 @@ from finetune_faults import RETENTION_EXIT_CODE, Fault
 from finetune_report import log0, plot_loss
 
 BUILTIN_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retention_prompts.jsonl")
+BUILTIN_PROMPTS = 8  # measured by default: its first 8 (one of each kind, then more), ~500 tokens a measurement
 MAX_NEW_TOKENS = 24  # the base's answers: a sentence or so, generated once
 BATCH = 8  # sequences per forward pass (the logits of the answer positions only are computed)
 VERSION = "1"  # bump when the base figures change meaning
@@ -59,7 +59,7 @@ def check_flags(data_args, training_args):
         raise ValueError(f"--retention_min {low}: retention lies between 0 and 1; give e.g. 0.9.")
     if low is not None and not training_args.retention:
         raise ValueError("--retention_min needs the retention measurement: drop --retention false.")
-    if data_args.retention_prompts < 0:
+    if data_args.retention_prompts is not None and data_args.retention_prompts < 0:
         raise ValueError(f"--retention_prompts {data_args.retention_prompts}: give a number of prompts, or 0 for all.")
     if data_args.retention_data and not training_args.retention:
         raise ValueError("--retention_data needs the retention measurement: drop --retention false.")
@@ -114,7 +114,8 @@ def _synced():
     collective gathering the weights)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    return is_deepspeed_zero3_enabled() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return is_deepspeed_zero3_enabled() and distributed
 
 
 def _device(model):

@@ -63,7 +63,8 @@ def test_retention_min_stops_or_warns_and_is_logged_everywhere(tiny_model, tmp_p
     proc = run_finetune([*common, "--output_dir", stop, "--save_steps", 1], check=False)
     assert proc.returncode == 4, proc.stdout[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
-    assert re.search(r"error: retention fell below --retention_min at step 2: eval_retention 0\.\d+ < 0\.999", last), last
+    pattern = r"error: retention fell below --retention_min at step 2: eval_retention 0\.\d+ < 0\.999"
+    assert re.search(pattern, last), last
     assert (stop / "checkpoint-1").is_dir() and not (stop / "checkpoint-2").exists()
     assert not (stop / "model.safetensors").exists()
     assert [h["step"] for h in read_log_history(stop) if "eval_retention" in h] == [2]
