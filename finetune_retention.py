@@ -318,6 +318,10 @@ class RetentionCallback(transformers.TrainerCallback):
             steps = self.schedule[1]
             self.every = max(1, math.ceil(state.max_steps * steps) if steps < 1 else int(steps))
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.load_best_model_at_end:  # other weights now: the final evaluation measures again
+            self.retention.last = (None, None)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.every and state.global_step % self.every == 0:
             control.should_evaluate = True
