@@ -255,9 +255,8 @@ class Retention:
             top1, nll = score(model, self.base["items"], self.pad)
         same = top1 == self.base_top1
         kept = torch.zeros(len(self.base["items"])).index_add_(0, self.owner, (~same).float()) == 0
-        figures = {"retention": round(float(same.double().mean()), 6),
-                   "retention_extra_nll": round(float((nll - self.base_nll).mean()), 6),
-                   "retention_answers": round(float(kept.double().mean()), 6)}
+        figures = {"retention": float(same.double().mean()), "retention_extra_nll": float((nll - self.base_nll).mean()),
+                   "retention_answers": float(kept.double().mean())}
         self.last = (step, figures)
         return {f"{prefix}_{k}": v for k, v in figures.items()}
 
