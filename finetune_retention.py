@@ -205,8 +205,8 @@ class Retention:
                 return cached
         return None
 
-    def _save(self, base):
-        for path in (self.cache_file, self.output_copy):
+    def _save(self, base, paths=None):
+        for path in paths or (self.cache_file, self.output_copy):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
@@ -222,6 +222,8 @@ class Retention:
                  "this resumed run measures from the resumed model (retention 1.0 = unchanged since the resume)")
         if cached is not None:
             self.base, how = cached, "from the cache"
+            if is_main and not os.path.isfile(self.output_copy):  # a resumed run finds them there
+                self._save(cached, (self.output_copy,))
         else:
             with _Eval(model), _base_model(model):
                 todo = [i for i, it in enumerate(self.items) if "ids" not in it]
