@@ -44,6 +44,7 @@ def plot(folder, picture):
     import matplotlib.pyplot as plt
 
     fig, (top, below) = plt.subplots(2, 1, figsize=(6.4, 5), sharex=True, height_ratios=(3, 2))
+    right = top.twinx()
     for (lr, epochs), color in zip(RUNS, ("tab:blue", "tab:red")):
         out = Path(folder) / f"lr{lr}_ep{epochs}"
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -53,16 +54,20 @@ def plot(folder, picture):
         ret = [(0, 1.0)] + [(h["epoch"], h["eval_retention"]) for h in history
                             if "eval_retention" in h and "eval_runtime" in h and h["eval_runtime"] > 0]
         top.plot(*zip(*ret), "o-", color=color, label=label)
+        extra = [(0, 0.0)] + [(h["epoch"], h["eval_retention_extra_nll"]) for h in history
+                              if "eval_retention" in h and h.get("eval_runtime", 0) > 0]
+        right.plot(*zip(*extra), ":", color=color, alpha=0.7)
         loss = [(h["epoch"], h["loss"]) for h in history if "loss" in h]
         below.plot(*zip(*loss), ".-", color=color)
         timed = [h["eval_runtime"] for h in history if "eval_retention" in h]
         train = next(h["train_runtime"] for h in history if "train_runtime" in h)
         print(f"lr {lr} x {epochs}: retention {ret[-1][1]:.3f}, measuring {sum(timed):.0f} s of {train:.0f} s "
               f"({100 * sum(timed) / train:.1f} %, {len(timed)} measurements), answers {answers}")
-    top.set_ylabel("retention (1 = base unchanged)")
+    top.set_ylabel("retention (1 = base unchanged), solid")
+    right.set_ylabel("extra NLL, nats/token (dotted)")
     top.set_title("SmolLM2-135M-Instruct, LoRA on the demo data")
     top.grid(alpha=0.3)
-    top.legend(fontsize=8)
+    top.legend(fontsize=8, loc="center right")
     below.set_ylabel("train loss")
     below.set_xlabel("epoch")
     below.grid(alpha=0.3)
