@@ -172,13 +172,18 @@ def score(model, items, pad_token_id):
 
 
 class _Eval:
-    """model.eval() inside, the previous mode restored after (dropout off while measuring)."""
+    """model.eval() inside, the previous mode restored after (dropout off while measuring). bitsandbytes' 4-bit layers
+    stay in training mode: on CPU, one forward in eval mode repacks their weights for inference for good, and Q-LoRA's
+    next training step then fails (bitsandbytes 0.50, Linear4bit.forward); they have no dropout to turn off."""
 
     def __init__(self, model):
         self.model, self.training = model, model.training
 
     def __enter__(self):
         self.model.eval()
+        for module in self.model.modules():
+            if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
+                module.train()
 
     def __exit__(self, *exc):
         self.model.train(self.training)
