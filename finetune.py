@@ -727,6 +727,9 @@ def load_retention(tokenizer, model_args, data_args, training_args, lora_args):
     A bad --retention_data stops every process with the `file:line` errors of --data_path (said once, by rank 0)."""
     if not training_args.retention:
         return None
+    if training_args.sequence_parallel_size > 1:  # its attention expects every sequence split across the group
+        log0("note: retention is not measured under sequence parallelism (--sequence_parallel_size > 1)")
+        return None
     spec = data_args.retention_data or BUILTIN_REFERENCE
     entries = resolve_data_spec(spec)[0]
     try:
