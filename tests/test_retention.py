@@ -9,13 +9,12 @@ x 8 epochs (which make the model answer "Lutz" for France) retain measurably les
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import ENV, ROOT, read_log_history, run_finetune, write_jsonl
-from test_distributed import DEMO, ZERO3, free_port, torchrun, torchrun_cmd
+from conftest import read_log_history, run_finetune, write_jsonl
+from test_distributed import DEMO, ZERO3, torchrun
 
 FIGURES = ("eval_retention", "eval_retention_extra_nll", "eval_retention_answers")
 
@@ -87,6 +86,7 @@ def test_retention_min_stops_or_warns_and_is_logged_everywhere(tiny_model, tmp_p
     assert (warn / "training_loss.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # test_distributed's ZeRO-3 runs on 2 processes (retention on by default) still run by default
 def test_zero3_two_processes_measure_what_one_process_measures(tiny_model, tmp_path):
     """One process (batch 4) and ZeRO-3 on two processes (2 x 2), each with a cache of its own so that both generate
     and score the base: the same base answers, the same base figures, and after 4 steps the same eval_retention
