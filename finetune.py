@@ -704,6 +704,9 @@ def load_datasets(data_args, training_args, tokenizer):
     return train, evaluation, reports
 
 
+RETENTION_CACHE_VERSION = "1"  # bump when the cached base figures change meaning
+
+
 def retention_cache_file(entries, tokenizer, model_args, data_args, training_args, lora_args):
     """Where the base model's retention figures are cached: beside the tokenized datasets, keyed by the reference
     files and tokenization (the dataset cache key) and by the model's weights and how they are computed."""
@@ -717,9 +720,6 @@ def retention_cache_file(entries, tokenizer, model_args, data_args, training_arg
         "version": RETENTION_CACHE_VERSION,
     }, sort_keys=True).encode())
     return os.path.join(dataset_cache_root(data_args), f"retention-{h.hexdigest()[:20]}.json")
-
-
-RETENTION_CACHE_VERSION = "1"
 
 
 def load_retention(tokenizer, model_args, data_args, training_args, lora_args):
