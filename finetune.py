@@ -26,6 +26,7 @@ This file is the training script, in the order a run goes. Self-contained machin
   finetune_adapter.py      an adapter put back on its base (chat.py, merge_lora.py), peft's wrapping
   finetune_console.py      what the console shows: rank-0 log lines, did-you-mean, no library progress bars
   finetune_report.py       memory estimate, token statistics, data report, loss plot
+  finetune_retention.py    how much of the base model's behaviour the model under training keeps (eval_retention)
 """
 
 import functools
@@ -69,6 +70,10 @@ from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_si
 from finetune_faults import (Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving,  # noqa: E402
                              warn_if_low_space)
 from finetune_report import data_report, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
+from finetune_retention import (BUILTIN_PROMPTS, BUILTIN_REFERENCE, Retention, RetentionCallback,  # noqa: E402
+                                RetentionEvaluation, eval_schedule, read_reference, summary)
+from finetune_retention import check_flags as check_retention_flags  # noqa: E402
+from finetune_retention import encode as encode_reference  # noqa: E402
 from finetune_sources import check_data_flags, file_id, resolve_data_spec  # noqa: E402
 from finetune_template import (check_chat_template_flag, chat_template_source, encode_regions,  # noqa: E402
                                render_conversation)
@@ -158,6 +163,14 @@ class DataArguments:
                   "source: every data source in the step weighs the same.",
                   "choices": ["token", "sample", "source"]},
     )
+    retention_data: Optional[str] = field(
+        default=None, metadata={"help": "Reference prompts for the retention measurement (same syntax and formats as "
+                                "--data_path; a record with an answer keeps it, one without is answered by the base "
+                                "model). Default: the built-in set, retention_prompts.jsonl. README: Retention."})
+    retention_prompts: Optional[int] = field(
+        default=None, metadata={"help": "Measure retention on the first N reference prompts (0: all). Default: 8 of "
+                                "the built-in set (a measurement within 5% of the demo's training time), all of "
+                                "--retention_data. A measurement's cost grows with N (README: Retention)."})
     dataset_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Where tokenized datasets are cached (default ~/.cache/finetune)."}
     )
@@ -225,6 +238,14 @@ class TrainingArguments(transformers.TrainingArguments):
         default=True, metadata={"help": "Stop at the first step whose loss or gradient norm is NaN/inf (exit code 3; "
                                 "nothing of that step is saved). False: train on regardless."}
     )
+    retention: bool = field(
+        default=True, metadata={"help": "Measure at every evaluation and at the end how much of the base model's "
+                                "behaviour is kept (eval_retention, 1 = unchanged; README: Retention). False: off."})
+    retention_min: Optional[float] = field(
+        default=None, metadata={"help": "Act when eval_retention falls below this (0..1): see --retention_action."})
+    retention_action: str = field(
+        default="stop", metadata={"help": "stop: end the run (exit code 4, the last checkpoint kept) | warn: a "
+                                  "WARNING line, training goes on.", "choices": ["stop", "warn"]})
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "True: log a NaN/inf training loss as the mean of the previous ones "
                                  "(transformers' default, which hides a diverged run). False: log it as it is."}
@@ -317,6 +338,9 @@ def validate_args(model_args, data_args, training_args, lora_args):
         if shared:
             log0(f"note: --eval_data_path files also in --data_path (evaluated on training data): {', '.join(shared)}")
     check_chat_template_flag(model_args.chat_template)
+    check_retention_flags(data_args, training_args)
+    if data_args.retention_data:  # missing files, folders, Hub ids: said now, as for --data_path
+        resolve_data_spec(data_args.retention_data)
     if lora_args.q_lora:
         training_args.use_lora = True  # Q-LoRA means LoRA on a 4-bit base; never silently full fine-tuning
         if zero_stage(training_args) == 3:
@@ -708,6 +732,54 @@ def load_datasets(data_args, training_args, tokenizer):
     return train, evaluation, reports
 
 
+RETENTION_CACHE_VERSION = "1"  # bump when the cached base figures change meaning
+
+
+def retention_cache_file(entries, tokenizer, model_args, data_args, training_args, lora_args):
+    """Where the base model's retention figures are cached: beside the tokenized datasets, keyed by the reference
+    files and tokenization (the dataset cache key) and by the model's weights and how they are computed."""
+    weights = sorted(glob.glob(os.path.join(model_args.model_name_or_path, "*.safetensors")) +
+                     glob.glob(os.path.join(model_args.model_name_or_path, "*.bin")))
+    h = hashlib.sha256(json.dumps({
+        "model": model_args.model_name_or_path,
+        "weights": [[os.path.abspath(w), os.stat(w).st_size, os.stat(w).st_mtime_ns] for w in weights],
+        "dtype": [training_args.bf16, training_args.fp16], "q_lora": lora_args.q_lora,
+        "attn": model_args.attn_implementation, "prompts": data_args.retention_prompts,
+        "version": RETENTION_CACHE_VERSION,
+    }, sort_keys=True).encode())
+    return f"{entry_path(entries, tokenizer, data_args, training_args)}-retention-{h.hexdigest()[:20]}.json"
+
+
+def load_retention(tokenizer, model_args, data_args, training_args, lora_args):
+    """The retention reference set, read (every process: it is small) and tokenized -> Retention, or None when off.
+    A bad --retention_data stops every process with the `file:line` errors of --data_path (said once, by rank 0)."""
+    if not training_args.retention:
+        return None
+    if training_args.sequence_parallel_size > 1:  # its attention expects every sequence split across the group
+        log0("note: retention is not measured under sequence parallelism (--sequence_parallel_size > 1)")
+        return None
+    spec = data_args.retention_data or BUILTIN_REFERENCE
+    entries = resolve_data_spec(spec)[0]
+    try:
+        conversations = read_reference(entries, "--retention_data" if data_args.retention_data else "built-in set")
+        n = data_args.retention_prompts
+        n = BUILTIN_PROMPTS if n is None and not data_args.retention_data else n
+        conversations = conversations[:n or None]
+    except DataError:
+        if training_args.process_index != 0:
+            sys.exit(ExitCode.BAD_INPUT)
+        raise
+    tokenize = functools.partial(_tokenize_arrays, tokenizer, max_length=training_args.model_max_length,
+                                 template_kwargs=data_args.template_kwargs)
+    items = encode_reference(conversations, tokenizer, tokenize, training_args.model_max_length,
+                             data_args.template_kwargs)
+    if not items:
+        raise DataError(f"{spec}: no reference prompt fits --model_max_length {training_args.model_max_length}.")
+    source = data_args.retention_data or "built-in set"
+    return Retention(items, retention_cache_file(entries, tokenizer, model_args, data_args, training_args, lora_args),
+                     training_args.output_dir, source, tokenizer)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batching: length-grouped padding, or padding-free packing
 # ---------------------------------------------------------------------------------------------
@@ -978,7 +1050,7 @@ def shifted_labels(batch):
     return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-class FinetuneTrainer(FaultHandling, Trainer):
+class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
     """HF Trainer with a loss that is a weighted mean over the trained tokens of the whole optimizer
     step (all micro-batches, all ranks), so batch layout, packing and gradient accumulation do not
     change what is optimised:
@@ -986,10 +1058,13 @@ class FinetuneTrainer(FaultHandling, Trainer):
         loss = sum_t w_t * CE_t / sum_t w_t,   w_t = 1 (token) | 1/n_sample (sample) | 1/n_source (source)
 
     The per-token CE is also summed per source for the `loss_<source>` metrics: no second forward pass.
-    FaultHandling (finetune_faults.py) stops a diverging run and turns a failed save into one line."""
+    FaultHandling (finetune_faults.py) stops a diverging run and turns a failed save into one line;
+    RetentionEvaluation (finetune_retention.py) adds eval_retention to every evaluation."""
 
-    def __init__(self, *args, loss_balance="token", source_names=(), eval_source_names=None, **kwargs):
+    def __init__(self, *args, loss_balance="token", source_names=(), eval_source_names=None, retention=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.retention = retention
         self.loss_balance, self.source_names = loss_balance, list(source_names) or ["data"]
         self.loss_is_scaled_for_ga = True  # compute_loss already divides by the step-wide weight
         self.token_loss = TrainedTokenLoss(self.args.loss_chunk_tokens, fused=self.args.fused_loss == "cce")
@@ -1234,8 +1309,12 @@ def make_collator(tokenizer, attn, packing, sp):
 
 def save_results(trainer, tokenizer, result, report, has_eval):
     """The final model, metrics, state and report. A failed write ends the run with one line, and the weight files
-    it wrote are removed (finetune_faults.saving): no half-written model is left to be loaded."""
+    it wrote are removed (finetune_faults.saving): no half-written model is left to be loaded. The final evaluation
+    comes first: a model whose retention fell below --retention_min is not saved as the result."""
     training_args = trainer.args
+    final_eval = trainer.evaluate() if has_eval or trainer.retention is not None else None
+    if trainer.retention is not None:
+        log0(summary(final_eval))
     since = time.time() - 1  # a failed final save removes the weight files it wrote (finetune_faults.saving)
 
     def final_bytes():
@@ -1247,8 +1326,8 @@ def save_results(trainer, tokenizer, result, report, has_eval):
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
-        if has_eval:
-            trainer.save_metrics("eval", trainer.evaluate())
+        if final_eval is not None:
+            trainer.save_metrics("eval", final_eval)
         if training_args.process_index == 0:
             write_report(report, training_args.output_dir)
 
@@ -1273,6 +1352,8 @@ def train(argv=None):
         return finish_dry_run(report, training_args)
 
     finish_training_args(training_args, eval_data is not None)
+    retention = load_retention(tokenizer, model_args, data_args, training_args, lora_args)
+    schedule = eval_schedule(training_args, eval_data is not None)  # a run without an evaluation set
     checkpoint = find_resume_checkpoint(training_args)
     adapt_to_world_size(checkpoint, training_args)
     log_run_plan(report, training_args, attn, len(train_data))
@@ -1284,11 +1365,15 @@ def train(argv=None):
                  NonFiniteGuard(training_args, reports[0]["sources"], agreement)]
     if training_args.early_stopping_patience:
         callbacks.append(transformers.EarlyStoppingCallback(training_args.early_stopping_patience))
+    if retention is not None:  # base figures at train begin, the --retention_min guard
+        callbacks.append(RetentionCallback(retention, schedule, training_args.retention_min,
+                                           training_args.retention_action))
     trainer = FinetuneTrainer(
         model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
         data_collator=make_collator(tokenizer, attn, packing, training_args.sequence_parallel_size),
         processing_class=tokenizer, callbacks=callbacks, loss_balance=data_args.loss_balance,
         source_names=reports[0]["sources"], eval_source_names=reports[1]["sources"] if eval_data is not None else None,
+        retention=retention,
     )
 
     if checkpoint:

@@ -140,8 +140,8 @@ shell_line() {  # the command as one line to copy: words quoted only where the s
 if [[ -n "${FINETUNE_PRINT_CMD:-}" ]]; then shell_line "${CMD[@]}"; exit 0; fi
 
 # torchrun exits 1 whenever it got a signal or a worker failed, so each worker writes its exit code (0 done,
-# 2 user error, 3 diverged, 74 save failed, 75 preempted: finetune_exit_codes.py, tests/test_exit_codes.py) to a
-# file and this script exits with what they meant.
+# 2 user error, 3 diverged, 4 retention fell, 74 save failed, 75 preempted: finetune_exit_codes.py,
+# tests/test_exit_codes.py) to a file and this script exits with what they meant.
 export FINETUNE_EXIT_CODE_FILE="$(mktemp "${TMPDIR:-/tmp}/finetune-exit.XXXXXX")"
 trap 'rm -f "$FINETUNE_EXIT_CODE_FILE"' EXIT
 echo "[finetune.sh] $(shell_line "${CMD[@]}")" >&2  # what runs, once
@@ -153,7 +153,7 @@ while true; do  # `wait` returns early when a trapped signal arrives; wait again
   kill -0 "$LAUNCHER" 2>/dev/null || break
 done
 codes=$(sort -u "$FINETUNE_EXIT_CODE_FILE")
-if [[ "$rc" -ne 0 && "$(wc -l < "$FINETUNE_EXIT_CODE_FILE")" -eq "$GPUS_PER_NODE" && "$codes" =~ ^(0|2|3|74|75)$ ]]; then
+if [[ "$rc" -ne 0 && "$(wc -l < "$FINETUNE_EXIT_CODE_FILE")" -eq "$GPUS_PER_NODE" && "$codes" =~ ^(0|2|3|4|74|75)$ ]]; then
   rc=$codes  # every worker of this node ended the same deliberate way
 fi
 exit "$rc"

@@ -594,13 +594,16 @@ def _check_keys(record):
                           "media or use a multimodal trainer")
 
 
-def normalize_record(record, fmt, tags=None):
-    """Any supported record -> (messages, tools), or RecordError naming the field and the problem."""
+def normalize_record(record, fmt, tags=None, need_answer=True):
+    """Any supported record -> (messages, tools), or RecordError naming the field and the problem. need_answer
+    False: a conversation without an assistant turn is a prompt (retention's reference set, finetune_retention.py)."""
     _check_keys(record)
     if REQUIRED_KEY[fmt] not in record:
         raise RecordError(REQUIRED_KEY[fmt], f"missing (file read as {fmt} format)")
     messages, tools = ADAPTERS[fmt](record, tags)
     assistants = [m for m in messages if m["role"] == "assistant"]
+    if not assistants and not need_answer:
+        return messages, tools
     if not assistants:
         raise RecordError(REQUIRED_KEY[fmt], "no assistant turn to train on")
     if not any(is_trained(m) for m in assistants):
@@ -948,10 +951,10 @@ def fill_placeholders(conversation, values, where, found):
     return conversation
 
 
-def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None):
+def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None, need_answer=True):
     """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes. Without
     --skip_invalid_records the first invalid record stops the output but not the reading: every file is
-    still validated so that the error names the total count."""
+    still validated so that the error names the total count. need_answer: see normalize_record."""
     errors, n_invalid, seen = [], 0, set()
     stats.setdefault("placeholders", {"records": 0, "by_name": {}, "first": None, "filled": {}})
 
@@ -982,7 +985,8 @@ def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None
                             raise RecordError("record", no_format(list(record)))
                         fstats["format"] = fmt
                         conversation = {"text": normalize_text(record)} if fmt == "text" else \
-                            dict(zip(("messages", "tools"), normalize_record(record, fmt, options.get("tags"))))
+                            dict(zip(("messages", "tools"),
+                                     normalize_record(record, fmt, options.get("tags"), need_answer)))
                         conversation = fill_placeholders(conversation, placeholders, f"{file}:{where}",
                                                          stats["placeholders"])
                     except RecordError as e:

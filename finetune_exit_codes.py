@@ -13,6 +13,7 @@ import os
 class ExitCode(enum.IntEnum):
     BAD_INPUT = 2  # a user error (flag, file, data, a damaged dataset cache that cannot be removed)
     DIVERGED = 3  # the loss or gradient norm became NaN/inf: rerunning as is meets the same step again
+    RETENTION = 4  # --retention_min: the model forgot more than allowed (finetune_retention.py)
     SAVE_FAILED = 74  # sysexits' EX_IOERR: a save failed (disk full, quota, ...); rerun once fixed
     PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again": a checkpoint was written on SIGTERM/SIGUSR1
 

@@ -37,9 +37,18 @@ def plot_loss(log_history, output_dir):
 
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    retention = [(h["step"], h["eval_retention"]) for h in log_history if "eval_retention" in h]
     if not train and not evals:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    if retention:  # a second panel below, on the same steps: what of the base model is kept (finetune_retention)
+        fig, (ax, below) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+        below.plot(*zip(*retention), "o-", color="tab:green", label="retention (1 = base unchanged)")
+        below.set_ylabel("retention")
+        below.set_xlabel("step")
+        below.grid(alpha=0.3)
+        below.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, label="train loss")
@@ -47,7 +56,7 @@ def plot_loss(log_history, output_dir):
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss")
     ax.set_title(f"{os.path.basename(os.path.normpath(output_dir))}: loss per step")
-    ax.set_xlabel("step")
+    ax.set_xlabel("" if retention else "step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -1,0 +1,355 @@
+"""Retention: how much of the base model's behaviour the model under training keeps (README: "Retention").
+
+Before the first step the base model (for an adapter: the same model with its adapters disabled, no second copy)
+answers a reference set of general prompts (by default the first 8 of retention_prompts.jsonl, written for this
+project, or --retention_data) greedily and at most MAX_NEW_TOKENS tokens, once; a record that brings its own answer
+keeps it. One teacher-forced forward pass over prompt + answer gives, at every answer position, the base's top-1 token
+and the answer token's negative log-likelihood (NLL). At every evaluation and at the end the same forward pass on the
+model under training gives:
+
+    eval_retention             share of answer positions where the model still ranks first what the base ranked
+                               first (for the base's own answers: the share of its answer tokens it still ranks first)
+    eval_retention_extra_nll   mean NLL of the answer tokens minus the base's (nats per token; 0: unchanged)
+    eval_retention_answers     share of reference answers kept at every position (for the base's own answers: the
+                               share it would still give word for word, greedily)
+
+Every process computes the same batches on the whole set (no rank measures alone: under ZeRO-3 every forward is a
+collective), so the figure does not depend on the number of processes. The base figures are cached beside the
+dataset cache (finetune.py names the file) and copied into OUTPUT_DIR (a resumed run finds them there).
+
+What finetune.py uses:
+  BUILTIN_REFERENCE, check_flags, read_reference  the reference set (read by finetune_data's reader and validator)
+  Retention(items, cache_file, output_dir)        base figures (record_base) and measurements (measure)
+  RetentionEvaluation                             a Trainer mixin: retention joins every evaluation's metrics; with
+                                                  no evaluation set, evaluate() measures retention alone
+  RetentionCallback                               base figures at train begin, the --eval_strategy schedule of a
+                                                  run without an evaluation set, the --retention_min guard
+  eval_schedule, summary                          the schedule taken from TrainingArguments; the closing log line
+"""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+
+from finetune_data import DataError, normalized_rows
+from finetune_console import log0
+from finetune_exit_codes import ExitCode
+from finetune_faults import Fault
+from finetune_report import plot_loss
+
+BUILTIN_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retention_prompts.jsonl")
+BUILTIN_PROMPTS = 8  # measured by default: its first 8 (one of each kind, then more), ~500 tokens a measurement
+MAX_NEW_TOKENS = 24  # the base's answers: a sentence or so, generated once
+BATCH = 8  # sequences per forward pass (the logits of the answer positions only are computed)
+VERSION = "1"  # bump when the base figures change meaning
+
+
+class RetentionFell(Fault):
+    exit_code = int(ExitCode.RETENTION)
+
+
+def check_flags(data_args, training_args):
+    """--retention_min / --retention_action, before anything is loaded."""
+    low = training_args.retention_min
+    if low is not None and not 0 <= low <= 1:
+        raise ValueError(f"--retention_min {low}: retention lies between 0 and 1; give e.g. 0.9.")
+    if low is not None and not training_args.retention:
+        raise ValueError("--retention_min needs the retention measurement: drop --retention false.")
+    if data_args.retention_prompts is not None and data_args.retention_prompts < 0:
+        raise ValueError(f"--retention_prompts {data_args.retention_prompts}: give a number of prompts, or 0 for all.")
+    if data_args.retention_data and not training_args.retention:
+        raise ValueError("--retention_data needs the retention measurement: drop --retention false.")
+
+
+def read_reference(entries, flag):
+    """[(messages, tools)] of the reference files, through the training data's reader and validator (the same
+    `file:line: field: problem` errors); a conversation may end without an answer (the base will answer it)."""
+    stats = {"files": {}, "invalid": {}, "rows": 0}
+    try:
+        rows = list(normalized_rows(entries, "auto", False, stats, need_answer=False))
+    except DataError as e:
+        raise DataError(f"{flag}: invalid data, nothing was trained:\n{e}") from None
+    out = []
+    for row in rows:
+        c = json.loads(row["conversation"])
+        out.append(([{"role": "user", "content": c["text"]}], None) if "text" in c else (c["messages"], c["tools"]))
+    return out
+
+
+def encode(conversations, tokenizer, tokenize, max_length, template_kwargs=None):
+    """-> [{"ids", "positions"} with the answer; {"prompt"} without]. positions: the token positions whose next token
+    is an answer token (tokenize: finetune.py's conversation -> (ids, labels, status), labels -100 where untrained)."""
+    answered = [i for i, (m, _) in enumerate(conversations) if m[-1]["role"] == "assistant"]
+    items = [None] * len(conversations)
+    for i, (ids, labels, status) in zip(answered, tokenize([conversations[i] for i in answered]) if answered else []):
+        positions = np.flatnonzero(np.asarray(labels[1:]) != -100)
+        if status.startswith(("error:", "dropped:")) or len(positions) == 0:
+            continue
+        items[i] = {"ids": [int(x) for x in ids], "positions": positions.tolist()}
+    for i, (messages, tools) in enumerate(conversations):
+        if i in answered:
+            continue
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
+                                             **(template_kwargs or {}))
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(prompt) + MAX_NEW_TOKENS <= max_length:
+            items[i] = {"prompt": prompt}
+    return [item for item in items if item is not None]
+
+
+def _base_model(model):
+    """A context in which `model` is its base: adapters disabled (peft), else the model itself."""
+    import contextlib
+
+    return model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") \
+        else contextlib.nullcontext()
+
+
+def _synced():
+    """ZeRO-3 under several processes: generate() must go on until every rank is done (each step is a
+    collective gathering the weights)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return is_deepspeed_zero3_enabled() and distributed
+
+
+def _device(model):
+    return next(p for p in model.parameters()).device
+
+
+@torch.no_grad()
+def generate(model, prompts, eos_token_id, pad_token_id):
+    """The model's greedy answers (token lists, through its first end token) to the prompts, BATCH at a time,
+    left-padded."""
+    config = transformers.GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=eos_token_id,
+                                           pad_token_id=pad_token_id, use_cache=True)
+    device, answers = _device(model), []
+    for k in range(0, len(prompts), BATCH):
+        batch = prompts[k:k + BATCH]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=_synced())
+        ends = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+        for row in out[:, width:].tolist():
+            stop = next((j + 1 for j, t in enumerate(row) if t in ends), len(row))
+            answers.append(row[:stop])
+    return answers
+
+
+@torch.no_grad()
+def score(model, items, pad_token_id):
+    """One teacher-forced forward pass -> (top-1 token, NLL of the next token) at every item's positions, in item
+    order. The output head sees only those positions (a pre-hook selects them): the logits of a large vocabulary
+    exist for the answer tokens alone."""
+    head = model.get_output_embeddings()
+    device, top1, nll = _device(model), [], []
+    for k in range(0, len(items), BATCH):
+        batch = items[k:k + BATCH]
+        width = max(len(it["ids"]) for it in batch)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        select = torch.zeros((len(batch), width), dtype=torch.bool)
+        for b, it in enumerate(batch):
+            ids[b, :len(it["ids"])], mask[b, :len(it["ids"])] = torch.tensor(it["ids"]), 1
+            select[b, it["positions"]] = True
+        target = F.pad(ids[:, 1:], (0, 1))[select]
+        sel = select.to(device)
+        hook = head.register_forward_pre_hook(lambda module, args: (args[0][sel][None], *args[1:]))
+        try:
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[0]
+        finally:
+            hook.remove()
+        logits = logits.float()
+        top1.append(logits.argmax(-1).cpu())
+        nll.append((torch.logsumexp(logits, -1) - logits.gather(1, target.to(device)[:, None])[:, 0]).double().cpu())
+    return torch.cat(top1), torch.cat(nll)
+
+
+class _Eval:
+    """model.eval() inside, the previous mode restored after (dropout off while measuring). bitsandbytes' 4-bit layers
+    stay in training mode: on CPU, one forward in eval mode repacks their weights for inference for good, and Q-LoRA's
+    next training step then fails (bitsandbytes 0.50, Linear4bit.forward); they have no dropout to turn off."""
+
+    def __init__(self, model):
+        self.model, self.training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+        for module in self.model.modules():
+            if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
+                module.train()
+
+    def __exit__(self, *exc):
+        self.model.train(self.training)
+
+
+class Retention:
+    """The reference items, their base figures (record_base, once) and the measurement (measure)."""
+
+    def __init__(self, items, cache_file, output_dir, source, tokenizer):
+        self.items, self.cache_file, self.source = items, cache_file, source
+        self.output_copy = os.path.join(output_dir, "retention_base.json")
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.key = os.path.basename(cache_file)
+        self.base, self.last = None, (None, None)
+
+    def _load(self):
+        for path in (self.cache_file, self.output_copy):
+            try:
+                with open(path) as f:
+                    cached = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if cached.get("key") == self.key:
+                return cached
+        return None
+
+    def _save(self, base, paths=None):
+        for path in paths or (self.cache_file, self.output_copy):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(base, f)
+            os.replace(tmp, path)
+
+    def record_base(self, model, is_main, resumed=False):
+        """The base's answers and figures: from the cache, else computed now by every process (written by the
+        main one). A resumed full fine-tune cannot be its own base: then the figures must come from the cache."""
+        start, cached = time.time(), self._load()
+        if cached is None and resumed and not hasattr(model, "peft_config"):
+            log0("note: retention: the base figures are in neither the cache nor OUTPUT_DIR/retention_base.json, so "
+                 "this resumed run measures from the resumed model (retention 1.0 = unchanged since the resume)")
+        if cached is not None:
+            self.base, how = cached, "from the cache"
+            if is_main and not os.path.isfile(self.output_copy):  # a resumed run finds them there
+                self._save(cached, (self.output_copy,))
+        else:
+            with _Eval(model), _base_model(model):
+                todo = [i for i, it in enumerate(self.items) if "ids" not in it]
+                answers = generate(model, [self.items[i]["prompt"] for i in todo], self.eos, self.pad)
+                items = [dict(it) for it in self.items]
+                for i, answer in zip(todo, answers):
+                    prompt = items[i].pop("prompt")
+                    items[i] = {"ids": prompt + answer, "positions": list(range(len(prompt) - 1,
+                                                                                len(prompt) + len(answer) - 1))}
+                items = [it for it in items if it["positions"]]
+                items.sort(key=lambda it: len(it["ids"]))  # similar lengths batched together: little padding
+                top1, nll = score(model, items, self.pad)
+            self.base = {"key": self.key, "items": items, "top1": top1.tolist(), "nll": nll.tolist(),
+                         "generated": len(todo)}
+            how = f"{len(todo)} answers generated" if todo else "answers from the data"
+            if is_main:
+                self._save(self.base)
+        self.base_top1, self.base_nll = torch.tensor(self.base["top1"]), torch.tensor(self.base["nll"])
+        self.owner = torch.repeat_interleave(torch.arange(len(self.base["items"])),
+                                             torch.tensor([len(it["positions"]) for it in self.base["items"]]))
+        log0(f"retention: the base model's answers to {len(self.base['items'])} reference prompts ({self.source}; "
+             f"{len(self.base_top1):,} answer tokens; {how}, {time.time() - start:.1f} s); retention before "
+             "training: 1.000 (1 = the base's behaviour unchanged)")
+
+    def measure(self, model, step=None, prefix="eval"):
+        """{prefix}_retention, {prefix}_retention_extra_nll, {prefix}_retention_answers of `model` now; the same
+        figures again for a second call at the same step (the model has not changed)."""
+        if step is not None and self.last[0] == step:
+            return {f"{prefix}_{k}": v for k, v in self.last[1].items()}
+        with _Eval(model):
+            top1, nll = score(model, self.base["items"], self.pad)
+        same = top1 == self.base_top1
+        kept = torch.zeros(len(self.base["items"])).index_add_(0, self.owner, (~same).float()) == 0
+        figures = {"retention": float(same.double().mean()), "retention_extra_nll": float((nll - self.base_nll).mean()),
+                   "retention_answers": float(kept.double().mean())}
+        self.last = (step, figures)
+        return {f"{prefix}_{k}": v for k, v in figures.items()}
+
+
+def summary(metrics, prefix="eval"):
+    """The closing log line."""
+    get = lambda k: metrics[f"{prefix}_{k}"]  # noqa: E731
+    return (f"retention after training: {get('retention'):.3f} of the base model's top-1 answer tokens kept "
+            f"(extra NLL {get('retention_extra_nll'):+.4f} nats/token; answers kept whole "
+            f"{get('retention_answers'):.3f})")
+
+
+class RetentionEvaluation:
+    """Trainer mixin (before Trainer in the bases). `self.retention`: a Retention or None."""
+
+    retention = None
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.retention is not None:
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            output.metrics.update(self.retention.measure(self.model, self.state.global_step, prefix))
+        return output
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if eval_dataset is not None or self.eval_dataset is not None or self.retention is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        start, again = time.time(), self.retention.last[0] == self.state.global_step
+        metrics = self.retention.measure(self.model, self.state.global_step, metric_key_prefix)
+        if again:  # the final evaluation right after a scheduled one: already logged and checked
+            return metrics
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def eval_schedule(training_args, has_eval):
+    """A run without an evaluation set measures retention at the end, and also on --eval_strategy steps|epoch if
+    given (the Trainer itself then must not evaluate: it has nothing to evaluate) -> (strategy, steps) or None."""
+    strategy = transformers.IntervalStrategy(training_args.eval_strategy)
+    if has_eval or not training_args.retention or strategy == transformers.IntervalStrategy.NO:
+        return None
+    training_args.eval_strategy = transformers.IntervalStrategy.NO
+    return strategy, training_args.eval_steps or training_args.logging_steps
+
+
+class RetentionCallback(transformers.TrainerCallback):
+    """The base figures at train begin; a run without an evaluation set's schedule; the --retention_min guard."""
+
+    def __init__(self, retention, schedule=None, minimum=None, action="stop"):
+        self.retention, self.schedule, self.minimum, self.action = retention, schedule, minimum, action
+        self.every = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.retention.record_base(model, state.is_world_process_zero, resumed=state.global_step > 0)
+        if self.schedule and self.schedule[0] == transformers.IntervalStrategy.STEPS:
+            steps = self.schedule[1]
+            self.every = max(1, math.ceil(state.max_steps * steps) if steps < 1 else int(steps))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.load_best_model_at_end:  # other weights now: the final evaluation measures again
+            self.retention.last = (None, None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            control.should_evaluate = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.schedule and self.schedule[0] == transformers.IntervalStrategy.EPOCH:
+            control.should_evaluate = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get("eval_retention")
+        if self.minimum is None or value is None or value >= self.minimum:
+            return
+        line = (f"retention fell below --retention_min at step {state.global_step}: eval_retention {value:.3f} < "
+                f"{self.minimum:g} (extra NLL {metrics.get('eval_retention_extra_nll', float('nan')):+.4f})")
+        if self.action == "warn":
+            log0(f"WARNING: {line}")
+            return
+        if state.is_world_process_zero:
+            plot_loss(state.log_history, args.output_dir)
+            state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
+        raise RetentionFell(f"{line}; training stopped, nothing of this step saved (the last checkpoint, if any, is "
+                            f"kept; exit code {int(ExitCode.RETENTION)}). Lower the learning rate or the epochs, or "
+                            "--retention_action warn", here=state.is_world_process_zero)

@@ -1,0 +1,151 @@
+"""Retention (finetune_retention.py): how much of the base model's behaviour the model under training keeps.
+
+Tiny model: a bad --retention_data stops the run with the very `file:line` errors --data_path gives; --retention_min
+stops a run (exit code 4, one line, the checkpoint before kept) or warns; eval_retention reaches trainer_state.json,
+all_results.json, TensorBoard and the plot on a run without an evaluation set; ZeRO-3 on two processes measures what
+one process measures. Real model (SmolLM2-135M-Instruct): learning rate 0 leaves retention at exactly 1 and the
+extra NLL at exactly 0 (full and LoRA); the demo prints the figure before and after; the demo's settings at lr 2e-3
+x 8 epochs (which make the model answer "Lutz" for France) retain measurably less than the demo's lr 1e-3 x 5."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import read_log_history, run_finetune, write_jsonl
+from test_distributed import DEMO, ZERO3, torchrun
+
+FIGURES = ("eval_retention", "eval_retention_extra_nll", "eval_retention_answers")
+
+
+def results(out):
+    return json.loads((Path(out) / "all_results.json").read_text())
+
+
+def error_lines(log, path):
+    return [line for line in log.splitlines() if line.startswith(str(path))]
+
+
+def test_bad_retention_data_gets_the_data_path_errors(tiny_model, tmp_path):
+    """The same bad file as --data_path and as --retention_data: the same `file:line: field: problem` lines, exit 2,
+    before any model is loaded."""
+    bad = write_jsonl(tmp_path / "bad.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        '{"messages": [{"role": "user", "content": "broken"',
+        {"messages": [{"role": "robot", "content": "Hello"}]},
+        {"mesages": [{"role": "user", "content": "typo"}]},
+    ])
+    common = ["--model_name_or_path", tiny_model, "--output_dir", tmp_path / "out", "--dataset_cache_dir",
+              tmp_path / "cache", "--max_steps", 1]
+    as_data = run_finetune([*common, "--data_path", bad], check=False)
+    as_reference = run_finetune([*common, "--data_path", DEMO, "--retention_data", bad], check=False)
+    assert as_data.returncode == as_reference.returncode == 2, as_reference.stdout[-3000:]
+    lines = error_lines(as_data.stdout, bad)
+    assert len(lines) == 3 and ":2: " in lines[0] and ":3: " in lines[1] and ":4: " in lines[2], as_data.stdout
+    assert error_lines(as_reference.stdout, bad) == lines, as_reference.stdout
+    assert "--retention_data" in as_reference.stdout and "LoRA" not in as_reference.stdout
+    assert "retention:" not in as_reference.stdout  # stopped before the base model was asked anything
+    missing = run_finetune([*common, "--data_path", DEMO, "--retention_data", tmp_path / "none.jsonl"], check=False)
+    assert missing.returncode == 2 and "none.jsonl" in missing.stdout.strip().splitlines()[-1], missing.stdout
+
+
+def test_retention_min_stops_or_warns_and_is_logged_everywhere(tiny_model, tmp_path):
+    """No evaluation set, --eval_strategy steps: retention is measured every 2 steps. --retention_min 0.999 (a random
+    tiny model at lr 1e-2 drops far below): `stop` ends at step 2 with exit code 4 and one line naming the measure
+    and the bound, checkpoint-1 kept, no checkpoint-2 and no final model; `warn` trains on, and eval_retention is in
+    the log lines, trainer_state.json, all_results.json, TensorBoard and training_loss.png."""
+    common = ["--model_name_or_path", tiny_model, "--data_path", DEMO, "--dataset_cache_dir", tmp_path / "cache",
+              "--max_steps", 4, "--learning_rate", 1e-2, "--per_device_train_batch_size", 4, "--eval_strategy",
+              "steps", "--eval_steps", 2, "--retention_min", 0.999, "--disable_tqdm", True, "--logging_steps", 1]
+    stop = tmp_path / "stop"
+    proc = run_finetune([*common, "--output_dir", stop, "--save_steps", 1], check=False)
+    assert proc.returncode == 4, proc.stdout[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    pattern = r"error: retention fell below --retention_min at step 2: eval_retention 0\.\d+ < 0\.999"
+    assert re.search(pattern, last), last
+    assert (stop / "checkpoint-1").is_dir() and not (stop / "checkpoint-2").exists()
+    assert not (stop / "model.safetensors").exists()
+    assert [h["step"] for h in read_log_history(stop) if "eval_retention" in h] == [2]
+
+    warn = tmp_path / "warn"
+    proc = run_finetune([*common, "--output_dir", warn, "--save_strategy", "no", "--retention_action", "warn",
+                         "--report_to", "tensorboard"])
+    assert proc.stdout.count("WARNING: retention fell below --retention_min") == 2, proc.stdout[-3000:]
+    measured = [h for h in read_log_history(warn) if "eval_retention" in h]
+    assert [h["step"] for h in measured] == [2, 4], measured
+    assert all(0 <= h["eval_retention"] < 0.999 and 0 <= h["eval_retention_answers"] <= 1 for h in measured)
+    final = results(warn)
+    assert {k: final[k] for k in FIGURES} == {k: measured[-1][k] for k in FIGURES}  # the end: not measured twice
+    assert "retention after training:" in proc.stdout and "'eval_retention': " in proc.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(warn.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/retention")] == [2, 4]
+    assert (warn / "training_loss.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow  # test_distributed's ZeRO-3 runs on 2 processes (retention on by default) still run by default
+def test_zero3_two_processes_measure_what_one_process_measures(tiny_model, tmp_path):
+    """One process (batch 4) and ZeRO-3 on two processes (2 x 2), each with a cache of its own so that both generate
+    and score the base: the same base answers, the same base figures, and after 4 steps the same eval_retention
+    (extra NLL within 1e-3 relative: the two layouts sum gradients in another order)."""
+    runs = {}
+    for n, per_device in ((1, 4), (2, 2)):
+        out = tmp_path / f"p{n}"
+        torchrun(n, ["--model_name_or_path", tiny_model, "--data_path", DEMO, "--output_dir", out,
+                     "--dataset_cache_dir", tmp_path / f"cache{n}", "--deepspeed", ZERO3, "--ddp_backend", "gloo",
+                     "--per_device_train_batch_size", per_device, "--max_steps", 4, "--save_strategy", "no",
+                     "--learning_rate", 1e-3, "--seed", 0, "--train_sampling_strategy", "random"])
+        runs[n] = (json.loads((out / "retention_base.json").read_text()), results(out))
+    (base1, final1), (base2, final2) = runs[1], runs[2]
+    assert base1["items"] == base2["items"] and base1["top1"] == base2["top1"]
+    assert base2["nll"] == pytest.approx(base1["nll"], rel=1e-5, abs=1e-6)
+    assert final1["eval_retention"] < 1  # something was forgotten, so the comparison means something
+    assert final2["eval_retention"] == final1["eval_retention"]
+    assert final2["eval_retention_answers"] == final1["eval_retention_answers"]
+    assert final2["eval_retention_extra_nll"] == pytest.approx(final1["eval_retention_extra_nll"], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model
+# ---------------------------------------------------------------------------------------------
+
+def test_lr0_keeps_retention_exactly_full_and_lora(smollm2, tmp_path):
+    """Learning rate 0, full fine-tuning and LoRA (sharing one cache: the LoRA run's base figures are the full run's,
+    computed in another process): retention exactly 1, extra NLL exactly 0, every answer kept."""
+    cache = tmp_path / "cache"
+    for method in ("full", "lora"):
+        out = tmp_path / method
+        proc = run_finetune(["--model_name_or_path", smollm2, "--data_path", DEMO, "--output_dir", out,
+                             "--dataset_cache_dir", cache, "--max_steps", 1, "--learning_rate", 0,
+                             "--per_device_train_batch_size", 2, "--save_strategy", "no", "--use_lora",
+                             method == "lora"])
+        assert ("answers generated" in proc.stdout) == (method == "full"), proc.stdout[-2000:]
+        final = results(out)
+        assert (final["eval_retention"], final["eval_retention_extra_nll"], final["eval_retention_answers"]) == \
+            (1.0, 0.0, 1.0), (method, final)
+
+
+def retention_after(log):
+    """(retention, extra NLL) of the log's closing retention line."""
+    found = re.search(r"retention after training: (\d\.\d+) .*extra NLL ([+-]\d\.\d+)", log)
+    return float(found.group(1)), float(found.group(2))
+
+
+def test_aggressive_run_forgets_more_than_the_demo(smollm2, demo_run, tmp_path):
+    """The demo (LoRA, lr 1e-3 x 5 epochs) prints retention before and after; the same run at lr 2e-3 x 8 epochs, the
+    settings that make SmolLM2 answer "Lutz" for France, ends with a lower retention and a larger extra NLL.
+    Measured: 0.753 and +0.226 (demo) against 0.707 and +0.434; the bounds leave room for another machine's
+    rounding, not for the order to turn."""
+    log = demo_run["log"]
+    assert "retention before training: 1.000" in log and "retention after training:" in log, log[-3000:]
+    gentle = retention_after(log)
+    out = tmp_path / "aggressive"
+    proc = run_finetune(["--model_name_or_path", smollm2, "--data_path", DEMO, "--output_dir", out, "--use_lora",
+                         "--num_train_epochs", 8, "--learning_rate", 2e-3, "--per_device_train_batch_size", 4,
+                         "--gradient_accumulation_steps", 1, "--save_strategy", "no", "--disable_tqdm", True],
+                        timeout=1200)
+    aggressive = retention_after(proc.stdout)
+    assert aggressive[0] < gentle[0] - 0.02 and aggressive[1] > 1.5 * gentle[1], (gentle, aggressive)
