@@ -71,7 +71,7 @@ from finetune_faults import (Fault, FaultHandling, NonFiniteGuard, checkpoint_by
 from finetune_report import data_report, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
 from finetune_sources import check_data_flags, file_id, resolve_data_spec  # noqa: E402
 from finetune_template import (check_chat_template_flag, chat_template_source, encode_regions,  # noqa: E402
-                               parse_template_kwargs, render_conversation)
+                               render_conversation)
 from finetune_tokens import (fit_model_to_tokenizer, keep_adapter_small, lora_token_indices,  # noqa: E402
                              prepare_tokenizer, save_stop_tokens)
 
@@ -291,8 +291,7 @@ def validate_args(model_args, data_args, training_args, lora_args):
     """Fail fast, before any data is read or any model, process group or output directory is touched."""
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a model directory or hub id).")
-    check_data_flags(data_args)  # --dataset entries join --data_path; --columns, --val_size
-    data_args.template_kwargs = parse_template_kwargs(data_args.chat_template_kwargs)
+    check_data_flags(data_args)  # --dataset entries join --data_path; --columns, --val_size, --chat_template_kwargs
     check_ranges(training_args, lora_args, data_args)
     check_model_path(model_args.model_name_or_path,
                      "tokenizer" if data_args.show_masking else "config" if data_args.dry_run else "weights")

@@ -25,8 +25,9 @@ import os
 import re
 from typing import NamedTuple
 
-from finetune_data import DATA_SUFFIXES, READ_SUFFIXES, RECORD_KEYS, DataError, file_kind
 from finetune_console import log0, suggest
+from finetune_data import DATA_SUFFIXES, READ_SUFFIXES, RECORD_KEYS, DataError, file_kind
+from finetune_template import parse_template_kwargs
 
 
 class Entry(NamedTuple):
@@ -571,8 +572,8 @@ def resolve_data_spec(spec, columns=None):
 
 def check_data_flags(args):
     """The data flags of DataArguments, checked and parsed before anything is read: --dataset/--eval_dataset become
-    the --data_path/--eval_data_path entries they mean; --columns -> args.column_map; --val_size (a share or a
-    number; not with an evaluation set of its own)."""
+    the --data_path/--eval_data_path entries they mean; --columns -> args.column_map; --chat_template_kwargs ->
+    args.template_kwargs; --val_size (a share or a number; not with an evaluation set of its own)."""
     for names, flag, attr in ((args.dataset, "--dataset", "data_path"), (args.eval_dataset, "--eval_dataset",
                                                                           "eval_data_path")):
         spec = names and dataset_spec(args.dataset_dir, names, flag)
@@ -594,6 +595,7 @@ def check_data_flags(args):
         if name in args.column_map or key in args.column_map.values():
             raise ValueError(f"--columns {args.columns}: {name if name in args.column_map else key!r} appears twice.")
         args.column_map[name] = key
+    args.template_kwargs = parse_template_kwargs(args.chat_template_kwargs)  # finetune_template's
     v = args.val_size
     if v is not None:
         if args.eval_data_path:
