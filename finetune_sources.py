@@ -709,8 +709,8 @@ def resolve_data_spec(spec, columns=None):
 
 def check_data_flags(args):
     """The data flags of DataArguments, checked and parsed before anything is read: --dataset/--eval_dataset become
-    the --data_path/--eval_data_path entries they mean; --columns -> args.column_map; --val_size (a share or a
-    number; not with an evaluation set of its own)."""
+    the --data_path/--eval_data_path entries they mean; --columns -> args.column_map; --chat_template_kwargs ->
+    args.template_kwargs; --val_size (a share or a number; not with an evaluation set of its own)."""
     for names, flag, attr in ((args.dataset, "--dataset", "data_path"), (args.eval_dataset, "--eval_dataset",
                                                                           "eval_data_path")):
         spec = names and dataset_spec(args.dataset_dir, names, flag)
