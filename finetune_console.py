@@ -15,6 +15,8 @@ KNOWN_NOTICES = {
     # `kernels` is missing, offline, or refuses the unversioned, unverified repository, nothing is for the user
     # to do.
     "bitsandbytes.backends.cpu.ops": lambda r: "gemm_4bit_forward" in r.msg,
+    # ... and `kernels` itself (0.19), offline, says so about that same repository on the way.
+    "kernels._internals.hf_hub": lambda r: "kernels-community/quantization-bitsandbytes" in r.getMessage(),
     # No GPU: DeepSpeed says it runs on CPU, which is the plan (finetune.sh chose gloo for it).
     "DeepSpeed": lambda r: "Setting accelerator to CPU" in r.getMessage() and not _cuda(),
     # torchrun with ONE process: accelerate starts a process group of size 1, which transformers takes

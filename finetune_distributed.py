@@ -395,18 +395,21 @@ LIBRARY_INTERNALS = [
          probe=lambda: _params("transformers:Trainer._load_optimizer_and_scheduler")[:2] == ["self", "checkpoint"]
          and _source_has("torch.optim.lr_scheduler:LRScheduler", "self._last_lr")
          and _source_has("torch.optim.lr_scheduler:LRScheduler", "self.base_lrs")),
-    dict(what="library log messages matched by text (bitsandbytes, DeepSpeed, transformers, accelerate)",
+    dict(what="library log messages matched by text (bitsandbytes, kernels, DeepSpeed, transformers, accelerate)",
          where="finetune_console.quiet_known_notices",
          why="notices the user cannot act on are dropped narrowly; a changed text only shows the notice again",
-         checked="transformers 5.24.0, accelerate 1.15.0, deepspeed 0.19.8, bitsandbytes 0.49",
+         checked="transformers 5.25.0, accelerate 1.16.0, deepspeed 0.19.8, bitsandbytes 0.50.2, kernels 0.19.1",
          tested_by="test_console.py (fails on any warning line)",
          probe=lambda: all(_module_exists(name) for name in KNOWN_NOTICES if name != "DeepSpeed")),
 ]
 
 
 def _module_exists(name):
+    """The module is there, or its whole package is not installed (`kernels` comes with transformers >= 5.25 only)."""
     import importlib.util
 
+    if importlib.util.find_spec(name.split(".")[0]) is None:
+        return name.split(".")[0] == "kernels"
     return importlib.util.find_spec(name) is not None
 
 
