@@ -31,6 +31,7 @@ This file is the training script, in the order a run goes. Self-contained machin
 
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
