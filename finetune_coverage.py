@@ -29,9 +29,8 @@ from finetune_template import ChatRenderer, _with_template_arguments
 
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # transformers aliases them for templates
 LOST = "lost:"  # the status prefix of a conversation the template renders without one of its pieces
-FIX = ("--chat_template chatml (built-in: renders every message, `tools` in the system turn, tool calls in "
-       "<tool_call> and results in <tool_response> as Qwen2.5 and Hermes do, reasoning in <think>) or "
-       "--chat_template FILE with a template that renders it")
+FIX = ("--chat_template chatml (built-in: renders every message, `tools`, tool calls and results as Qwen2.5 and Hermes "
+       "do, and reasoning) or --chat_template FILE with a template that renders it")
 
 
 class TemplateDropsData(ValueError):
