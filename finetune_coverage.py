@@ -21,6 +21,7 @@ error for a data set (TemplateDropsData, a ValueError). finetune.py calls the fi
 renders (status 'lost:KIND:DESCRIPTION') and raises the second before any model is loaded.
 """
 
+import functools
 import json
 
 from markupsafe import escape  # jinja2's own escaping
@@ -41,19 +42,31 @@ def _squeeze(text):
     return "".join(text.split())
 
 
-def _found(value, squeezed):
-    """Whether `squeezed` (a rendered text, whitespace removed) has `value` the way a template may write it: as
-    it is, as the inside of a JSON string (escaped quotes and newlines: tojson on a string), HTML-escaped (a
-    template that mixes `|safe` text in), as JSON or Python for numbers, booleans and null. The other forms
-    are only built where the plain one is missing."""
-    if not isinstance(value, str):
-        return json.dumps(value) in squeezed or repr(value) in squeezed
-    plain = _squeeze(value)
-    if not plain or plain in squeezed:
-        return True
-    value = value.strip()
-    as_json = json.dumps(value, ensure_ascii=False)[1:-1]
-    return any(_squeeze(f) in squeezed for f in (as_json, json.dumps(value)[1:-1], escape(value), escape(as_json)))
+class _Hay:
+    """text[a:b], searched as it is first (C speed, what most pieces need) and whitespace removed where that fails."""
+
+    def __init__(self, text, a=0, b=None):
+        self.text, self.a, self.b, self._squeezed = text, a, len(text) if b is None else b, None
+
+    def squeezed(self):
+        if self._squeezed is None:
+            self._squeezed = _squeeze(self.text[self.a:self.b])
+        return self._squeezed
+
+    def has(self, value):
+        """Whether it holds `value` the way a template may write it: as it is, whitespace aside, as the inside
+        of a JSON string (escaped quotes and newlines: tojson on a string), HTML-escaped (a template that mixes
+        `|safe` text in), as JSON or Python for numbers, booleans and null."""
+        if not isinstance(value, str):
+            return any(self.text.find(f, self.a, self.b) >= 0 for f in (json.dumps(value), repr(value)))
+        value = value.strip()
+        if not value or self.text.find(value, self.a, self.b) >= 0:
+            return True
+        squeezed = self.squeezed()
+        if _squeeze(value) in squeezed:
+            return True
+        as_json = json.dumps(value, ensure_ascii=False)[1:-1]
+        return any(_squeeze(f) in squeezed for f in (as_json, json.dumps(value)[1:-1], escape(value), escape(as_json)))
 
 
 def _leaves(value):
@@ -67,6 +80,12 @@ def _leaves(value):
             yield from _leaves(v)
     else:
         yield value
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_texts_of(schema_json):
+    """_schema_texts of a schema given as JSON: records of one data set share a few tools."""
+    return tuple(_schema_texts(json.loads(schema_json)))
 
 
 def _schema_texts(schema):
@@ -151,11 +170,11 @@ class _Turns:
             history = render(_with_template_arguments(render, messages[:i])[0]) if i else ""
             turn = _with_template_arguments(render, messages[:i + 1])[1]
         except Exception:
-            return ""
+            return _Hay("")
         k = 0
         while k < min(len(history), len(turn)) and history[k] == turn[k]:
             k += 1
-        return _squeeze(turn[k:])
+        return _Hay(turn, k)
 
     def last_prompt(self):
         """The generation prompt of the last assistant turn, whitespace removed."""
@@ -163,38 +182,39 @@ class _Turns:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         render = ChatRenderer(tokenizer, tools, kwargs)
         try:
-            return _squeeze(render(_with_template_arguments(render, messages[:last])[0], True))
+            return _Hay(render(_with_template_arguments(render, messages[:last])[0], True))
         except Exception:
-            return ""
+            return _Hay("")
 
 
 def dropped_piece(tokenizer, messages, tools, text, regions, template_kwargs=None):
     """None if `text` (the template's rendering of messages + tools; regions: each assistant turn's trained
     characters, as render_conversation gives them) carries every piece of the conversation, else (kind,
     description) of the first one missing: kind is message, tool call, tools or reasoning."""
-    whole = _squeeze(text)
-    template = tokenizer.get_chat_template(None, tools) if tokenizer.chat_template else ""
+    whole = _Hay(text)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
+        tokenizer.chat_template)  # only read to say why a piece is missing
     turns = _Turns(tokenizer, messages, tools, template_kwargs)
     assistant = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
-            if m.get("content") and not _found(m["content"], whole):
+            if m.get("content") and not whole.has(m["content"]):
                 what = "tool result" if m["role"] == "tool" else f"{m['role']} message"
                 why = ("the chat template writes it only into the prompt of a reply that ends the conversation, "
-                       "not into a conversation that goes on") if _found(m["content"], turns.last_prompt()) \
+                       "not into a conversation that goes on") if turns.last_prompt().has(m["content"]) \
                     else _why(template, "message")
                 return "message", (f"the {what} of message {i + 1} (`{_short(m['content'])}`) does not appear in "
                                    f"the rendered text: {why}")
             continue
         a, b = regions[assistant] if assistant < len(regions) else (0, 0)
         assistant += 1
-        region, generated = _squeeze(text[a:b]), None
+        region, generated = _Hay(text, a, b), None
         for kind, what, values in _turn_pieces(m):
-            if all(_found(v, region) for v in values):
+            if all(region.has(v) for v in values):
                 continue
             if generated is None:
                 generated = turns.generated(i)
-            missing = [v for v in values if not _found(v, generated)]
+            missing = [v for v in values if not generated.has(v)]
             if missing:
                 part = "" if kind != "tool call" or len(missing) == len(values) or values[0] in missing else \
                     f" (its `{_short(missing[0], 30)}`)"
@@ -202,7 +222,7 @@ def dropped_piece(tokenizer, messages, tools, text, regions, template_kwargs=Non
                               f"rendered text: {_why(template, kind)}")
     for t in tools or []:
         fn = t.get("function", t)
-        missing = [s for s in _schema_texts(fn) if not _found(s, whole)]
+        missing = [s for s in _schema_texts_of(json.dumps(fn)) if not whole.has(s)]
         if missing:
             return "tools", (f"the tool schema `{fn.get('name')}` of the record's `tools` does not appear in the "
                              f"rendered text (`{_short(missing[0], 30)}` is missing): {_why(template, 'tools')}")
