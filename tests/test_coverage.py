@@ -73,9 +73,9 @@ def test_templates_that_drop_tool_calls_are_refused_and_really_drop_them(name):
     for k in WITH_CALLS[:6]:
         messages, tools = glaive(k)
         result = outcome(name, messages, tools)
-        assert re.match(r"drops: (the tool call `\w+\(.*\)` of assistant turn \d+ \(message \d+\)|the tool schema `\w+`)"
-                        r".* does not appear in the rendered text", result), result
-        # independently: another function name (in the call and in `tools`) renders the same text
+        assert re.match(r"drops: (the tool call `\w+\(.*\)` of assistant turn \d+ \(message \d+\)|"
+                        r"the tool schema `\w+`).* does not appear in the rendered text", result), result
+        # independently: another function name in the call renders the same text
         i = next(i for i, m in enumerate(messages) if m.get("tool_calls"))
         call = messages[i]["tool_calls"][0]
         renamed = messages[:i] + [{**messages[i], "tool_calls": [{**call, "function": {
@@ -136,7 +136,7 @@ def test_each_kind_of_loss_is_caught_by_the_same_rule():
             qwen.replace("tool_call.arguments | tojson", "dict(city=tool_call.arguments.city, units=tool_call."
                          "arguments.units, days=tool_call.arguments.days) | tojson"),
         "the tool schema `get_weather`": qwen.replace("{{- tool | tojson }}", "{{- tool.function.name }}"),
-        "the tool result of message 3": qwen.replace("{{- message.content }}\n        {{- '\\n</tool_response>' }}",
+        "the tool result of message 4": qwen.replace("{{- message.content }}\n        {{- '\\n</tool_response>' }}",
                                                      "{{- '\\n</tool_response>' }}"),
         "the system message of message 1": qwen.replace("{{- messages[0]['content'] }}", ""),
     }
@@ -161,7 +161,8 @@ def test_builtin_chatml_renders_tools_as_qwen25_and_plain_chats_as_before():
         messages, tools = glaive(k)
         want = qwen.apply_chat_template(messages, tools=tools, tokenize=False).replace(default + "\n\n", "", 1)
         assert chatml.apply_chat_template(messages, tools=tools, tokenize=False) == want
-    plain = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    plain = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "a"}]
     assert chatml.apply_chat_template(plain, tokenize=False) == \
         "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"
     assert chatml.apply_chat_template(plain[:2], tokenize=False, add_generation_prompt=True).endswith(
@@ -204,7 +205,8 @@ def test_own_template_without_tools_is_refused_in_one_line(smollm2, tmp_path):
 def test_show_masking_trains_the_tool_call_not_the_result(smollm2, tmp_path):
     """--show_masking with the built-in chatml on SmolLM2: each <tool_call> JSON is trained with its <|im_end|>,
     the tools list and every <tool_response> are not."""
-    out = run_finetune(["--model_name_or_path", smollm2, "--data_path", SHARED / "data" / "glaive_toolcall_en_demo.json",
+    out = run_finetune(["--model_name_or_path", smollm2, "--data_path",
+                        SHARED / "data" / "glaive_toolcall_en_demo.json",
                         "--chat_template", "chatml", "--output_dir", tmp_path / "out", "--show_masking", 4,
                         "--dataset_cache_dir", tmp_path / "cache"]).stdout
     sample = out.split("----- sample 0 ")[1].split("----- sample 1 ")[0]
