@@ -3,8 +3,8 @@ the `tools` list, a system message, the reasoning of a trained turn) is caught b
 
 One rule for every kind of loss: each piece of the record the model is meant to see or produce must appear in the
 rendered text, where it belongs:
-- every message's text: in the whole text (templates move the system prompt: Mistral puts it in the last user
-  turn, Llama 3.1 the tools in the first);
+- every other message's text (system, user, tool result): in the whole text (templates move things: Llama 3.1 puts
+  the tools into the first user message);
 - an assistant turn's own content, each of its tool calls (the function name, every argument name and value) and
   its reasoning: in that turn's trained region; where a template rewrites earlier turns (Qwen3 drops the
   reasoning of turns before the last user message, by design), in the turn as the template renders it when it is
@@ -12,8 +12,11 @@ rendered text, where it belongs:
 - the `tools` schemas (each function's name and descriptions, its parameters' names and descriptions): in the
   whole text.
 "Appear" is judged the way templates reformat, not by a list of templates: whitespace aside (Llama 3 trims
-content, templates indent JSON), and as a JSON string too (Llama 3.1 writes a tool result with `tojson`); tool-call
-arguments are looked for value by value, so any JSON layout or key order passes.
+content, templates indent JSON), as a JSON string (Llama 3.1 writes a tool result with `tojson`), HTML-escaped
+(functionary mixes `|safe` text in); tool-call arguments are looked for value by value, so any JSON layout or key
+order passes. It is string search in text already rendered (the renders of a turn as the last message only where a
+piece is missing), so it costs a few percent of preprocessing (bench/bench_coverage.py). Its limit: a short piece
+that also stands elsewhere in the same text (a one-word system prompt repeated by the user) can hide its own loss.
 
 Interface: dropped_piece(tokenizer, messages, tools, text, regions, template_kwargs) -> None, or
 (kind, description) of the first piece missing; template_drops_data(origins, statuses, total) -> the one-line
