@@ -9,7 +9,7 @@ The conversations are real LLaMA-Factory data, cycled to --rows: glaive_toolcall
 results, `tools`) and alpaca_en_demo (plain chats), half each; the tokenizer is the real GPT-2 one with the
 template's markers as special tokens, the template the built-in chatml (tools rendered as Qwen2.5 does) unless
 --template names a file. Both variants run in each round, in turn, in this one process, and each keeps its fastest
-round (a shared machine moves single runs by 2x). Measured on 2 shared cores, 20,000 conversations (10,000 of each
+round of CPU time (this process's; a shared machine moves wall time by 2x). Measured on 2 shared cores, 20,000 conversations (10,000 of each
 kind), chatml: see the README (Validation) for the figure.
 """
 
@@ -58,16 +58,16 @@ def main():
     for r in range(opts.repeat):
         for name, fn in (("without check", lambda *a, **k: None), ("with check", check)):
             finetune.dropped_piece = fn
-            start = time.perf_counter()
+            start = time.process_time()  # CPU time: a shared machine's other processes move wall time by 2x
             out = finetune._tokenize_arrays(tok, convs, 4096)
-            took = time.perf_counter() - start
+            took = time.process_time() - start
             best[name] = min(best.get(name, took), took)
             statuses[name] = sum(s.startswith(finetune.LOST) for _, _, s in out)
             print(f"[bench] round {r + 1}/{opts.repeat}: {name}: {took:.1f} s", flush=True)
     finetune.dropped_piece = check
     base, checked = best["without check"], best["with check"]
     print(f"\n{opts.rows} conversations ({opts.template or 'chatml'}), fastest of {opts.repeat} rounds: "
-          f"{base:.1f} s without the check, {checked:.1f} s with it: +{100 * (checked / base - 1):.1f} % "
+          f"{base:.1f} s CPU without the check, {checked:.1f} s with it: +{100 * (checked / base - 1):.1f} % "
           f"({1000 * (checked - base) / opts.rows:.2f} ms per conversation; {statuses['with check']} refused)")
 
 
