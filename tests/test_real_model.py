@@ -288,10 +288,11 @@ def glaive_requests():
 
 def test_lora_on_glaive_with_builtin_chatml_makes_parseable_tool_calls(smollm2, tmp_path):
     """SmolLM2's own template has no tools; with --chat_template chatml, 12 LoRA steps of 4 samples (glaive's 66
-    one-turn tool requests before record 200: a request and its call) make the model answer held-out requests (records 200 and later, never trained) with a
-    <tool_call> whose JSON parses and names the right function, through chat.py with the run's saved
-    chat_template.jinja and the record's tools (what --tools gives). 3.2 min of CPU in all (one thread), measured on
-    a loaded machine."""
+    one-turn tool requests before record 200: a request and its call) make the model answer held-out requests
+    (records 200 and later, never trained) with a <tool_call> whose JSON parses and names the right function,
+    through chat.py with the run's saved chat_template.jinja and the record's tools (what --tools gives). The base
+    model, prompted the same way, answers in prose. 3.2 min of CPU in all (one thread; measured on a loaded
+    machine)."""
     from chat import generate, load
     from finetune_data import normalize_record
 
