@@ -9,8 +9,10 @@ The conversations are real LLaMA-Factory data, cycled to --rows: glaive_toolcall
 results, `tools`) and alpaca_en_demo (plain chats), half each; the tokenizer is the real GPT-2 one with the
 template's markers as special tokens, the template the built-in chatml (tools rendered as Qwen2.5 does) unless
 --template names a file. Both variants run in each round, in turn, in this one process, and each keeps its fastest
-round of CPU time (this process's; a shared machine moves wall time by 2x). Measured on 2 shared cores, 20,000 conversations (10,000 of each
-kind), chatml: see the README (Validation) for the figure.
+round of CPU time (this process's; a shared machine moves wall time by 2x).
+
+Measured (2 shared cores, 20,000 conversations, chatml, fastest of 2 rounds):
+20.7 s of CPU without the check and 22.5 s with it, +8.7 % (0.09 ms a conversation; +5.4 % in the other round).
 """
 
 import argparse
