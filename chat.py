@@ -2,11 +2,16 @@
 
     python chat.py --model OUTPUT_DIR --prompt "What is the capital of Zubrowka?"    # one answer, then exit
     python chat.py --model OUTPUT_DIR                                                # interactive
+    python chat.py --model OUTPUT_DIR --tools tools.json --prompt "Weather in Paris?"  # tool calling
     echo "Hello" | python chat.py --model OUTPUT_DIR                                 # one answer per stdin line
 
 The prompt is rendered with the model's chat template (the one saved by finetune.py), so the model
 sees exactly the format it was trained on. Decoding is greedy unless --temperature > 0. Only answers
 go to stdout; everything else (loading, warnings) goes to stderr, so `ANSWER=$(python chat.py ...)` works.
+
+--tools FILE (a JSON list of function schemas, as a record's `tools`) renders them with the chat template, as in
+training: with the built-in chatml the model answers a tool request with <tool_call>{"name": ..., "arguments":
+...}</tool_call>, printed as it is.
 
 Interactive mode keeps the conversation: each line is a user turn. `/reset` starts over, `/exit` (or
 end of input) quits.
@@ -30,6 +35,8 @@ def parse_args(argv=None):
                    "adapter_config.json).")
     p.add_argument("--prompt", default=None, help="Answer this one message and exit (default: read stdin).")
     p.add_argument("--system", default=None, help="System prompt.")
+    p.add_argument("--tools", default=None, help="JSON file: a list of function schemas the model may call, rendered "
+                   "by the chat template as in training (a record's `tools`).")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
     p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling, used when --temperature > 0.")
@@ -61,6 +68,19 @@ def template_kwargs(args):
         return parse_template_kwargs(text, where)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def load_tools(path):
+    """--tools FILE -> the list of function schemas, checked as finetune.py checks a record's `tools`."""
+    if path is None:
+        return None
+    from finetune_data import _tools
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _tools(json.load(f))
+    except (OSError, ValueError) as e:  # unreadable, not JSON, not schemas (RecordError is a ValueError)
+        raise SystemExit(f"error: --tools {path}: {e}") from None
 
 
 def load(model_dir, base=None, dtype="auto", device=None, trust_remote_code=False):
@@ -101,11 +121,12 @@ def stop_token_ids(model, tokenizer, kwargs=None):
     return sorted(stops(tokenizer, model.generation_config.eos_token_id, template_kwargs=kwargs))
 
 
-def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, kwargs=None):
-    """One assistant reply (text) to `messages`; kwargs: the chat template's (--chat_template_kwargs)."""
+def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, kwargs=None, tools=None):
+    """One assistant reply (text) to `messages`; kwargs: the chat template's (--chat_template_kwargs); tools: the
+    function schemas the model may call (--tools)."""
     import torch
 
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+    enc = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True, **(kwargs or {}))
     enc = {k: v.to(model.device) for k, v in enc.items()}
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
@@ -121,6 +142,7 @@ def generate(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, to
 def main(argv=None):
     args = parse_args(argv)
     kwargs = template_kwargs(args)
+    tools = load_tools(args.tools)
     from finetune_console import quiet_known_notices
 
     quiet_known_notices()  # first: drops known library notices (e.g. bitsandbytes on CPU) before they are imported
@@ -132,7 +154,7 @@ def main(argv=None):
     model, tokenizer = load(args.model, args.base, args.dtype, args.device, args.trust_remote_code)
     system = [{"role": "system", "content": args.system}] if args.system else []
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-               "kwargs": kwargs}
+               "kwargs": kwargs, "tools": tools}
 
     if args.prompt is not None:
         print(generate(model, tokenizer, system + [{"role": "user", "content": args.prompt}], **options), flush=True)

@@ -57,6 +57,7 @@ silence_progress_bars()  # transformers' and datasets' own bars repeat what the 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: E402
 
 from finetune_cli import check_ranges, parse_args as parse_flags  # noqa: E402
+from finetune_coverage import LOST, TemplateDropsData, dropped_piece, template_drops_data  # noqa: E402
 from finetune_data import (DataError, RecordError, held_out_split, invalid_reason, is_trained,  # noqa: E402
                            normalized_rows, sample_indices, tally)
 from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_divisor,  # noqa: E402
@@ -440,6 +441,10 @@ def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False
         except RecordError as e:
             results[i] = (empty, empty, f"error:{e}", 0)
             continue
+        lost = dropped_piece(tokenizer, messages, tools, text, regions, template_kwargs)  # finetune_coverage.py
+        if lost:
+            results[i] = (empty, empty, f"{LOST}{lost[0]}:{lost[1]}", 0)
+            continue
         trained = [is_trained(m) for m in messages if m["role"] == "assistant"]
         if last_turn_only:
             trained = [False] * (len(trained) - 1) + [trained[-1]]
@@ -476,6 +481,8 @@ def tokenize_conversation(tokenizer, messages, max_length, tools=None, train_on_
     system/user/tool turns or role headers. Over max_length, whole
     turns are dropped from the end; raises ValueError if nothing trainable fits or the template refuses."""
     (result,) = tokenize_many(tokenizer, [(messages, tools)], max_length, train_on_prompt)
+    if result["status"].startswith(LOST):  # LOST:KIND:DESCRIPTION
+        raise TemplateDropsData(result["status"].split(":", 2)[2])
     if result["status"].startswith(("error:", "dropped:")):
         raise ValueError(result["status"].split(":", 1)[1])
     return {"input_ids": result["input_ids"], "labels": result["labels"]}
@@ -614,6 +621,9 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
     n_raw = len(raw)
     del raw  # unmap the raw Arrow file: its pages read by map would otherwise stay in this process's RSS
     status = np.asarray(tokenized["status"][:], dtype=object)
+    lost = [i for i, s in enumerate(status) if s.startswith(LOST)]
+    if lost:  # the template drops data: a template problem, never skipped record by record
+        raise template_drops_data(tokenized.select(lost[:1])["origin"], list(status[lost]), len(status))
     failed = [i for i, s in enumerate(status) if s.startswith("error:")]
     if failed and not data_args.skip_invalid_records:
         origins = tokenized.select(failed[:20])["origin"]

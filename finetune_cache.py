@@ -23,7 +23,7 @@ import socket
 from finetune_console import log0
 from finetune_faults import DISK_ERRNOS, failed_file, with_free_space, write_error
 
-CACHE_VERSION = "6"  # bump when tokenization output changes, to invalidate old caches (6: token accounting)
+CACHE_VERSION = "7"  # bump when tokenization output changes, to invalidate old caches (7: templates that drop data)
 MANIFEST = "manifest.json"
 
 

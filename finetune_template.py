@@ -11,6 +11,7 @@ finetune_tokens.py makes the markers single tokens and the end tokens eos; chat.
 """
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -19,10 +20,46 @@ import numpy as np
 
 from finetune_data import RecordError
 
-# Used when a tokenizer has no chat template: Qwen's ChatML, tool-aware enough for plain chats.
+# Used when a tokenizer has no chat template, and by --chat_template chatml: ChatML as Qwen2.5 writes it, tool calling
+# included (Hermes' convention): `tools` in the system turn (<tools>, one JSON schema a line), each tool call as
+# <tool_call>{"name": ..., "arguments": ...}</tool_call> in the assistant turn, tool results in <tool_response> in a
+# user turn; reasoning (reasoning_content) in <think> before the answer, in every turn that has it. A chat without
+# tools, tool calls or reasoning renders exactly as plain ChatML.
 CHATML_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with "
+    "function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first and tools %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message.reasoning_content %}"
+    "{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{{- message['content'] or '' }}"
+    "{%- for tool_call in message.tool_calls or [] %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+    "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}"
+    "{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + (message['content'] or '') + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
@@ -363,6 +400,26 @@ def _with_template_arguments(render, messages):
     return messages, render(messages)
 
 
+def with_tool_call_ids(messages):
+    """Tool calls without an id get one, and the tool results that answer them (in order) its tool_call_id: nine
+    hex digits from the call itself. LLaMA-Factory's sharegpt data has no ids; templates that render them
+    (Mistral's require nine characters) would refuse or render an empty one."""
+    if not any(m.get("tool_calls") for m in messages):
+        return messages
+    out, pending = [], []
+    for i, m in enumerate(messages):
+        if m.get("tool_calls"):
+            pending = []
+            calls = [c if c.get("id") else {**c, "id": hashlib.sha1(json.dumps(
+                [i, k, c["function"]], sort_keys=True, default=str).encode()).hexdigest()[:9]}
+                for k, c in enumerate(m["tool_calls"])]
+            m, pending = {**m, "tool_calls": calls}, [c["id"] for c in calls]
+        elif m["role"] == "tool" and not m.get("tool_call_id") and pending:
+            m = {**m, "tool_call_id": pending.pop(0)}
+        out.append(m)
+    return out
+
+
 def render_conversation(tokenizer, messages, tools=None, template_kwargs=None):
     """-> (text, [(start, end) character region to train, for each assistant turn]). template_kwargs
     (--chat_template_kwargs, e.g. enable_thinking) go to every render. Raises RecordError if the template
@@ -372,7 +429,7 @@ def render_conversation(tokenizer, messages, tools=None, template_kwargs=None):
         specials, thinking_off, same, opener = _template_facts(tokenizer, render)
         if not same:  # this transformers renders differently from what ChatRenderer mirrors: use its own API
             render.template = None
-        messages, text = _with_template_arguments(render, messages)
+        messages, text = _with_template_arguments(render, with_tool_call_ids(messages))
         regions = []
         for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
             prompts = [render(messages[:i], True)] + ([render(messages[:i], True, **THINKING_OFF)] if thinking_off else [])

@@ -119,12 +119,23 @@ def conversations(name):
     }
 
 
+# Conversations a template renders without part of them: refused (finetune_coverage.py), not masked.
+# DeepSeek-R1 strips the reasoning from every turn; Mistral-Nemo writes the system prompt only into a last user
+# message, so a conversation that ends with an answer loses it.
+DROPS = {"deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja": {"reasoning"},
+         "mistralai-Mistral-Nemo-Instruct-2407.jinja": {"multi_turn"}}
+
+
 @pytest.mark.parametrize("name", sorted(FAMILY))
 def test_only_assistant_turns_are_trained(tokenizer, name):
     tok = with_template(tokenizer, name)
     _, eos, eot, _ = FAMILY[name]
     tools = TOOLS if "Hermes" in name else None  # Hermes' tool-use template renders only with tools
     for label, messages in conversations(name).items():
+        if label in DROPS.get(name, ()):
+            with pytest.raises(ValueError, match="does not appear in the rendered text"):
+                mask(tok, messages, tools)
+            continue
         got = mask(tok, messages, tools)
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
         assert len(got) == len(answers), (label, got)
@@ -145,7 +156,7 @@ def test_only_assistant_turns_are_trained(tokenizer, name):
 
 
 @pytest.mark.parametrize("name,expected", [
-    # the system prompt moves into the last user turn; the assistant turn has no header of its own
+    # the assistant turn has no header of its own (no system prompt: this template drops it, see DROPS)
     ("mistralai-Mistral-Nemo-Instruct-2407.jinja",
      ["Hi! How can I help?</s>", "The answer is 4.</s>", "You are welcome.</s>"]),
     # trims content, injects a date in the system turn
@@ -168,15 +179,19 @@ def test_only_assistant_turns_are_trained(tokenizer, name):
                                  " You are welcome.<｜end▁of▁sentence｜>"]),
 ])
 def test_exact_spans_multi_turn(tokenizer, name, expected):
-    assert mask(with_template(tokenizer, name), conversations(name)["multi_turn"]) == expected
+    chat = conversations(name)["multi_turn"]
+    assert mask(with_template(tokenizer, name), chat[1:] if name in DROPS else chat) == expected
 
 
 def test_reasoning_rewritten_in_earlier_turns(tokenizer):
     msgs = conversations("")["reasoning"]
     assert mask(with_template(tokenizer, "Qwen-Qwen3-0.6B.jinja"), msgs) == [
         "answer one<|im_end|>", "<think>\nreason two\n</think>\n\nanswer two<|im_end|>"]
-    assert mask(with_template(tokenizer, "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"), msgs) == [
-        "\n\nanswer one<｜end▁of▁sentence｜>", "\n\nanswer two<｜end▁of▁sentence｜>"]
+    # DeepSeek-R1 strips the reasoning from every turn, the last one too: refused, not trained without it
+    with pytest.raises(ValueError, match="assistant turn 1 .message 2. does not appear in the rendered text"):
+        mask(with_template(tokenizer, "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"), msgs)
+    with pytest.raises(ValueError, match="assistant turn 1 .message 2. does not appear in the rendered text"):
+        mask(with_template(tokenizer, "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"), msgs[2:])
 
 
 def test_whitespace_kept_or_trimmed_as_the_template_renders_it(tokenizer):
@@ -207,17 +222,23 @@ def test_tool_calls_are_trained_tool_results_are_not(tokenizer, name):
     tok = with_template(tokenizer, name)
     got = mask(tok, tool_chat(), TOOLS)
     assert got == [CALL + "<|im_end|>", "It is 21 degrees in Paris.<|im_end|>"]
-    # content next to a tool call: Qwen renders both, Hermes only the call (its template drops the text)
-    got = mask(tok, tool_chat("Let me check."), TOOLS)
-    first = CALL if "Hermes" in name else "Let me check.\n" + CALL
-    assert got == [first + "<|im_end|>", "It is 21 degrees in Paris.<|im_end|>"]
+    # content next to a tool call: Qwen renders both; Hermes only the call, so the conversation is refused
+    if "Hermes" in name:
+        with pytest.raises(ValueError, match="its text of assistant turn 1 .message 3. does not appear"):
+            mask(tok, tool_chat("Let me check."), TOOLS)
+    else:
+        got = mask(tok, tool_chat("Let me check."), TOOLS)
+        assert got == ["Let me check.\n" + CALL + "<|im_end|>", "It is 21 degrees in Paris.<|im_end|>"]
 
 
 def test_tool_calls_llama_and_mistral(tokenizer):
-    got = mask(with_template(tokenizer, "meta-llama-Llama-3.1-8B-Instruct.jinja"), tool_chat("ignored"), TOOLS)
+    llama = with_template(tokenizer, "meta-llama-Llama-3.1-8B-Instruct.jinja")
+    with pytest.raises(ValueError, match="its text of assistant turn 1"):  # text next to a call: Llama drops it
+        mask(llama, tool_chat("ignored"), TOOLS)
+    got = mask(llama, tool_chat(), TOOLS)
     assert got == ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
                    "It is 21 degrees in Paris.<|eot_id|>"]
-    got = mask(with_template(tokenizer, "mistralai-Mistral-Nemo-Instruct-2407.jinja"), tool_chat(), TOOLS)
+    got = mask(with_template(tokenizer, "mistralai-Mistral-Nemo-Instruct-2407.jinja"), tool_chat()[1:], TOOLS)
     assert got == ['[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call00001"}]</s>',
                    "It is 21 degrees in Paris.</s>"]
 
