@@ -171,7 +171,7 @@ class DataArguments:
                                 "model). Default: the built-in set, retention_prompts.jsonl. README: Retention."})
     retention_prompts: Optional[int] = field(
         default=None, metadata={"help": "Measure retention on the first N reference prompts (0: all). Default: 8 of "
-                                "the built-in set (a measurement within 5% of the demo's training time), all of "
+                                "the built-in set (a measurement within 5 percent of the demo's training time), all of "
                                 "--retention_data. A measurement's cost grows with N (README: Retention)."})
     dataset_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Where tokenized datasets are cached (default ~/.cache/finetune)."}

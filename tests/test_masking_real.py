@@ -399,6 +399,8 @@ def test_command_r_plus_tool_use_real_template(real):
                                                                 if r != "ok"), without
     with_tools = {label: check(tok, "command-r-plus-tool-use", copy.deepcopy(msgs), closing="<|END_OF_TURN_TOKEN|>",
                                tool_closing="", tools=DESCRIBED_TOOLS) for label, msgs in CONVERSATIONS.items()}
+    # this template renders no reasoning: that conversation is refused (finetune_coverage), every other one masked
+    assert with_tools.pop("reasoning").startswith("drops: its reasoning of assistant turn 2"), with_tools
     assert set(with_tools.values()) == {"ok"}, with_tools
     for label in ("tool_dict_args", "tool_string_args"):
         texts = spans(tokenize_conversation(tok, CONVERSATIONS[label], 100000, tools=DESCRIBED_TOOLS), tok)
