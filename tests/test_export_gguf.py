@@ -11,6 +11,7 @@ leaves it out on purpose. The bad-input cases need no engine.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -40,7 +41,10 @@ def engine():
 
 
 def load_gguf(path):
-    return engine().Llama(model_path=str(path), n_ctx=512, n_threads=1, seed=0, verbose=False)
+    """The GGUF in llama.cpp, chats formatted by its own tokenizer.chat_template (llama-cpp-python would otherwise
+    swap a template equal to one it knows for its built-in copy)."""
+    return engine().Llama(model_path=str(path), n_ctx=512, n_threads=1, seed=0, verbose=False,
+                          chat_format="chat_template.default")
 
 
 def ask(llm, messages, max_tokens=48):
@@ -103,6 +107,21 @@ def test_base_model_with_added_turn_tokens_stops_in_llama_cpp(base_model_gguf):
     for prompt, answer in [(CHATS[0][:1], "Paris."), (CHATS[1][:1], "Hello there!")]:
         assert ask(llm, prompt, max_tokens=24) == (answer, "stop")
     assert (base_model_gguf / "Modelfile").read_text().splitlines()[1:] == ['PARAMETER stop "<|im_end|>"']
+
+
+@pytest.mark.engine
+def test_a_turn_end_that_is_not_the_eos_is_written_as_eot(base_model_gguf, tmp_path):
+    """The same run with the model's own eos (</s>) kept in its tokenizer, as finetune.py keeps it for a template
+    that writes the eos itself: the GGUF's eos is </s>, <|im_end|> is written as the eot token, and llama.cpp
+    stops there."""
+    shutil.copytree(base_model_gguf / "out", tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "tokenizer_config.json").read_text())
+    (tmp_path / "run" / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "</s>"}))
+    proc = export(tmp_path / "run", "--outfile", tmp_path / "model.gguf")
+    assert "the turn end <|im_end|> written as the eot token" in proc.stderr, proc.stderr
+    llm = load_gguf(tmp_path / "model.gguf")
+    assert llm.detokenize([llm.token_eos()], special=True).decode() == "</s>"
+    assert ask(llm, CHATS[0][:1], max_tokens=24) == ("Paris.", "stop")
 
 
 # ---------------------------------------------------------------------------------------------
