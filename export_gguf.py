@@ -246,6 +246,8 @@ def trained_system_prompt(run_dir):
         if not os.path.isfile(path):
             return None
         for _, record in read_records(path):
+            if not isinstance(record, dict):  # a broken line: training skipped or refused it too
+                continue
             try:
                 messages, _ = normalize_record(record, detect_format(record))
             except (RecordError, TypeError, ValueError, KeyError):

@@ -88,7 +88,7 @@ def gguf_side(path, tok, asked, chats):
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=max(1, (os.cpu_count() or 2) // 2), seed=0,
-                logits_all=True, verbose=False)
+                logits_all=True, verbose=False, chat_format="chat_template.default")
     answers, stops = [], []
     for q in asked:
         out = llm.create_chat_completion(messages=[{"role": "system", "content": SYSTEM},
