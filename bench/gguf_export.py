@@ -131,7 +131,8 @@ def main(argv=None):
                             str(path), "--overwrite"], check=True)
             answers, stops, gguf_nll = gguf_side(path, tok, asked, chats)
             same = [a == b for a, b in zip(answers, hf_answers)]
-            result[t] = {"size_mib": round(path.stat().st_size / 2**20, 1), "answers_equal_hf": f"{sum(same)}/{len(same)}",
+            result[t] = {"size_mib": round(path.stat().st_size / 2**20, 1),
+                         "answers_equal_hf": f"{sum(same)}/{len(same)}",
                          "stopped": f"{stops.count('stop')}/{len(stops)}", "nll": round(gguf_nll, 4),
                          "nll_minus_hf": round(gguf_nll - hf_nll, 4),
                          "differing": [(q, a, b) for q, a, b, s in zip(asked, answers, hf_answers, same) if not s]}
