@@ -153,6 +153,29 @@ def model_folder(args, work):
     return merge_lora.merge(merge_lora.parse_args(merge_args + (["--base", args.base] if args.base else [])))
 
 
+def vocabulary_filling_the_rows(folder, work):
+    """llama.cpp wants one vocabulary entry per embedding row. finetune.py grows a base model's rows to a multiple
+    of 64 when it adds tokens, so the rows can outnumber the tokenizer's entries; the converter fills that gap with
+    [PAD<id>] control tokens for BPE and SentencePiece vocabularies but not for a Llama tokenizer.json. -> `folder`
+    itself when the counts agree, else a folder in `work` whose tokenizer has those control tokens (never
+    produced from text; their rows are the untrained mean rows) and links to every other file of `folder`."""
+    from tokenizers import AddedToken
+    from transformers import AutoConfig, AutoTokenizer
+
+    rows = AutoConfig.from_pretrained(folder).get_text_config().vocab_size
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if rows <= len(tokenizer):
+        return folder
+    staging = os.path.join(work, "vocabulary")
+    tokenizer.add_tokens([AddedToken(f"[PAD{i}]", special=True, normalized=False) for i in range(len(tokenizer), rows)],
+                         special_tokens=True)
+    tokenizer.save_pretrained(staging)
+    for name in os.listdir(folder):
+        if not os.path.exists(os.path.join(staging, name)):
+            os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(staging, name))
+    return staging
+
+
 def run_logged(cmd, what, env=None):
     """Run a child process, its output kept; on failure show its last lines and exit non-zero."""
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -227,7 +250,28 @@ def check_gguf(path, folder, converter):
                    {**os.environ, "PYTHONPATH": os.path.join(converter, "gguf-py")})
         os.replace(fixed, path)
         log(f"eos is {tokens[eos] if eos is not None else 'unset'}: the turn end {ends[0]} written as the eot token")
+    tokenize_as_trained(path, converter)
     return ends, meta
+
+
+def tokenize_as_trained(path, converter):
+    """finetune.py tokenizes the rendered template without adding special tokens: a bos is there only where the
+    template writes it. A GGUF whose tokenizer adds a bos (or eos) itself would start every llama.cpp prompt with a
+    token training never put there, so those flags are turned off in place (gguf-py's GGUFReader in r+ mode, as
+    its gguf_set_metadata script does)."""
+    sys.path.insert(0, os.path.join(converter, "gguf-py"))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.pop(0)
+    reader = GGUFReader(path, "r+")
+    for key in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"):
+        field = reader.get_field(key)
+        if field is not None and field.contents():
+            field.parts[field.data[0]][0] = False
+            log(f"{key} set to false: prompts are tokenized as in training (the template writes any bos itself)")
+    reader.data.flush()
+    del reader
 
 
 def trained_system_prompt(run_dir):
@@ -276,6 +320,7 @@ def export(args):
     with tempfile.TemporaryDirectory(dir=folder, prefix=".export_gguf-") as work:
         try:
             model = model_folder(args, work)
+            convertible = vocabulary_filling_the_rows(model, work)
             if args.outtype in QUANTIZED_TYPES:
                 import torch
                 from transformers import AutoConfig
@@ -283,11 +328,11 @@ def export(args):
                 dtype = getattr(AutoConfig.from_pretrained(model), "dtype", None)
                 wide = "bf16" if dtype in (torch.bfloat16, "bfloat16") else "f16"  # the quantizer's input
                 log(f"converting {model} to {wide} with llama.cpp's convert_hf_to_gguf.py, then {args.outtype}")
-                convert(converter, model, wide, os.path.join(work, "wide.gguf"))
+                convert(converter, convertible, wide, os.path.join(work, "wide.gguf"))
                 quantize(os.path.join(work, "wide.gguf"), tmp_gguf, args.outtype)
             else:
                 log(f"converting {model} to {args.outtype} with llama.cpp's convert_hf_to_gguf.py")
-                convert(converter, model, args.outtype, tmp_gguf)
+                convert(converter, convertible, args.outtype, tmp_gguf)
             stops, meta = check_gguf(tmp_gguf, model, converter)
             system = args.system if args.system is not None else trained_system_prompt(args.run_dir)
             os.replace(tmp_gguf, outfile)

@@ -4,7 +4,7 @@ The `engine` tier loads the exported files in llama.cpp (llama-cpp-python's `lla
 library) and chats through the GGUF's own template, as any llama.cpp user would:
   - the README's demo (conftest's demo_run: the LoRA adapter on SmolLM2, shared with tests/test_console.py),
     exported to f16: it answers the made-up fact and the general question and stops by itself;
-  - a base model without ChatML tokens (the llama-spm tokenizer) fine-tuned with --chat_template chatml: the
+  - a base model without ChatML tokens (the GPT-2 tokenizer) fine-tuned with --chat_template chatml: the
     added <|im_end|> is the GGUF's eos and llama.cpp stops there.
 The tier fails, not skips, without llama-cpp-python (`pip install -r requirements-test.txt`): `-m "not engine"`
 leaves it out on purpose. The bad-input cases need no engine.
@@ -82,10 +82,12 @@ def test_demo_modelfile_for_ollama(demo_gguf):
 
 @pytest.fixture(scope="module")
 def base_model_gguf(tmp_path_factory):
-    """A tiny Llama with a real base tokenizer that has no chat template and no ChatML tokens, fully fine-tuned
-    with --chat_template chatml (finetune adds <|im_start|> and <|im_end|>, grows the vocabulary), exported to f16."""
+    """A tiny GPT-2 with the real GPT-2 tokenizer (no chat template, no ChatML tokens), fully fine-tuned with
+    --chat_template chatml (finetune adds <|im_start|> and <|im_end|>, grows the vocabulary to a multiple of 64
+    rows), exported to f16. (The llama-spm tokenizer of tests/test_base_model.py is a SentencePiece vocabulary
+    without its tokenizer.model: llama.cpp tokenizes it differently from transformers, README "Run it elsewhere".)"""
     d = tmp_path_factory.mktemp("base-gguf")
-    base = make_base_model("llama-spm", d / "base")
+    base = make_base_model("gpt-2", d / "base")
     data = write_jsonl(d / "chats.jsonl", [{"messages": c} for c in CHATS])
     run_finetune(["--model_name_or_path", base, "--data_path", data, "--output_dir", d / "out", "--dataset_cache_dir",
                   d / "cache", "--chat_template", "chatml", "--per_device_train_batch_size", "4",
@@ -111,16 +113,16 @@ def test_base_model_with_added_turn_tokens_stops_in_llama_cpp(base_model_gguf):
 
 @pytest.mark.engine
 def test_a_turn_end_that_is_not_the_eos_is_written_as_eot(base_model_gguf, tmp_path):
-    """The same run with the model's own eos (</s>) kept in its tokenizer, as finetune.py keeps it for a template
-    that writes the eos itself: the GGUF's eos is </s>, <|im_end|> is written as the eot token, and llama.cpp
+    """The same run with the model's own eos (<|endoftext|>) kept in its tokenizer, as finetune.py keeps it for a template
+    that writes the eos itself: the GGUF's eos is <|endoftext|>, <|im_end|> is written as the eot token, and llama.cpp
     stops there."""
     shutil.copytree(base_model_gguf / "out", tmp_path / "run")
     config = json.loads((tmp_path / "run" / "tokenizer_config.json").read_text())
-    (tmp_path / "run" / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "</s>"}))
+    (tmp_path / "run" / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
     proc = export(tmp_path / "run", "--outfile", tmp_path / "model.gguf")
     assert "the turn end <|im_end|> written as the eot token" in proc.stderr, proc.stderr
     llm = load_gguf(tmp_path / "model.gguf")
-    assert llm.detokenize([llm.token_eos()], special=True).decode() == "</s>"
+    assert llm.detokenize([llm.token_eos()], special=True).decode() == "<|endoftext|>"
     assert ask(llm, CHATS[0][:1], max_tokens=24) == ("Paris.", "stop")
 
 
