@@ -88,6 +88,10 @@ def base_model_gguf(tmp_path_factory):
     without its tokenizer.model: llama.cpp tokenizes it differently from transformers, README "Run it elsewhere".)"""
     d = tmp_path_factory.mktemp("base-gguf")
     base = make_base_model("gpt-2", d / "base")
+    # a hub GPT-2 config.json has n_ctx (llama.cpp's converter reads it); transformers 5 no longer writes it for a
+    # model built from scratch, and keeps it when it is there
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}))
     data = write_jsonl(d / "chats.jsonl", [{"messages": c} for c in CHATS])
     run_finetune(["--model_name_or_path", base, "--data_path", data, "--output_dir", d / "out", "--dataset_cache_dir",
                   d / "cache", "--chat_template", "chatml", "--per_device_train_batch_size", "4",
