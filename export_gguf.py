@@ -153,6 +153,11 @@ def model_folder(args, work):
     return merge_lora.merge(merge_lora.parse_args(merge_args + (["--base", args.base] if args.base else [])))
 
 
+def read_config(folder):
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def vocabulary_filling_the_rows(folder, work):
     """llama.cpp wants one vocabulary entry per embedding row. finetune.py grows a base model's rows to a multiple
     of 64 when it adds tokens, so the rows can outnumber the tokenizer's entries; the converter fills that gap with
@@ -160,11 +165,15 @@ def vocabulary_filling_the_rows(folder, work):
     itself when the counts agree, else a folder in `work` whose tokenizer has those control tokens (never
     produced from text; their rows are the untrained mean rows) and links to every other file of `folder`."""
     from tokenizers import AddedToken
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    rows = AutoConfig.from_pretrained(folder).get_text_config().vocab_size
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if rows <= len(tokenizer):
+    config = read_config(folder)
+    rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        return folder  # nothing to fill: the converter reports what it lacks
+    if not isinstance(rows, int) or rows <= len(tokenizer):
         return folder
     staging = os.path.join(work, "vocabulary")
     tokenizer.add_tokens([AddedToken(f"[PAD{i}]", special=True, normalized=False) for i in range(len(tokenizer), rows)],
@@ -322,11 +331,9 @@ def export(args):
             model = model_folder(args, work)
             convertible = vocabulary_filling_the_rows(model, work)
             if args.outtype in QUANTIZED_TYPES:
-                import torch
-                from transformers import AutoConfig
-
-                dtype = getattr(AutoConfig.from_pretrained(model), "dtype", None)
-                wide = "bf16" if dtype in (torch.bfloat16, "bfloat16") else "f16"  # the quantizer's input
+                config = read_config(model)
+                dtype = config.get("dtype") or config.get("torch_dtype")
+                wide = "bf16" if dtype == "bfloat16" else "f16"  # the quantizer's input
                 log(f"converting {model} to {wide} with llama.cpp's convert_hf_to_gguf.py, then {args.outtype}")
                 convert(converter, convertible, wide, os.path.join(work, "wide.gguf"))
                 quantize(os.path.join(work, "wide.gguf"), tmp_gguf, args.outtype)
