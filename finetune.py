@@ -51,36 +51,62 @@ import torch.nn.functional as F
 from finetune_console import log0, quiet_known_notices, silence_progress_bars
 
 quiet_known_notices()  # before transformers is imported: bitsandbytes speaks on import
-import transformers  # noqa: E402
+import transformers
 
 silence_progress_bars()  # transformers' and datasets' own bars repeat what the log says
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
 
-from finetune_cli import check_ranges, parse_args as parse_flags  # noqa: E402
-from finetune_coverage import LOST, TemplateDropsData, dropped_piece, template_drops_data  # noqa: E402
-from finetune_data import (DataError, RecordError, held_out_split, invalid_reason, is_trained,  # noqa: E402
-                           normalized_rows, sample_indices, tally)
-from finetune_distributed import (SequenceParallelLoader, batch_plan, gradient_divisor,  # noqa: E402
-                                  sequence_parallel_loader, setup_sequence_parallel, skip_first_batches_routed_to,
-                                  start_cpu_deepspeed_state, zero_stage)
-from finetune_adapter import peft_wrapping  # noqa: E402
-from finetune_agreement import StepAgreement  # noqa: E402
-from finetune_cache import build_entry, cache_write_error, dataset_cache_root, entry_path  # noqa: E402
-from finetune_checkpoints import find_resume_checkpoint, remove_new_files  # noqa: E402
-from finetune_exit_codes import ExitCode, record_exit_code  # noqa: E402
-from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size  # noqa: E402
-from finetune_faults import (Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving,  # noqa: E402
-                             warn_if_low_space)
-from finetune_report import data_report, log_data_summary, loss_chunk_tokens, plot_loss  # noqa: E402
-from finetune_retention import (BUILTIN_PROMPTS, BUILTIN_REFERENCE, Retention, RetentionCallback,  # noqa: E402
-                                RetentionEvaluation, eval_schedule, read_reference, summary)
-from finetune_retention import check_flags as check_retention_flags  # noqa: E402
-from finetune_retention import encode as encode_reference  # noqa: E402
-from finetune_sources import check_data_flags, file_id, resolve_data_spec  # noqa: E402
-from finetune_template import (check_chat_template_flag, chat_template_source, encode_regions,  # noqa: E402
-                               render_conversation)
-from finetune_tokens import (fit_model_to_tokenizer, keep_adapter_small, lora_token_indices,  # noqa: E402
-                             prepare_tokenizer, save_stop_tokens)
+from finetune_adapter import peft_wrapping
+from finetune_agreement import StepAgreement
+from finetune_cache import build_entry, cache_write_error, dataset_cache_root, entry_path
+from finetune_checkpoints import find_resume_checkpoint, remove_new_files
+from finetune_cli import check_ranges, parse_args as parse_flags
+from finetune_coverage import LOST, TemplateDropsData, dropped_piece, template_drops_data
+from finetune_data import (
+    DataError,
+    RecordError,
+    held_out_split,
+    invalid_reason,
+    is_trained,
+    normalized_rows,
+    sample_indices,
+    tally,
+)
+from finetune_distributed import (
+    SequenceParallelLoader,
+    batch_plan,
+    gradient_divisor,
+    sequence_parallel_loader,
+    setup_sequence_parallel,
+    skip_first_batches_routed_to,
+    start_cpu_deepspeed_state,
+    zero_stage,
+)
+from finetune_exit_codes import ExitCode, record_exit_code
+from finetune_faults import Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving, warn_if_low_space
+from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size
+from finetune_report import data_report, log_data_summary, loss_chunk_tokens, plot_loss
+from finetune_retention import (
+    BUILTIN_PROMPTS,
+    BUILTIN_REFERENCE,
+    Retention,
+    RetentionCallback,
+    RetentionEvaluation,
+    check_flags as check_retention_flags,
+    encode as encode_reference,
+    eval_schedule,
+    read_reference,
+    summary,
+)
+from finetune_sources import check_data_flags, file_id, resolve_data_spec
+from finetune_template import chat_template_source, check_chat_template_flag, encode_regions, render_conversation
+from finetune_tokens import (
+    fit_model_to_tokenizer,
+    keep_adapter_small,
+    lora_token_indices,
+    prepare_tokenizer,
+    save_stop_tokens,
+)
 
 IGNORE_INDEX = -100
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"

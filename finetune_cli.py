@@ -11,7 +11,6 @@ import sys
 
 from finetune_console import suggest
 
-
 # LLaMA-Factory's names for what this script calls otherwise (its dataset, dataset_dir, val_size, ... are the same):
 # name -> (this script's flag or None, a note)
 LLAMAFACTORY_FLAGS = {

@@ -7,7 +7,6 @@ own bars off: the log lines say what happens). tests/test_console.py reads whole
 import difflib
 import os
 
-
 # Library notices that tell the user nothing to act on: logger name -> test of the record. Each is narrow.
 KNOWN_NOTICES = {
     # On CPUs with AVX512-BF16, bitsandbytes tries a faster 4-bit CPU matmul from the Hub through the `kernels`

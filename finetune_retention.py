@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from finetune_data import DataError, normalized_rows
 from finetune_console import log0
+from finetune_data import DataError, normalized_rows
 from finetune_exit_codes import ExitCode
 from finetune_faults import Fault
 from finetune_report import plot_loss

@@ -347,9 +347,9 @@ def main():
     keep = opts.workdir is not None
     opts.workdir = os.path.abspath(opts.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
     os.makedirs(opts.workdir, exist_ok=True)
-    from make_tiny_model import make_tiny_model
-
     import torch
+
+    from make_tiny_model import make_tiny_model
 
     opts.model = os.path.join(opts.workdir, f"model-h{opts.hidden_size}-l{opts.num_layers}")
     if not os.path.isdir(opts.model):

@@ -35,8 +35,9 @@ WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega rive
 
 
 def build(workdir, tokens):
-    from make_tiny_model import make_tiny_model
     from transformers import AutoConfig, AutoTokenizer
+
+    from make_tiny_model import make_tiny_model
 
     model = make_tiny_model(os.path.join(workdir, "model"), hidden_size=256, num_layers=4)
     config = AutoConfig.from_pretrained(model)

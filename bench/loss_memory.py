@@ -40,8 +40,9 @@ MODES = ["ours", "trl_default", "before", "hf_default"]
 def make_model(path, vocab):
     """The tiny BPE tokenizer (2,048 tokens) with a model whose head covers `vocab` tokens."""
     import torch
-    from make_tiny_model import build_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from make_tiny_model import build_tokenizer
 
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
@@ -59,8 +60,9 @@ def make_model(path, vocab):
 def make_data(path, model, n, tokens):
     """n chats of about `tokens` tokens: a ~60-token question, the rest answer."""
     import numpy as np
-    from bench import WORDS
     from transformers import AutoTokenizer
+
+    from bench import WORDS
 
     if os.path.isfile(path):
         return path
@@ -206,7 +208,7 @@ def main():
             row = {"vocab": vocab, "mode": mode, **json.loads(proc.stdout.strip().splitlines()[-1])}
             results.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n| vocab | mode | peak RSS (GB) | s/step | tokens/s | RSS vs ours | time vs ours |\n|---|---|---|---|---|---|---|")
+    print("\n| vocab | mode | peak RSS (GB) | s/step | tokens/s | RSS vs ours | time vs ours |\n|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['vocab']:,} | {r['mode']} | failed ({r['error']}) | | | | |")

@@ -77,8 +77,9 @@ CATEGORIES = [
 
 def lora_config():
     """finetune.py's LoRA defaults (LoraArguments), as one peft LoraConfig for every LoRA mode."""
-    import finetune as ft
     from peft import LoraConfig
+
+    import finetune as ft
 
     a = ft.LoraArguments()
     return LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, bias=a.lora_bias,

@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import ENV, ROOT, read_log_history, run_finetune, write_jsonl
 
 torch.set_num_threads(1)  # same numerics as the single-threaded subprocesses (greedy decoding ties)

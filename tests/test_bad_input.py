@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from conftest import run_finetune, write_jsonl
 import finetune as ft
 import finetune_cache
 import finetune_data as fd
 import finetune_sources as fsrc
+from conftest import run_finetune, write_jsonl
 
 
 def chat(i=0, **extra):

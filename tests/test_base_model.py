@@ -16,9 +16,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ENV, ROOT, SHARED, run_finetune, write_jsonl
 
 import finetune
+from conftest import ENV, ROOT, SHARED, run_finetune, write_jsonl
 from finetune import tokenize_conversation
 
 torch.set_num_threads(1)  # the numerics of the single-threaded subprocesses (greedy decoding ties)
@@ -254,11 +254,10 @@ def test_every_shared_template_on_a_base_vocabulary(real):
     template has turn end tokens, the eos is one of them, and every trained turn ends with one of them."""
     import copy
 
+    from finetune_template import turn_markers
+    from finetune_tokens import _split_markers, prepare_tokenizer
     from test_masking import FAMILY, TEMPLATES, spans
     from test_masking_real import TOOLS, real_tokenizer
-
-    from finetune_tokens import _split_markers, prepare_tokenizer
-    from finetune_template import turn_markers
 
     chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye now."}]

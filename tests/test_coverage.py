@@ -13,7 +13,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import SHARED, run_finetune, write_jsonl
+from conftest import SHARED, run_finetune
 from finetune import tokenize_conversation
 from finetune_coverage import TemplateDropsData
 from finetune_data import normalize_record

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, read_log_history, run_finetune, write_jsonl
 import finetune as ft
 import finetune_data as fd
 import finetune_report as fr
+from conftest import SHARED, read_log_history, run_finetune, write_jsonl
 
 QWEN25 = SHARED / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
 GLAIVE = SHARED / "data" / "glaive_toolcall_en_demo.json"

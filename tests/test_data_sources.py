@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, read_log_history, run_finetune, write_jsonl
-from test_bad_input import dry_run_args, run_main, user_error
 import finetune as ft
 import finetune_cache
 import finetune_data as fd
 import finetune_sources as fsrc
+from conftest import SHARED, read_log_history, run_finetune, write_jsonl
+from test_bad_input import dry_run_args, run_main, user_error
 
 DATA = SHARED / "data"
 GRANITE = SHARED / "templates" / "ibm-granite-granite-3.3-2B-Instruct.jinja"

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, ROOT, write_jsonl
 from safetensors.torch import load_file
+
+from conftest import ENV, ROOT, write_jsonl
 
 DEMO = ROOT / "examples" / "demo_data.jsonl"  # 18 conversations, 2 sources
 ZERO2, ZERO3 = ROOT / "ds_config_zero2.json", ROOT / "ds_config_zero3.json"

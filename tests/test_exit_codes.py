@@ -4,7 +4,6 @@ no Python file writes one as a number of its own."""
 import re
 
 from conftest import ROOT
-
 from finetune_exit_codes import DELIBERATE_EXIT_CODES, ExitCode
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import ENV, ROOT, run_finetune, write_jsonl
 from test_base_model import CHATS, make_base_model
 

@@ -35,15 +35,15 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import ENV, ROOT, read_log_history, run_finetune, write_jsonl
 from safetensors.torch import load_file
-from test_distributed import ZERO2, ZERO3, free_port, torchrun_cmd
 
 import finetune
+from conftest import ENV, ROOT, read_log_history, run_finetune, write_jsonl
 from finetune_cache import MANIFEST, check_cache_entry
 from finetune_checkpoints import checkpoint_is_complete
 from finetune_exit_codes import ExitCode
 from finetune_faults import checkpoint_bytes
+from test_distributed import ZERO2, ZERO3, free_port, torchrun_cmd
 
 DEMO = ROOT / "examples" / "demo_data.jsonl"  # 18 conversations, sources "dialogues" and "facts"
 

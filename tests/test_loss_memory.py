@@ -15,11 +15,11 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, read_log_history, run_finetune
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune as ft
 import finetune_report as fr
+from conftest import ROOT, read_log_history, run_finetune
 
 DEMO = ROOT / "examples" / "demo_data.jsonl"  # 18 conversations, 2 sources
 CHUNK = 7

@@ -21,8 +21,7 @@ from conftest import SHARED
 from finetune import IGNORE_INDEX, tokenize_conversation
 from finetune_coverage import TemplateDropsData
 from finetune_template import ChatRenderer, _with_template_arguments
-from test_masking import _MARKERS, FAMILY, TEMPLATES, TOOL_CLOSING, spans, with_template
-from test_masking import TOOLS as DESCRIBED_TOOLS
+from test_masking import _MARKERS, FAMILY, TEMPLATES, TOOL_CLOSING, TOOLS as DESCRIBED_TOOLS, spans, with_template
 
 REAL = ["llama-spm", "gpt-2", "deepseek-llm"]
 MARK = "\ue00a"  # private use: never in the conversations below

@@ -14,7 +14,6 @@ from conftest import SHARED, write_jsonl
 from test_bad_input import dry_run_args, run_main, user_error
 from test_base_model import make_base_model
 from test_data_sources import build
-import finetune as ft
 
 DATA = SHARED / "data"
 WIKI = Path(__file__).parent / "data" / "wiki_demo_3.txt"  # three documents of LLaMA-Factory's wiki_demo.txt

@@ -21,13 +21,22 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ENV, ROOT, write_jsonl
 from safetensors.torch import load_file
-from test_distributed import (DEMO, REL_TOL, STEP_TOL, ZERO2, ZERO3, assert_same_training, free_port, max_diff,
-                              train_args)
 
+from conftest import ENV, ROOT, write_jsonl
 from finetune_checkpoints import checkpoint_is_complete
 from finetune_exit_codes import ExitCode
+from test_distributed import (
+    DEMO,
+    REL_TOL,
+    STEP_TOL,
+    ZERO2,
+    ZERO3,
+    assert_same_training,
+    free_port,
+    max_diff,
+    train_args,
+)
 
 
 @pytest.fixture(scope="module")

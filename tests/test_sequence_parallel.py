@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_finetune, write_jsonl
 from safetensors.torch import load_file
+
+from conftest import run_finetune, write_jsonl
 from test_distributed import ZERO2, ZERO3, torchrun
 
 REL_TOL = 1e-4  # the bar; measured ~2e-7 (fp32, only the summation order differs)

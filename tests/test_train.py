@@ -2,19 +2,17 @@
 a user loads them; resume after a real SIGKILL; eval; the launcher; config files."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, ROOT, read_log_history, run_finetune, write_jsonl
 
 import finetune
+from conftest import ENV, ROOT, read_log_history, run_finetune
 from finetune_checkpoints import checkpoint_is_complete
 
 DEMO = ROOT / "examples" / "demo_data.jsonl"
