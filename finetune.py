@@ -31,7 +31,6 @@ This file is the training script, in the order a run goes. Self-contained machin
 
 import functools
 import glob
-import hashlib
 import json
 import math
 import os
@@ -85,17 +84,13 @@ from finetune_distributed import (
 from finetune_exit_codes import ExitCode, record_exit_code
 from finetune_faults import Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving, warn_if_low_space
 from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size
-from finetune_report import data_report, log_data_summary, loss_chunk_tokens, plot_loss
+from finetune_report import data_report, log_data_summary, loss_chunk_tokens, plot_loss, token_accounting
 from finetune_retention import (
-    BUILTIN_PROMPTS,
-    BUILTIN_REFERENCE,
-    Retention,
     RetentionCallback,
     RetentionEvaluation,
     check_flags as check_retention_flags,
-    encode as encode_reference,
     eval_schedule,
-    read_reference,
+    load as load_retention,
     summary,
 )
 from finetune_sources import check_data_flags, file_id, resolve_data_spec
@@ -121,7 +116,8 @@ class ModelArguments:
     model_name_or_path: str = field(
         default=None, metadata={"help": "Model directory or hub id, loaded with AutoModelForCausalLM."}
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the model repo."})
+    trust_remote_code: bool = field(default=False,
+                                    metadata={"help": "Allow custom modelling code from the model repo."})
     attn_implementation: str = field(
         default="auto",
         metadata={"help": "auto | sdpa | eager | flash_attention_2. auto: flash_attention_2 on GPU when "
@@ -137,14 +133,16 @@ class ModelArguments:
 class DataArguments:
     data_path: str = field(
         default=None,
-        metadata={"help": "Training data, comma-separated (a comma in a name is written \\,): files (.jsonl/.json(.gz), "
-                  ".parquet, .arrow, .csv, .tsv, .txt), folders (Hub dataset and save_to_disk folders read as such), "
+        metadata={"help": "Training data, comma-separated (a comma in a name is written \\,): files "
+                  "(.jsonl/.json(.gz), .parquet, .arrow, .csv, .tsv, .txt), folders (Hub dataset and save_to_disk "
+                  "folders read as such), "
                   "Hub ids (org/name). [SPLIT] or [SUBSET:SPLIT] after an entry selects a split, :RATIO samples it "
                   "(e.g. a.jsonl:0.5,org/name[test],b/:2). README: Data sources."},
     )
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same syntax."})
-    dataset: Optional[str] = field(default=None, metadata={"help": "LLaMA-Factory's flag: entries of DATASET_DIR/"
-                                   "dataset_info.json, comma-separated (NAME:RATIO samples one), added to --data_path."})
+    dataset: Optional[str] = field(default=None, metadata={
+        "help": "LLaMA-Factory's flag: entries of DATASET_DIR/dataset_info.json, comma-separated (NAME:RATIO samples "
+                "one), added to --data_path."})
     dataset_dir: str = field(default="data", metadata={"help": "The folder of LLaMA-Factory's dataset_info.json."})
     eval_dataset: Optional[str] = field(default=None, metadata={"help": "Evaluation entries of dataset_info.json."})
     columns: Optional[str] = field(default=None, metadata={"help": "Rename columns (or JSON keys) to a format's keys: "
@@ -522,7 +520,7 @@ def marked_text(tokenizer, input_ids, labels, mark=("[[", "]]")):
     cuts = [0] + [k for k in range(1, len(ids)) if trained[k] != trained[k - 1]] + [len(ids)]
     decoded = [tokenizer.decode(ids[:k], skip_special_tokens=False) for k in cuts]
     pieces = []
-    for a, b, before, upto in zip(cuts, cuts[1:], decoded, decoded[1:]):
+    for a, before, upto in zip(cuts, decoded, decoded[1:]):
         piece = upto[len(before):]
         pieces.append(f"{mark[0]}{piece}{mark[1]}" if trained[a] else piece)
     return "".join(pieces)
@@ -631,8 +629,9 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
         if isinstance(cause, (DataError, FileNotFoundError)):
             raise cause from None
         if type(cause).__name__ == "SchemaInferenceError":  # datasets cannot build a table from zero rows
-            raise DataError(f"{spec}: no valid record in {len(stats['files'])} files, all "
-                            f"{sum(f['records'] for f in stats['files'].values())} records invalid: {stats['invalid']}") from None
+            n_records = sum(f["records"] for f in stats["files"].values())
+            raise DataError(f"{spec}: no valid record in {len(stats['files'])} files, all {n_records} records invalid: "
+                            f"{stats['invalid']}") from None
         raise
     sources = sorted(raw.unique("source"))
     tokenized = raw.map(
@@ -691,32 +690,6 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
     shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)  # datasets' scratch: not part of the entry
 
 
-def token_accounting(tokenized, status, files):
-    """Where the data's tokens went, before --val_size and the ratios, in all and per format: read (every valid
-    record rendered and tokenized whole), in_samples, trained, lost_to_truncation (cut off a sample to fit
-    --model_max_length: a conversation's last turns, a text's tail with --long_text cut), in_dropped_records
-    (records dropped whole); and the long texts split into blocks (every token kept)."""
-    columns = {k: np.asarray(tokenized[k][:]) for k in ("n_read", "length", "n_trained")}
-    origins = np.asarray(tokenized["origin"][:], dtype=object)
-    formats = np.asarray([files[o.rsplit(":", 1)[0]].get("format", "?") for o in origins], dtype=object)
-    ok = np.asarray([not s.startswith("error:") for s in status], dtype=bool)
-    kept = np.asarray([s in ("", "truncated", "split") for s in status], dtype=bool)
-    split = np.asarray([s == "split" for s in status], dtype=bool)
-
-    def count(rows):
-        n_read, length, n_trained = (columns[k][rows] for k in ("n_read", "length", "n_trained"))
-        k = kept[rows]
-        return {"read": int(n_read.sum()), "in_samples": int(length[k].sum()), "trained": int(n_trained[k].sum()),
-                "lost_to_truncation": int((n_read - length)[k].sum()),
-                "samples_truncated": int((k & (n_read > length)).sum()),
-                "in_dropped_records": int(n_read[~k].sum()),
-                "long_texts_split": len(set(origins[rows & split])), "blocks": int((rows & split).sum())}
-
-    report = count(ok)
-    report["by_format"] = {f: count(ok & (formats == f)) for f in sorted(set(formats[ok]))}
-    return report
-
-
 def _save_split(dataset, tmp, name):
     """Saves the tokenized samples under tmp/name -> their counts. source_idx came with the tokens; dropping
     columns rewrites nothing: save_to_disk is the one pass."""
@@ -769,54 +742,6 @@ def load_datasets(data_args, training_args, tokenizer):
     return train, evaluation, reports
 
 
-RETENTION_CACHE_VERSION = "1"  # bump when the cached base figures change meaning
-
-
-def retention_cache_file(entries, tokenizer, model_args, data_args, training_args, lora_args):
-    """Where the base model's retention figures are cached: beside the tokenized datasets, keyed by the reference
-    files and tokenization (the dataset cache key) and by the model's weights and how they are computed."""
-    weights = sorted(glob.glob(os.path.join(model_args.model_name_or_path, "*.safetensors")) +
-                     glob.glob(os.path.join(model_args.model_name_or_path, "*.bin")))
-    h = hashlib.sha256(json.dumps({
-        "model": model_args.model_name_or_path,
-        "weights": [[os.path.abspath(w), os.stat(w).st_size, os.stat(w).st_mtime_ns] for w in weights],
-        "dtype": [training_args.bf16, training_args.fp16], "q_lora": lora_args.q_lora,
-        "attn": model_args.attn_implementation, "prompts": data_args.retention_prompts,
-        "version": RETENTION_CACHE_VERSION,
-    }, sort_keys=True).encode())
-    return f"{entry_path(entries, tokenizer, data_args, training_args)}-retention-{h.hexdigest()[:20]}.json"
-
-
-def load_retention(tokenizer, model_args, data_args, training_args, lora_args):
-    """The retention reference set, read (every process: it is small) and tokenized -> Retention, or None when off.
-    A bad --retention_data stops every process with the `file:line` errors of --data_path (said once, by rank 0)."""
-    if not training_args.retention:
-        return None
-    if training_args.sequence_parallel_size > 1:  # its attention expects every sequence split across the group
-        log0("note: retention is not measured under sequence parallelism (--sequence_parallel_size > 1)")
-        return None
-    spec = data_args.retention_data or BUILTIN_REFERENCE
-    entries = resolve_data_spec(spec)[0]
-    try:
-        conversations = read_reference(entries, "--retention_data" if data_args.retention_data else "built-in set")
-        n = data_args.retention_prompts
-        n = BUILTIN_PROMPTS if n is None and not data_args.retention_data else n
-        conversations = conversations[:n or None]
-    except DataError:
-        if training_args.process_index != 0:
-            sys.exit(ExitCode.BAD_INPUT)
-        raise
-    tokenize = functools.partial(_tokenize_arrays, tokenizer, max_length=training_args.model_max_length,
-                                 template_kwargs=data_args.template_kwargs)
-    items = encode_reference(conversations, tokenizer, tokenize, training_args.model_max_length,
-                             data_args.template_kwargs)
-    if not items:
-        raise DataError(f"{spec}: no reference prompt fits --model_max_length {training_args.model_max_length}.")
-    source = data_args.retention_data or "built-in set"
-    return Retention(items, retention_cache_file(entries, tokenizer, model_args, data_args, training_args, lora_args),
-                     training_args.output_dir, source, tokenizer)
-
-
 # ---------------------------------------------------------------------------------------------
 # Batching: length-grouped padding, or padding-free packing
 # ---------------------------------------------------------------------------------------------
@@ -834,7 +759,8 @@ def pad_batch(batch, length, pad_token_id):
         if key in batch:
             batch[key] = F.pad(batch[key], (0, extra), value=value)
     if "position_ids" in batch:  # keep counting: positions stay increasing, as Ulysses on sdpa requires
-        batch["position_ids"] = torch.cat([batch["position_ids"], batch["position_ids"][:, -1:] + 1 + torch.arange(extra)], 1)
+        positions = batch["position_ids"]
+        batch["position_ids"] = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(extra)], 1)
     return batch
 
 
@@ -985,8 +911,8 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
 # applied to the last position only (a forward pre-hook slices the head's input, and keeps the hidden
 # states it was given); the positions whose next token is trained are gathered, and the head and the
 # fp32 cross-entropy run on them chunk by chunk under activation checkpointing: one chunk's logits
-# exist at a time, in the forward and when the backward recomputes them (all but the last chunk). The head is called as a
-# module, so a LoRA on lm_head, Q-LoRA and DeepSpeed ZeRO-3 (which gathers the weight in the module's
+# exist at a time, in the forward and when the backward recomputes them (all but the last chunk). The head is
+# called as a module, so a LoRA on lm_head, Q-LoRA and DeepSpeed ZeRO-3 (which gathers the weight in the module's
 # hooks; tied embeddings included) see an ordinary call. A model that changes its head's output
 # (logit softcapping, scaled logits) is noticed on the first batch and keeps the full logits.
 
@@ -1028,8 +954,8 @@ def fused_cross_entropy(head, hidden, target):
 
 class TrainedTokenLoss:
     """model(**inputs) -> (outputs, per-token CE at the positions where `mask` is set), mask and target
-    being [batch, seq] with target[t] what position t predicts (shifted_labels). outputs.logits holds the last position only (all of
-    them on the full-logits fallback)."""
+    being [batch, seq] with target[t] what position t predicts (shifted_labels). outputs.logits holds the last
+    position only (all of them on the full-logits fallback)."""
 
     def __init__(self, chunk_tokens=0, fused=False):
         self.chunk_tokens, self.fused, self.chunked = chunk_tokens, fused, None  # chunked: decided on 1st batch
@@ -1389,7 +1315,7 @@ def train(argv=None):
         return finish_dry_run(report, training_args)
 
     finish_training_args(training_args, eval_data is not None)
-    retention = load_retention(tokenizer, model_args, data_args, training_args, lora_args)
+    retention = load_retention(tokenizer, model_args, data_args, training_args, lora_args, _tokenize_arrays)
     schedule = eval_schedule(training_args, eval_data is not None)  # a run without an evaluation set
     checkpoint = find_resume_checkpoint(training_args)
     adapt_to_world_size(checkpoint, training_args)

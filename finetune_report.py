@@ -246,3 +246,29 @@ def placeholder_lines(found):
         lines.append(f"warning: --placeholders {', '.join(unused)}: no {{{{{unused[0]}}}}} in the data (placeholders "
                      f"are written {{{{NAME}}}})")
     return lines
+
+
+def token_accounting(tokenized, status, files):
+    """Where the data's tokens went, before --val_size and the ratios, in all and per format: read (every valid
+    record rendered and tokenized whole), in_samples, trained, lost_to_truncation (cut off a sample to fit
+    --model_max_length: a conversation's last turns, a text's tail with --long_text cut), in_dropped_records
+    (records dropped whole); and the long texts split into blocks (every token kept)."""
+    columns = {k: np.asarray(tokenized[k][:]) for k in ("n_read", "length", "n_trained")}
+    origins = np.asarray(tokenized["origin"][:], dtype=object)
+    formats = np.asarray([files[o.rsplit(":", 1)[0]].get("format", "?") for o in origins], dtype=object)
+    ok = np.asarray([not s.startswith("error:") for s in status], dtype=bool)
+    kept = np.asarray([s in ("", "truncated", "split") for s in status], dtype=bool)
+    split = np.asarray([s == "split" for s in status], dtype=bool)
+
+    def count(rows):
+        n_read, length, n_trained = (columns[k][rows] for k in ("n_read", "length", "n_trained"))
+        k = kept[rows]
+        return {"read": int(n_read.sum()), "in_samples": int(length[k].sum()), "trained": int(n_trained[k].sum()),
+                "lost_to_truncation": int((n_read - length)[k].sum()),
+                "samples_truncated": int((k & (n_read > length)).sum()),
+                "in_dropped_records": int(n_read[~k].sum()),
+                "long_texts_split": len(set(origins[rows & split])), "blocks": int((rows & split).sum())}
+
+    report = count(ok)
+    report["by_format"] = {f: count(ok & (formats == f)) for f in sorted(set(formats[ok]))}
+    return report

@@ -27,9 +27,13 @@ What finetune.py uses:
   eval_schedule, summary                          the schedule taken from TrainingArguments; the closing log line
 """
 
+import functools
+import glob
+import hashlib
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -37,11 +41,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from finetune_cache import entry_path
 from finetune_console import log0
 from finetune_data import DataError, normalized_rows
 from finetune_exit_codes import ExitCode
 from finetune_faults import Fault
 from finetune_report import plot_loss
+from finetune_sources import resolve_data_spec
 
 BUILTIN_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retention_prompts.jsonl")
 BUILTIN_PROMPTS = 8  # measured by default: its first 8 (one of each kind, then more), ~500 tokens a measurement
@@ -87,7 +93,8 @@ def encode(conversations, tokenizer, tokenize, max_length, template_kwargs=None)
     is an answer token (tokenize: finetune.py's conversation -> (ids, labels, status), labels -100 where untrained)."""
     answered = [i for i, (m, _) in enumerate(conversations) if m[-1]["role"] == "assistant"]
     items = [None] * len(conversations)
-    for i, (ids, labels, status) in zip(answered, tokenize([conversations[i] for i in answered]) if answered else []):
+    encoded = tokenize([conversations[i] for i in answered]) if answered else []
+    for i, (ids, labels, status, *_) in zip(answered, encoded):
         positions = np.flatnonzero(np.asarray(labels[1:]) != -100)
         if status.startswith(("error:", "dropped:")) or len(positions) == 0:
             continue
@@ -162,7 +169,8 @@ def score(model, items, pad_token_id):
             select[b, it["positions"]] = True
         target = F.pad(ids[:, 1:], (0, 1))[select]
         sel = select.to(device)
-        hook = head.register_forward_pre_hook(lambda module, args: (args[0][sel][None], *args[1:]))
+        # the head sees only the answer positions (bound now: the hook is removed before the next batch)
+        hook = head.register_forward_pre_hook(lambda module, args, sel=sel: (args[0][sel][None], *args[1:]))
         try:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[0]
         finally:
@@ -353,3 +361,57 @@ class RetentionCallback(transformers.TrainerCallback):
         raise RetentionFell(f"{line}; training stopped, nothing of this step saved (the last checkpoint, if any, is "
                             f"kept; exit code {int(ExitCode.RETENTION)}). Lower the learning rate or the epochs, or "
                             "--retention_action warn", here=state.is_world_process_zero)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the reference set for a run (finetune.train)
+# ---------------------------------------------------------------------------------------------
+
+
+RETENTION_CACHE_VERSION = "1"  # bump when the cached base figures change meaning
+
+
+def cache_file(entries, tokenizer, model_args, data_args, training_args, lora_args):
+    """Where the base model's retention figures are cached: beside the tokenized datasets, keyed by the reference
+    files and tokenization (the dataset cache key) and by the model's weights and how they are computed."""
+    weights = sorted(glob.glob(os.path.join(model_args.model_name_or_path, "*.safetensors")) +
+                     glob.glob(os.path.join(model_args.model_name_or_path, "*.bin")))
+    h = hashlib.sha256(json.dumps({
+        "model": model_args.model_name_or_path,
+        "weights": [[os.path.abspath(w), os.stat(w).st_size, os.stat(w).st_mtime_ns] for w in weights],
+        "dtype": [training_args.bf16, training_args.fp16], "q_lora": lora_args.q_lora,
+        "attn": model_args.attn_implementation, "prompts": data_args.retention_prompts,
+        "version": RETENTION_CACHE_VERSION,
+    }, sort_keys=True).encode())
+    return f"{entry_path(entries, tokenizer, data_args, training_args)}-retention-{h.hexdigest()[:20]}.json"
+
+
+def load(tokenizer, model_args, data_args, training_args, lora_args, tokenize_arrays):
+    """The retention reference set, read (every process: it is small) and tokenized by finetune.py's preprocess
+    (tokenize_arrays: its _tokenize_arrays) -> Retention, or None when off.
+    A bad --retention_data stops every process with the `file:line` errors of --data_path (said once, by rank 0)."""
+    if not training_args.retention:
+        return None
+    if training_args.sequence_parallel_size > 1:  # its attention expects every sequence split across the group
+        log0("note: retention is not measured under sequence parallelism (--sequence_parallel_size > 1)")
+        return None
+    spec = data_args.retention_data or BUILTIN_REFERENCE
+    entries = resolve_data_spec(spec)[0]
+    try:
+        conversations = read_reference(entries, "--retention_data" if data_args.retention_data else "built-in set")
+        n = data_args.retention_prompts
+        n = BUILTIN_PROMPTS if n is None and not data_args.retention_data else n
+        conversations = conversations[:n or None]
+    except DataError:
+        if training_args.process_index != 0:
+            sys.exit(ExitCode.BAD_INPUT)
+        raise
+    tokenize = functools.partial(tokenize_arrays, tokenizer, max_length=training_args.model_max_length,
+                                 template_kwargs=data_args.template_kwargs)
+    items = encode(conversations, tokenizer, tokenize, training_args.model_max_length,
+                             data_args.template_kwargs)
+    if not items:
+        raise DataError(f"{spec}: no reference prompt fits --model_max_length {training_args.model_max_length}.")
+    source = data_args.retention_data or "built-in set"
+    return Retention(items, cache_file(entries, tokenizer, model_args, data_args, training_args, lora_args),
+                     training_args.output_dir, source, tokenizer)
