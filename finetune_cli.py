@@ -135,7 +135,8 @@ def parse_args(dataclass_types, argv=None):
         unused = re.search(r"not used by the HfArgumentParser: \[(.*)\]", str(e))
         if unused:
             flag = unused.group(1).split(",")[0].strip(" '")
-            raise ValueError(f"unknown flag {flag}{suggest(flag.lstrip('-'), known)} (see python finetune.py --help)")
+            raise ValueError(f"unknown flag {flag}{suggest(flag.lstrip('-'), known)} "
+                             "(see python finetune.py --help)") from None
         raise
 
 
@@ -153,7 +154,8 @@ FLAG_RANGES = [
     ("loss_chunk_tokens", 0, None, True), ("sequence_parallel_size", 1, None, True),
 ]
 # What a flag's number means, where the bare range would not say it.
-RANGE_MEANING = {"sequence_parallel_size": "1 (off) or more", "loss_chunk_tokens": "0 (automatic) or a number of tokens"}
+RANGE_MEANING = {"sequence_parallel_size": "1 (off) or more",
+                 "loss_chunk_tokens": "0 (automatic) or a number of tokens"}
 
 
 def check_ranges(*arg_groups):

@@ -7,7 +7,8 @@ prompt/completion: every record becomes `messages` + `tools`; TRL's text stays t
 
 Interface: read_records(path, options) -> (line | 'row N', record); normalized_rows(entries, ...) yields validated
 rows for datasets.Dataset.from_generator; detect_format, normalize_record, normalize_text, is_trained,
-held_out_counts, held_out_split, sample_indices; the errors DataError (a file or the data as a whole) and RecordError (one record).
+held_out_counts, held_out_split, sample_indices; the errors DataError (a file or the data as a whole) and RecordError
+(one record).
 """
 
 import csv
@@ -236,8 +237,8 @@ def _array_records(path, data):
             where = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
             nxt = record_start.search(text, pos + 1) if record_start else None
             if record_start is None:
-                raise DataError(f"{path}:{getattr(e, 'lineno', line)}: invalid JSON ({where}) in an array whose records "
-                                "do not start lines, so the records after it cannot be told apart or counted. "
+                raise DataError(f"{path}:{getattr(e, 'lineno', line)}: invalid JSON ({where}) in an array whose "
+                                "records do not start lines, so the records after it cannot be told apart or counted. "
                                 "Fix the file, or write JSONL (one record per line).") from None
             nul = _nul_problem(text[pos:nxt.start() if nxt else len(text)])
             yield getattr(e, "lineno", line), RecordError("json", nul or f"invalid JSON ({where})")
@@ -383,7 +384,7 @@ def _tools(tools):
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError:
-            raise RecordError("tools", "not valid JSON")
+            raise RecordError("tools", "not valid JSON") from None
     if isinstance(tools, dict) and not {"name", "function"} & tools.keys():
         example = next(iter(tools), "")
         raise RecordError("tools", f"an object keyed by function name ({example!r}, ...); write a list of "
@@ -405,7 +406,7 @@ def _tool_calls(calls, where):
         try:
             calls = json.loads(calls)
         except json.JSONDecodeError:
-            raise RecordError(where, "function call is not valid JSON")
+            raise RecordError(where, "function call is not valid JSON") from None
     calls = calls if isinstance(calls, list) else [calls]
     out = []
     for call in calls:
@@ -832,7 +833,8 @@ def _csv_records(path, kind, options, fmt, seen):
             if len(header) == 1 and any(d in header[0] for d in ";\t|") and delimiter not in header[0]:
                 other = next(d for d in ";\t|" if d in header[0])
                 raise DataError(f"{path}: the header is one field, {header[0]!r}: the fields seem separated by "
-                                f"{other!r}, not {delimiter!r}; write it comma-separated (.csv) or tab-separated (.tsv).")
+                                f"{other!r}, not {delimiter!r}; write it comma-separated (.csv) or "
+                                "tab-separated (.tsv).")
             twice = sorted({n for n in header if header.count(n) > 1})
             if twice:
                 raise DataError(f"{path}: the header names {twice[0]!r} twice; column names must be unique.")

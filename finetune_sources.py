@@ -42,7 +42,8 @@ class Entry(NamedTuple):
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 SELECTION = re.compile(r"(.+?)\[([^\[\]]*)\]")
 # Files datasets itself never reads as data in a dataset folder (datasets.data_files.FILES_TO_IGNORE) and save_to_disk's
-METADATA_FILES = ("README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
+METADATA_FILES = ("README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json",
+                  "state.json")
 LLAMAFACTORY_SOURCES = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 
 
@@ -100,7 +101,9 @@ def parse_data_spec(spec):
 
 def _save_to_disk_kind(folder):
     names = set(os.listdir(folder))
-    return "dict" if "dataset_dict.json" in names else "dataset" if {"state.json", "dataset_info.json"} <= names else None
+    if "dataset_dict.json" in names:
+        return "dict"
+    return "dataset" if {"state.json", "dataset_info.json"} <= names else None
 
 
 def list_data_files(path):
@@ -143,9 +146,8 @@ def list_data_files(path):
                                      "contains the link: a loop. Remove or fix the link.")
                 walk(full, ancestors | {file_id(full)})
             elif not os.path.isfile(full):
-                raise ValueError(f"--data_path: {full} is "
-                                 f"{'a broken symbolic link (or a loop of links)' if os.path.islink(full) else 'not a regular file'}"
-                                 "; remove it or fix the link.")
+                what = "a broken symbolic link (or a loop of links)" if os.path.islink(full) else "not a regular file"
+                raise ValueError(f"--data_path: {full} is {what}; remove it or fix the link.")
             elif name.lower().endswith(DATA_SUFFIXES) and name not in METADATA_FILES:
                 files.append((full, source_of(folder)))
             else:
@@ -153,9 +155,9 @@ def list_data_files(path):
 
     walk(root, {file_id(root)})
     if not files:
-        raise FileNotFoundError(f"--data_path: folder {path} has no {'/'.join(DATA_SUFFIXES)} files"
-                                + (f" (skipped hidden: {', '.join(skipped['hidden'][:3])})" if skipped["hidden"] else "")
-                                + (f" (ignored: {', '.join(skipped['ignored'][:3])})" if skipped["ignored"] else "") + ".")
+        hidden = f" (skipped hidden: {', '.join(skipped['hidden'][:3])})" if skipped["hidden"] else ""
+        ignored = f" (ignored: {', '.join(skipped['ignored'][:3])})" if skipped["ignored"] else ""
+        raise FileNotFoundError(f"--data_path: folder {path} has no {'/'.join(DATA_SUFFIXES)} files{hidden}{ignored}.")
     return files, skipped
 
 
@@ -255,7 +257,8 @@ def hub_folder_files(base, select, label, readme=None):
     try:
         configs = MetadataConfigs.from_dataset_card_data(meta)
     except Exception as e:  # ValueError for bad data_files; features that do not parse raise others
-        raise DataError(f"{readme or base + '/README.md'}: its `configs` are not valid: {' '.join(str(e).split())[:300]}") from None
+        raise DataError(f"{readme or base + '/README.md'}: its `configs` are not valid: "
+                        f"{' '.join(str(e).split())[:300]}") from None
     root, patterns, options = base, None, {}
     if configs:
         names = list(configs)
@@ -288,7 +291,8 @@ def hub_folder_files(base, select, label, readme=None):
         except FileNotFoundError:
             pass
     if not files:
-        raise DataError(f"{label}: split {split!r} ({', '.join(map(str, patterns[split]))}) matches no file under {root}.")
+        raise DataError(f"{label}: split {split!r} ({', '.join(map(str, patterns[split]))}) matches no file "
+                        f"under {root}.")
     where = f"subset {subset!r}, " if configs else ""
     log0(f"data: {label}: {where}split {split!r}, {len(files)} files" +
          (f" (other splits: {', '.join(s for s in patterns if s != split)})" if len(patterns) > 1 else ""))
@@ -341,8 +345,8 @@ def hub_id_files(repo, select, label):
             if isinstance(e, (DataError, FileNotFoundError)) and not isinstance(e, LocalEntryNotFoundError):
                 raise  # the dataset's own problem
             if snapshot is None and isinstance(e, RepositoryNotFoundError):
-                raise FileNotFoundError(f"{entry}: no such file or folder, and no dataset {repo!r} on the "
-                                        "Hugging Face Hub (or it is private or gated: huggingface-cli login).") from None
+                raise FileNotFoundError(f"{entry}: no such file or folder, and no dataset {repo!r} on the Hugging "
+                                        "Face Hub (or it is private or gated: huggingface-cli login).") from None
             if snapshot is None:
                 raise FileNotFoundError(f"{entry}: no such file or folder, and the dataset {repo!r} could not "
                                         f"be loaded from the Hugging Face Hub ({type(e).__name__}: "
@@ -400,7 +404,8 @@ LF_ALPACA = {"prompt": "instruction", "query": "input", "response": "output"}
 LF_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
            "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 LF_NOT_SFT = {"chosen": "preference (DPO/RM) data", "rejected": "preference (DPO/RM) data", "kto_tag": "KTO data",
-              "images": "multimodal data (images)", "videos": "multimodal data (videos)", "audios": "multimodal data (audio)"}
+              "images": "multimodal data (images)", "videos": "multimodal data (videos)",
+              "audios": "multimodal data (audio)"}
 
 
 def read_dataset_info(path):
@@ -554,7 +559,8 @@ def llamafactory_entry(path, name, flag="--dataset"):
     if not os.path.exists(local):
         there = sorted(n for n in os.listdir(folder) if n.lower().endswith(READ_SUFFIXES) and n != "dataset_info.json")
         raise FileNotFoundError(f"{label}: file_name {attr['file_name']!r} in {path} does not exist in {folder}"
-                                f"{suggest(attr['file_name'], there)} (data files there: {', '.join(there[:8]) or 'none'}).")
+                                f"{suggest(attr['file_name'], there)} "
+                                f"(data files there: {', '.join(there[:8]) or 'none'}).")
     files, opts, skipped = locate(local, flag=label)
     return [(f, name) for f, _ in files], {**opts, **options}, skipped
 

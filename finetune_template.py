@@ -432,11 +432,13 @@ def render_conversation(tokenizer, messages, tools=None, template_kwargs=None):
         messages, text = _with_template_arguments(render, with_tool_call_ids(messages))
         regions = []
         for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
-            prompts = [render(messages[:i], True)] + ([render(messages[:i], True, **THINKING_OFF)] if thinking_off else [])
+            prompts = [render(messages[:i], True)]
+            if thinking_off:
+                prompts.append(render(messages[:i], True, **THINKING_OFF))
             turn = render(messages[:i + 1]) if i + 1 < len(messages) else text
-            start, end = _generated_part(prompts, turn, specials, tokenizer.eos_token,
-                                         lambda: _prompt_end(render, messages, i, prompts[0], turn, specials),
-                                         lambda: render(messages[:i]))
+            prompt_end = functools.partial(_prompt_end, render, messages, i, prompts[0], turn, specials)
+            start, end = _generated_part(prompts, turn, specials, tokenizer.eos_token, prompt_end,
+                                         functools.partial(render, messages[:i]))
             if not text.startswith(turn[:end]):
                 start, end = _map_turn(render, text, messages, i, turn, start, end, specials)
             if opener and opener in text[start:end]:
@@ -542,7 +544,7 @@ def encode_regions(tokenizer, texts, regions):
         for e, text, regs in zip(backend.encode_batch(texts, add_special_tokens=False), texts, regions):
             ids = np.asarray(e.ids, dtype=np.int64)
 
-            def first_starting_at(c):  # index of the first token that starts at or after character c
+            def first_starting_at(c, e=e, text=text, ids=ids):  # first token starting at or after character c
                 if c >= len(text):
                     return len(ids)
                 t = e.char_to_token(c)

@@ -95,7 +95,8 @@ def synthetic_conversations(n, seed=0):
     for _ in range(n):
         msgs = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.3 else []
         for _ in range(int(rng.choice([1, 1, 1, 1, 1, 2, 2, 3, 6]))):
-            msgs.append({"role": "user", "content": " ".join(rng.choice(words, int(min(rng.lognormal(2.5, 0.9), 600)) + 1))})
+            msgs.append({"role": "user",
+                         "content": " ".join(rng.choice(words, int(min(rng.lognormal(2.5, 0.9), 600)) + 1))})
             msgs.append({"role": "assistant",
                          "content": " ".join(rng.choice(words, int(min(rng.lognormal(3.3, 1.0), 900)) + 1))})
         yield {"messages": msgs}
@@ -313,7 +314,8 @@ def table(headers, rows):
     cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
 def main():
@@ -427,9 +429,9 @@ def report(results):
                          f"{r['real_tokens_per_s'] / base:.1f}x" if base else None,
                          f"{r['real_tokens_per_s'] / trl:.2f}x" if trl else None,
                          prep_conv, prep_tok, r["peak_rss_mb"]])
+        pad_steps = next((r.get('steps_timed') for m, r in train.items() if m == 'pad_to_max_2048'), '')
         print(f"\nTraining, batch size {results['batch_size']}, {results['train_samples']} conversations per mode "
-              f"(pad_to_max_2048: {next((r.get('steps_timed') for m, r in train.items() if m == 'pad_to_max_2048'), '')}"
-              " timed steps):")
+              f"(pad_to_max_2048: {pad_steps} timed steps):")
         print(table(["mode", "real tokens/s", "padding", "vs pad-to-max", "vs TRL default", "prep conv/s",
                      "prep tokens/s", "peak RSS MB"], rows))
         for mode, r in train.items():

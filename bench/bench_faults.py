@@ -121,7 +121,8 @@ def main():
     for nproc in (1, 2):
         on, off = min(results[nproc, True]), min(results[nproc, False])
         print(f"{nproc:9d} | {on * 1e3:16.2f} | {off * 1e3:17.2f} | {100 * (on - off) / off:+.1f}%   "
-              f"on {[round(x * 1e3, 2) for x in results[nproc, True]]} off {[round(x * 1e3, 2) for x in results[nproc, False]]}")
+              f"on {[round(x * 1e3, 2) for x in results[nproc, True]]} "
+              f"off {[round(x * 1e3, 2) for x in results[nproc, False]]}")
     print(json.dumps({f"{k[0]}proc_guard_{k[1]}": v for k, v in results.items()}))
 
 

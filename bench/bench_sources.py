@@ -75,7 +75,8 @@ def main():
             print(f"[bench] round {r + 1}/{opts.repeat}: {name} ...", flush=True)
             runs[name].append(bench.run_worker("preprocess", worker, data=paths[name], cache=cache))
             shutil.rmtree(cache, ignore_errors=True)
-    errors = {n: next(x["error"] for x in rs if "error" in x) for n, rs in runs.items() if any("error" in x for x in rs)}
+    errors = {n: next(x["error"] for x in rs if "error" in x)
+              for n, rs in runs.items() if any("error" in x for x in rs)}
     if errors:
         raise SystemExit(f"[bench] failed: {json.dumps(errors)[:3000]}")
     best = {n: min(rs, key=lambda x: x["wall_s"]) for n, rs in runs.items()}

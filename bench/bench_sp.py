@@ -104,7 +104,8 @@ def main():
             [*two, "--output_dir", os.path.join(work, "c"), "--sequence_parallel_size", "2"], "c", 1),
     }
     idle_cmd = [sys.executable, "-c", "import finetune, torch, transformers; from transformers import "
-                f"AutoModelForCausalLM as A; m = A.from_pretrained({model!r}); import time; time.sleep(1)  # finetune.py"]
+                f"AutoModelForCausalLM as A; m = A.from_pretrained({model!r}); import time; "
+                "time.sleep(1)  # finetune.py"]
     _, idle = run(idle_cmd, env)
     results = []
     for name, (cmd, sub, samples) in runs.items():

@@ -208,7 +208,8 @@ def main():
             row = {"vocab": vocab, "mode": mode, **json.loads(proc.stdout.strip().splitlines()[-1])}
             results.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| vocab | mode | peak RSS (GB) | s/step | tokens/s | RSS vs ours | time vs ours |\n|---|---|---|---|---|---|---|")
+    print("\n| vocab | mode | peak RSS (GB) | s/step | tokens/s | RSS vs ours | time vs ours |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['vocab']:,} | {r['mode']} | failed ({r['error']}) | | | | |")

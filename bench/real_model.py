@@ -282,7 +282,8 @@ def matmul_throughput(model_path):
     per_shape = {}
     for (n_in, n_out), count in shapes:
         x, w, g = torch.randn(TOKENS, n_in), torch.randn(n_out, n_in), torch.randn(TOKENS, n_out)
-        for kind, fn in (("fwd", lambda: F.linear(x, w)), ("dgrad", lambda: g @ w), ("wgrad", lambda: g.t() @ x)):
+        for kind, fn in (("fwd", lambda x=x, w=w: F.linear(x, w)), ("dgrad", lambda g=g, w=w: g @ w),
+                         ("wgrad", lambda g=g, x=x: g.t() @ x)):
             for _ in range(3):
                 fn()
             reps, start = 0, time.perf_counter()
@@ -346,7 +347,8 @@ def print_table(results, matmul, n_rows, opts):
         tps = r["timed_tokens"] / r["timed_s"]
         ours_tps = ours["timed_tokens"] / ours["timed_s"]
         mfu = model_flops_per_token(r) * tps / (gflops * 1e9)
-        print(f"| {r['mode']} | {'on' if r['gradient_checkpointing'] else 'off'} | {tps:,.0f} | {tps / ours_tps:.2f}x | "
+        print(f"| {r['mode']} | {'on' if r['gradient_checkpointing'] else 'off'} | {tps:,.0f} | "
+              f"{tps / ours_tps:.2f}x | "
               f"{r['timed_s']:.1f} | {1 - r['timed_tokens'] / r['timed_positions']:.0%} | "
               f"{r['peak_rss_mb'] / 1024:.2f} | {r['train_rss_mb'] / 1024:.2f} | "
               f"{r['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x | {mfu:.0%} |")
@@ -367,7 +369,8 @@ def main():
     parser.add_argument("--profile", type=int, default=0, help="torch.profiler over K steps after the first")
     parser.add_argument("--ours_args", default="", help="extra finetune.py flags for the ours_* modes (experiments)")
     parser.add_argument("--finetune_py", default=os.path.join(ROOT, "finetune.py"),
-                        help="the finetune.py of the ours_* modes, e.g. an older revision: git show REV:finetune.py > F")
+                        help="the finetune.py of the ours_* modes, e.g. an older revision: "
+                             "git show REV:finetune.py > F")
     opts = parse_with_worker_flags(parser)
     if opts.mode:
         return worker(opts)

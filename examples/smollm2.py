@@ -118,7 +118,8 @@ def convert(gguf_path, out_dir):
     log("checking the folder against the GGUF-loaded model")
     plain = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     plain_tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    if plain.config.tie_word_embeddings and plain.lm_head.weight.data_ptr() != plain.model.embed_tokens.weight.data_ptr():
+    if (plain.config.tie_word_embeddings
+            and plain.lm_head.weight.data_ptr() != plain.model.embed_tokens.weight.data_ptr()):
         raise SystemExit("error: conversion check: the saved model's output head is not tied to its embeddings.")
     expected, got = logits_of(gguf_model, tokenizer, CHECK_PROMPTS), logits_of(plain, plain_tokenizer, CHECK_PROMPTS)
     worst = max((a - b).abs().max().item() for a, b in zip(expected, got))
