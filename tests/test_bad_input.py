@@ -106,7 +106,8 @@ class TestNothingLostOrDoubled:
         assert files == [(str(tmp_path / "d" / "linked" / "b.jsonl"), "linked"),
                          (str(tmp_path / "d" / "task" / "UPPER.JSONL"), "task"),
                          (str(tmp_path / "d" / "task" / "a.jsonl"), "task")]
-        assert skipped == {"hidden": [str(tmp_path / "d" / ".hidden.jsonl"), str(tmp_path / "d" / ".ipynb_checkpoints")],
+        assert skipped == {"hidden": [str(tmp_path / "d" / ".hidden.jsonl"),
+                                      str(tmp_path / "d" / ".ipynb_checkpoints")],
                            "ignored": [str(tmp_path / "d" / "notes.txt")]}
         os.symlink(tmp_path / "d", tmp_path / "d" / "task" / "back")
         with pytest.raises(ValueError, match="a folder that contains the link: a loop"):
@@ -223,8 +224,10 @@ class TestUserErrorsExit2:
             (["--output_dir", tmp_path / "afile"], "--output_dir " + str(tmp_path / "afile") + " is a file"),
             (["--output_dir", tmp_path / "afile" / "sub"], "is a file, so the folder cannot be created"),
             (["--output_dir", "/proc/finetune-out"], "--output_dir /proc/finetune-out: cannot write in /proc"),
-            (["--dataset_cache_dir", tmp_path / "afile"], "--dataset_cache_dir " + str(tmp_path / "afile") + " is a file"),
-            (["--deepspeed", tmp_path / "bad.json"], "--deepspeed " + str(tmp_path / "bad.json") + " is not valid JSON"),
+            (["--dataset_cache_dir", tmp_path / "afile"],
+             "--dataset_cache_dir " + str(tmp_path / "afile") + " is a file"),
+            (["--deepspeed", tmp_path / "bad.json"],
+             "--deepspeed " + str(tmp_path / "bad.json") + " is not valid JSON"),
             (["--data_path", f"{good}:inf"], "ratio of " + good + " must be a number > 0 and <= 1000, got 'inf'"),
             (["--data_path", f"{good}:nan"], "must be a number > 0 and <= 1000, got 'nan'"),
             (["--data_path", f"{good}:0"], "must be a number > 0 and <= 1000, got '0'"),
@@ -265,7 +268,8 @@ class TestUserErrorsExit2:
         # a plausible hub id that cannot be loaded (offline here): one line, not OSError's traceback
         proc = run_finetune(dry_run_args("models/qwen-7b", good, tmp_path), check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stdout
-        assert "[finetune] error: --model_name_or_path models/qwen-7b: not a local folder, and no tokenizer could be loaded" in proc.stdout
+        assert ("[finetune] error: --model_name_or_path models/qwen-7b: not a local folder, and no tokenizer could "
+                "be loaded") in proc.stdout
 
 
 class TestFileKinds:

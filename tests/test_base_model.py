@@ -113,8 +113,9 @@ def test_answers_stop_by_themselves(trained):
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=24, do_sample=False)
         new = out[0, enc["input_ids"].shape[1]:].tolist()
-        assert new[-1] == end and len(new) < 24, (trained["name"], trained["method"], tok.decode(new))
-        assert tok.decode(new, skip_special_tokens=True) == answer, (trained["name"], trained["method"], tok.decode(new))
+        case = (trained["name"], trained["method"], tok.decode(new))
+        assert new[-1] == end and len(new) < 24, case
+        assert tok.decode(new, skip_special_tokens=True) == answer, case
 
 
 def test_turn_end_is_one_token_and_the_eos(trained):

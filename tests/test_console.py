@@ -12,9 +12,9 @@ from test_distributed import free_port
 
 # Lines that warn: Python warnings, library loggers ("[WARNING]", "W1123 ..."), the notices finetune.py
 # drops on purpose (they carry no "warning" word), should a library rename its logger, and launcher failures.
-WARNING_LINE = re.compile(r"warning\b|\bwarn\b|^W\d{4} |^E\d{4} |Failed to load CPU gemm_4bit_forward|Setting accelerator "
-                          r"to CPU|parallel_mode != ParallelMode|Gradient accumulation steps mismatch|mtime may not "
-                          r"be reliable|Traceback|ChildFailedError", re.IGNORECASE)
+WARNING_LINE = re.compile(r"warning\b|\bwarn\b|^W\d{4} |^E\d{4} |Failed to load CPU gemm_4bit_forward|Setting "
+                          r"accelerator to CPU|parallel_mode != ParallelMode|Gradient accumulation steps mismatch|"
+                          r"mtime may not be reliable|Traceback|ChildFailedError", re.IGNORECASE)
 
 
 # A library's own progress bar: a description, then a percentage bar or a count ("Generating train split: 18 examples
@@ -81,9 +81,12 @@ def test_gradient_checkpointing_flag_without_deprecation_warning(tiny_model, tmp
             "--output_dir", str(tmp_path / "out"), "--gradient_checkpointing", "True"]
     training_args = finetune.parse_args(argv)[2]
     finetune.finish_training_args(training_args, has_eval=False)
-    names = ["gradient_checkpointing"] + (["activation_checkpointing"] if hasattr(training_args, "activation_checkpointing") else [])
+    names = ["gradient_checkpointing"]
+    if hasattr(training_args, "activation_checkpointing"):
+        names.append("activation_checkpointing")
     for name in names:
-        assert getattr(training_args, name) is True and getattr(training_args, f"{name}_kwargs") == {"use_reentrant": False}
+        assert getattr(training_args, name) is True
+        assert getattr(training_args, f"{name}_kwargs") == {"use_reentrant": False}
     env = {k: v for k, v in ENV.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
     proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *argv, "--use_lora", "True", "--max_steps", "2",
                            "--save_strategy", "no", "--dataset_cache_dir", str(tmp_path / "cache")], env=env,

@@ -41,7 +41,8 @@ def write_parquet(path, rows, **kwargs):
 
 
 def chats(n, tag="q"):
-    return [{"messages": [{"role": "user", "content": f"{tag}{i} asks"}, {"role": "assistant", "content": f"answer {i}"}]}
+    return [{"messages": [{"role": "user", "content": f"{tag}{i} asks"},
+                          {"role": "assistant", "content": f"answer {i}"}]}
             for i in range(n)]
 
 
@@ -317,8 +318,8 @@ def test_hub_id_offline_from_the_cache(tiny_model, tmp_path):
                          tmp_path / "out2", "--dataset_cache_dir", tmp_path / "cache"], env=env, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout
     assert ("[finetune] error: --data_path acme/no-such-set: no such file or folder, and no dataset 'acme/no-such-set' "
-            f"in the Hugging Face cache ({tmp_path / 'hub'} or {tmp_path / 'datasets-cache'}); offline (HF_HUB_OFFLINE=1)"
-            ) in proc.stdout
+            f"in the Hugging Face cache ({tmp_path / 'hub'} or {tmp_path / 'datasets-cache'}); "
+            "offline (HF_HUB_OFFLINE=1)") in proc.stdout
     assert not (tmp_path / "out2").exists()
 
 
@@ -334,7 +335,8 @@ def make_llamafactory_dir(root):
     root.mkdir()
     for name in ("alpaca_en_demo.json", "identity.json", "glaive_toolcall_en_demo.json"):
         os.symlink(DATA / name, root / name)
-    write_parquet(root / "my_qa" / "part-0.parquet", [{"q": f"q{i}", "a": f"a{i}", "sys": "Be kind."} for i in range(3)])
+    write_parquet(root / "my_qa" / "part-0.parquet",
+                  [{"q": f"q{i}", "a": f"a{i}", "sys": "Be kind."} for i in range(3)])
     write_jsonl(root / "openai_chat.jsonl", [{"conv": [{"role": "user", "content": f"u{i}"},
                                                        {"role": "assistant", "content": f"r{i}"}]} for i in range(2)])
     write_jsonl(root / "c4_demo.jsonl", [{"text": f"Raw text {i}."} for i in range(4)])
@@ -557,7 +559,8 @@ def test_utf8_jsonl_with_stray_nul_bytes_names_the_lines(tmp_path):
         list(fd.read_json_records(str(tmp_path / "a.json")))
     (tmp_path / "b.json").write_text(json.dumps(chats(3), indent=1).replace("q1 asks", "q1\\u0000 asks", 1)
                                      .replace("answer 2", "answer\x002", 1))
-    got = [(line, str(r)) for line, r in fd.read_json_records(str(tmp_path / "b.json")) if isinstance(r, fd.RecordError)]
+    got = [(line, str(r)) for line, r in fd.read_json_records(str(tmp_path / "b.json"))
+           if isinstance(r, fd.RecordError)]
     assert len(got) == 1 and "NUL bytes (\\x00) inside the record" in got[0][1]
 
 
@@ -592,8 +595,8 @@ def test_cache_key_covers_tables_columns_and_entry_options(tiny_model, tmp_path)
 
 
 def test_training_on_text_with_packing_and_a_held_out_split(tiny_model, tmp_path):
-    corpus = write_parquet(tmp_path / "corpus" / "part-0.parquet",
-                           [{"text": f"Document {i}: " + "some words of text " * (i % 5 + 1)} for i in range(40)])
+    write_parquet(tmp_path / "corpus" / "part-0.parquet",
+                  [{"text": f"Document {i}: " + "some words of text " * (i % 5 + 1)} for i in range(40)])
     pc = write_parquet(tmp_path / "pc.parquet", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
     out = tmp_path / "out"
     proc = run_finetune(["--model_name_or_path", tiny_model, "--data_path", f"{tmp_path / 'corpus'},{pc}",

@@ -377,7 +377,7 @@ def test_bad_input_stops_every_rank_promptly(tiny_model, tmp_path, cache):
             logs[name, rank] = proc.communicate(timeout=max(1, 180 - (time.time() - start)))[0]
             assert proc.returncode == 2, (name, rank, proc.returncode, logs[name, rank][-3000:])
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"hung: {[key for key, p in procs.items() if p.poll() is None]}")
+        raise AssertionError(f"hung: {[key for key, p in procs.items() if p.poll() is None]}") from None
     finally:
         for proc in procs.values():
             proc.kill()

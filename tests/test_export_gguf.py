@@ -118,9 +118,9 @@ def test_base_model_with_added_turn_tokens_stops_in_llama_cpp(base_model_gguf):
 
 @pytest.mark.engine
 def test_a_turn_end_that_is_not_the_eos_is_written_as_eot(base_model_gguf, tmp_path):
-    """The same run with the model's own eos (<|endoftext|>) kept in its tokenizer, as finetune.py keeps it for a template
-    that writes the eos itself: the GGUF's eos is <|endoftext|>, <|im_end|> is written as the eot token, and llama.cpp
-    stops there."""
+    """The same run with the model's own eos (<|endoftext|>) kept in its tokenizer, as finetune.py keeps it for a
+    template that writes the eos itself: the GGUF's eos is <|endoftext|>, <|im_end|> is written as the eot token, and
+    llama.cpp stops there."""
     shutil.copytree(base_model_gguf / "out", tmp_path / "run")
     config = json.loads((tmp_path / "run" / "tokenizer_config.json").read_text())
     (tmp_path / "run" / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))

@@ -104,13 +104,15 @@ def conversations(name):
             {"role": "user", "content": "USERQ2 what is 2+2?"}, {"role": "assistant", "content": "The answer is 4."},
             {"role": "user", "content": "USERQ3 thanks"}, {"role": "assistant", "content": "You are welcome."}],
         "whitespace": [
-            {"role": "user", "content": "  USERQ1 padded \n"}, {"role": "assistant", "content": "\n  padded answer  \n"},
+            {"role": "user", "content": "  USERQ1 padded \n"},
+            {"role": "assistant", "content": "\n  padded answer  \n"},
             {"role": "user", "content": "USERQ2"}, {"role": "assistant", "content": " second "}],
         "identical_text": [
             {"role": "user", "content": "Paris"}, {"role": "assistant", "content": "Paris"},
             {"role": "user", "content": "Paris"}, {"role": "assistant", "content": "Paris"}],
         "chinese": ([] if "gemma" in name else [{"role": "system", "content": ""}]) + [
-            {"role": "user", "content": "你好USERQ1"}, {"role": "assistant", "content": "你好，我是一个人工智能助手。"}],
+            {"role": "user", "content": "你好USERQ1"},
+            {"role": "assistant", "content": "你好，我是一个人工智能助手。"}],
         "reasoning": [
             {"role": "user", "content": "USERQ1"},
             {"role": "assistant", "content": "<think>\nreason one\n</think>\n\nanswer one"},

@@ -251,7 +251,8 @@ def test_show_masking_and_dry_run_mark_trained_parts(tmp_path):
 
 # gpt-oss "harmony" shape: the final reply ends with <|return|>, a reply followed by more messages with <|end|>
 HARMONY = ("{% for m in messages %}<|start|>{{ m.role }}{% if m.role == 'assistant' %}<|channel|>final{% endif %}"
-           "<|message|>{{ m.content }}{% if m.role == 'assistant' and loop.last %}<|return|>{% else %}<|end|>{% endif %}"
+           "<|message|>{{ m.content }}{% if m.role == 'assistant' and loop.last %}<|return|>"
+           "{% else %}<|end|>{% endif %}"
            "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
 
 

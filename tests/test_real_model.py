@@ -115,7 +115,8 @@ def test_show_masking_marks_each_answer_and_its_turn_end(smollm2, tmp_path):
                   {"role": "assistant", "content": " Blue "}])
     data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in chats])
     out = run_finetune(["--model_name_or_path", smollm2, "--data_path", data, "--output_dir", tmp_path / "out",
-                        "--show_masking", len(chats), "--model_max_length", 2048, "--dataset_cache_dir", tmp_path / "cache"]).stdout
+                        "--show_masking", len(chats), "--model_max_length", 2048,
+                        "--dataset_cache_dir", tmp_path / "cache"]).stdout
     default_system = AutoTokenizer.from_pretrained(smollm2).apply_chat_template(
         [{"role": "user", "content": "x"}], tokenize=False).split("<|im_end|>")[0]
     assert "SmolLM" in default_system  # the template's own default system prompt

@@ -119,7 +119,7 @@ def test_packed_loss_and_gradients_equal_unpacked(tok, features, tmp_path, attn)
     assert_same_grads(packed[1], padded[1])
     # and both equal the token-weighted mean of each sample run on its own (no cross-sample attention)
     n = [sum(1 for x in f["labels"][1:] if x != ft.IGNORE_INDEX) for f in features]
-    assert packed[0] == pytest.approx(sum(l * k for (l, _), k in zip(alone, n)) / sum(n), rel=1e-5)
+    assert packed[0] == pytest.approx(sum(loss * k for (loss, _), k in zip(alone, n)) / sum(n), rel=1e-5)
     for name in packed[1]:
         expected = sum(g[name] * k for (_, g), k in zip(alone, n)) / sum(n)
         torch.testing.assert_close(packed[1][name], expected, rtol=1e-4, atol=1e-6, msg=name)
