@@ -115,14 +115,19 @@ def _short(text, n=40):
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
-def _call_text(call):
-    fn = call["function"]
-    args = fn.get("arguments")
+def _arguments(call):
+    """A tool call's arguments, decoded when they are a JSON string (the record may hold either)."""
+    args = call["function"].get("arguments")
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            return json.loads(args)
         except json.JSONDecodeError:
             pass
+    return args
+
+
+def _call_text(call):
+    fn, args = call["function"], _arguments(call)
     inner = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in args.items()) \
         if isinstance(args, dict) else str(args or "")
     return f"{fn['name']}({_short(inner, 30)})"
@@ -141,14 +146,7 @@ def _turn_pieces(message):
     if reasoning:
         yield "reasoning", "its reasoning", [reasoning]
     for call in message.get("tool_calls") or []:
-        fn = call["function"]
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                pass
-        yield "tool call", f"the tool call `{_call_text(call)}`", [fn["name"], *_leaves(args)]
+        yield "tool call", f"the tool call `{_call_text(call)}`", [call["function"]["name"], *_leaves(_arguments(call))]
 
 
 def _why(template, kind):
