@@ -1275,7 +1275,11 @@ def save_results(trainer, tokenizer, result, report, has_eval):
     it wrote are removed (finetune_faults.saving): no half-written model is left to be loaded. The final evaluation
     comes first: a model whose retention fell below --retention_min is not saved as the result."""
     training_args = trainer.args
+    history = trainer.state.log_history
+    evaluated, n_logged = any(k.startswith("eval_") for h in history for k in h), len(history)
     final_eval = trainer.evaluate() if has_eval or trainer.retention is not None else None
+    if evaluated:  # trainer_state.json keeps the evaluations made while training; the final one is eval_results.json
+        del history[n_logged:]
     if trainer.retention is not None:
         log0(summary(final_eval))
     since = time.time() - 1  # a failed final save removes the weight files it wrote (finetune_faults.saving)
