@@ -6,8 +6,9 @@
   gradient divisor;
 - library workarounds (the notices dropped from the console are finetune_console.KNOWN_NOTICES);
 - LIBRARY_INTERNALS: every private method, attribute or behaviour of transformers, accelerate, DeepSpeed and
-  Jinja that finetune relies on, with why and the version it was checked against. tests/test_library_internals.py
-  probes each entry and fails naming it when a library changes it.
+  Jinja that finetune relies on, with why and the version it was checked against (described in
+  library_internals.json, probed by the probe_* functions here). tests/test_library_internals.py probes each
+  entry and fails naming it when a library changes it.
 """
 
 import contextlib
@@ -244,9 +245,10 @@ def unshare_adam_step(optimizer):
 # ---------------------------------------------------------------------------------------------
 # The library internals finetune relies on
 # ---------------------------------------------------------------------------------------------
-# Requirements are ranges, so an upgrade can change any of these. Each entry: what is used, where, why, the
-# version it was checked against, and a probe (tests/test_library_internals.py) that is true while the shape
-# it relies on is still there. Behaviour (not only shape) is covered by the tests named in `tested_by`.
+# Requirements are ranges, so an upgrade can change any of these. Each entry of library_internals.json: what is
+# used, where, why, the version it was checked against, the tests that cover its behaviour (not only its shape)
+# and the name of its probe below: a function (tests/test_library_internals.py calls it) that is true while the
+# shape relied on is still there. LIBRARY_INTERNALS joins the two.
 
 
 def _has(obj_path, *names):
@@ -279,136 +281,154 @@ def _source_has(obj_path, text):
     return text in inspect.getsource(obj)
 
 
-LIBRARY_INTERNALS = [
-    dict(what="transformers TrainingArguments._setup_devices (cached_property, overridden)",
-         where="finetune.TrainingArguments -> start_cpu_deepspeed_state",
-         why="DeepSpeed on CPU under torchrun: start accelerate's state with gloo before transformers does",
-         checked="transformers 5.24.0, 5.25.0, accelerate 1.15.0, 1.16.0", tested_by="test_distributed.py",
-         probe=lambda: isinstance(vars(__import__("transformers").TrainingArguments).get("_setup_devices"),
-                                  functools.cached_property)
-         and "use_configured_state" in _dataclass_fields("transformers.trainer_pt_utils:AcceleratorConfig")),
-    dict(what="transformers Trainer._get_train_sampler and LengthGroupedSampler.lengths",
-         where="finetune.FinetuneTrainer._get_train_sampler",
-         why="group_by_length reads the precomputed `length` column once instead of row by row",
-         checked="transformers 5.24.0, 5.25.0", tested_by="test_throughput.py",
-         probe=lambda: _params("transformers:Trainer._get_train_sampler") == ["self", "train_dataset"]
-         and _source_has("transformers.trainer_pt_utils:LengthGroupedSampler.__init__", "self.lengths")),
-    dict(what="transformers Trainer.get_resumed_dataloader(dataloader, num_batches) (overridden; 5.25+), or "
-              "before 5.25 Trainer._run_epoch(train_dataloader=...) calling transformers.trainer.skip_first_batches",
-         where="finetune.FinetuneTrainer.get_resumed_dataloader; for transformers < 5.25 FinetuneTrainer._run_epoch "
-               "-> skip_first_batches_routed_to",
-         why="a resumed sequence-parallel epoch is fast-forwarded by our loader, not by a rebuilt DataLoader",
-         checked="transformers 5.24.0 (old route), 5.25.0 (get_resumed_dataloader)",
-         tested_by="test_sequence_parallel.py (mid-epoch resume)",
-         probe=lambda: (_params("transformers:Trainer.get_resumed_dataloader") == ["self", "dataloader", "num_batches"]
-                        and _source_has("transformers:Trainer._run_epoch", "self.get_resumed_dataloader("))
-         if hasattr(__import__("transformers").Trainer, "get_resumed_dataloader")
-         else ("train_dataloader" in _params("transformers:Trainer._run_epoch")
-               and _has("transformers.trainer", "skip_first_batches")
-               and _source_has("transformers:Trainer._run_epoch", "skip_first_batches("))),
-    dict(what="transformers Trainer.get_batch_samples(epoch_iterator, num_batches, device)",
-         where="finetune.FinetuneTrainer.get_batch_samples",
-         why="the loss weights of a whole optimizer step are computed from all of its micro-batches",
-         checked="transformers 5.24.0, 5.25.0", tested_by="test_loss_memory.py, test_after_training.py",
-         probe=lambda: _params("transformers:Trainer.get_batch_samples")
-         == ["self", "epoch_iterator", "num_batches", "device"]),
-    dict(what="transformers Trainer.loss_is_scaled_for_ga (attribute read by training_step)",
-         where="finetune.FinetuneTrainer.__init__",
-         why="compute_loss already divides by the step-wide weight: the Trainer must not divide by accumulation",
-         checked="transformers 5.24.0, 5.25.0", tested_by="test_after_training.py",
-         probe=lambda: _source_has("transformers:Trainer.training_step", "loss_is_scaled_for_ga")),
-    dict(what="transformers Trainer.evaluation_loop: metric_key_prefix is positional argument 4",
-         where="finetune.FinetuneTrainer.evaluation_loop",
-         why="the eval loss is replaced by the exact token mean under the same prefix",
-         checked="transformers 5.24.0, 5.25.0", tested_by="test_after_training.py",
-         probe=lambda: _params("transformers:Trainer.evaluation_loop")[5:6] == ["metric_key_prefix"]),
-    dict(what="transformers chat_template_utils._compile_jinja_template, _alias_reasoning_fields, "
-              "_plain_template_data; Jinja Template.globals/.root_render_func/.blocks, Environment.context_class/"
-              ".concat/.handle_exception",
-         where="finetune_template.ChatRenderer",
-         why="render a conversation's prefixes without apply_chat_template's per-call copies (falls back to the "
-             "public API when these are missing or render differently)",
-         checked="transformers 5.24.0, 5.25.0, jinja2 3.1", tested_by="test_masking_real.py",
-         probe=lambda: _has("transformers.utils.chat_template_utils", "_compile_jinja_template",
-                            "_alias_reasoning_fields", "_plain_template_data")
-         and _jinja_template_has("context_class", "concat", "handle_exception", "root_render_func", "blocks",
-                                 "globals")),
-    dict(what="accelerate Accelerator.deepspeed_ulysses_dl_adapter",
-         where="finetune.FinetuneTrainer.__init__ -> sequence_parallel_loader",
-         why="wrap DeepSpeed's sequence-parallel loader adapter (equal lengths on gloo, a fresh adapter per epoch)",
-         checked="accelerate 1.15.0, 1.16.0", tested_by="test_sequence_parallel.py",
-         probe=lambda: _source_has("accelerate:Accelerator", "deepspeed_ulysses_dl_adapter")),
-    dict(what="DeepSpeed deepspeed.utils.groups._get_sequence_parallel_group",
-         where="finetune_distributed.SameLengthInGroup",
-         why="all-reduce the batch length within the sequence-parallel group (gloo needs equal shapes)",
-         checked="deepspeed 0.19.8", tested_by="test_sequence_parallel.py",
-         probe=lambda: _has("deepspeed.utils.groups", "_get_sequence_parallel_group")),
-    dict(what="DeepSpeed ZeRO-3 reduce-scatter divides gradients by the world size (stage3 __avg_scatter_grads)",
-         where="finetune_distributed.gradient_divisor",
-         why="under sequence parallelism the loss is scaled so that the gradient is the data-parallel mean",
-         checked="deepspeed 0.19.8", tested_by="test_sequence_parallel.py (gradient norms vs 1 process)",
-         probe=lambda: _has("deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3",
-                            "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads")),
-    dict(what="DeepSpeed deepspeed.checkpoint.ds_to_universal.main(args) with its argparse options",
-         where="finetune_distributed.convert_to_universal",
-         why="convert a checkpoint for a resume on another number of processes (no function API)",
-         checked="deepspeed 0.19.8", tested_by="test_preemption.py, test_distributed.py",
-         probe=lambda: _params("deepspeed.checkpoint.ds_to_universal:main") == ["args"]
-         and all(_source_has("deepspeed.checkpoint.ds_to_universal:", f"args.{o}") for o in
-                 ("input_folder", "output_folder", "num_extract_workers", "num_merge_workers", "strict",
-                  "keep_temp_folder", "inject_missing_state"))),
-    dict(what="transformers HfTrainerDeepSpeedConfig.trainer_config_process; TrainingArguments.hf_deepspeed_config "
-              "and .deepspeed_plugin reassigned",
-         where="finetune_distributed.load_universal_on_resume",
-         why="the DeepSpeed config rebuilt with load_universal and the rescaled accumulation",
-         checked="transformers 5.24.0, 5.25.0, accelerate 1.15.0, 1.16.0", tested_by="test_preemption.py",
-         probe=lambda: _has("transformers.integrations.deepspeed:HfTrainerDeepSpeedConfig", "trainer_config_process")),
-    dict(what="DeepSpeed 0.19 ZeRO-3 universal load shares one Adam `step` tensor between parameter groups",
-         where="finetune_distributed.unshare_adam_step (from PreemptionCallback.on_train_begin)",
-         why="torch's Adam increments it once per group in place: bias correction would drift",
-         checked="deepspeed 0.19.8, torch 2.13.0", tested_by="test_preemption.py (bit-exact resume 2 -> 1)",
-         probe=lambda: _source_has("torch.optim.adam:_single_tensor_adam", "step_t += 1")
-         or _source_has("torch.optim.adam:_single_tensor_adam", "step_t.add_(1)")),
-    dict(what="peft PeftModel.save_pretrained(save_embedding_layers=...), called by transformers Trainer._save as "
-              "self.model.save_pretrained(...)",
-         where="finetune_tokens.keep_adapter_small (from finetune.load_model)",
-         why="with new tokens (a resized vocabulary) peft's 'auto' would save the whole embeddings and head with "
-             "every adapter, and warn; the trained rows are in the adapter already (trainable_token_indices)",
-         checked="peft 0.21.2, transformers 5.24.0, 5.25.0",
-         tested_by="test_base_model.py (adapter size, merged model)",
-         probe=lambda: "save_embedding_layers" in _params("peft:PeftModel.save_pretrained")
-         and _source_has("transformers:Trainer._save", "self.model.save_pretrained(")),
-    dict(what="transformers Trainer._get_grad_norm(model, grad_norm=None) (overridden)",
-         where="finetune.FinetuneTrainer._get_grad_norm -> finetune_faults.NonFiniteGuard",
-         why="the one place with every step's gradient norm on every backend, before the optimizer step",
-         checked="transformers 5.24.0, 5.25.0", tested_by="test_faults.py (diverging run)",
-         probe=lambda: _params("transformers:Trainer._get_grad_norm")[:3] == ["self", "model", "grad_norm"]),
-    dict(what="transformers Trainer._save_checkpoint(model, trial) and _get_output_dir(trial=...) (wrapped)",
-         where="finetune.FinetuneTrainer._save_checkpoint -> finetune_faults.saving",
-         why="every checkpoint (--save_steps, epoch, preemption) is written there: a failed write becomes one line",
-         checked="transformers 5.24.0, 5.25.0", tested_by="test_faults.py (full disk)",
-         probe=lambda: _params("transformers:Trainer._save_checkpoint")[:3] == ["self", "model", "trial"]
-         and "trial" in _params("transformers:Trainer._get_output_dir")),
-    dict(what="transformers Trainer._load_optimizer_and_scheduler(checkpoint); torch LRScheduler.base_lrs/_last_lr",
-         where="finetune.FinetuneTrainer._load_optimizer_and_scheduler -> finetune_faults.apply_learning_rate",
-         why="a --learning_rate changed for a resume applies (the restored scheduler would keep the old peak)",
-         checked="transformers 5.24.0, 5.25.0, torch 2.13.0", tested_by="test_faults.py (resume with a lower rate)",
-         probe=lambda: _params("transformers:Trainer._load_optimizer_and_scheduler")[:2] == ["self", "checkpoint"]
-         and _source_has("torch.optim.lr_scheduler:LRScheduler", "self._last_lr")
-         and _source_has("torch.optim.lr_scheduler:LRScheduler", "self.base_lrs")),
-    dict(what="bitsandbytes Linear4bit.forward repacks its weight for CPU inference for good when not training",
-         where="finetune_retention._Eval",
-         why="retention measures Q-LoRA in eval mode with the 4-bit layers kept in training mode (they have no "
-             "dropout): a repacked weight would break the next training step on CPU",
-         checked="bitsandbytes 0.49.2, 0.50.2", tested_by="test_real_model.py (Q-LoRA on CPU, retention measured)",
-         probe=lambda: _source_has("bitsandbytes.nn:Linear4bit.forward", "not self.training")),
-    dict(what="library log messages matched by text (bitsandbytes, kernels, DeepSpeed, transformers, accelerate)",
-         where="finetune_console.quiet_known_notices",
-         why="notices the user cannot act on are dropped narrowly; a changed text only shows the notice again",
-         checked="transformers 5.25.0, accelerate 1.16.0, deepspeed 0.19.8, bitsandbytes 0.50.2, kernels 0.19.1",
-         tested_by="test_console.py (fails on any warning line)",
-         probe=lambda: all(_module_exists(name) for name in KNOWN_NOTICES if name != "DeepSpeed")),
-]
+_PROBES = {}
+
+
+def _probe(fn):
+    """A probe of library_internals.json: true while the shape its entry relies on is still there."""
+    _PROBES[fn.__name__] = fn
+    return fn
+
+
+@_probe
+def probe_setup_devices_cached_property():
+    return (isinstance(vars(__import__("transformers").TrainingArguments).get("_setup_devices"),
+                       functools.cached_property)
+            and "use_configured_state" in _dataclass_fields("transformers.trainer_pt_utils:AcceleratorConfig"))
+
+
+@_probe
+def probe_train_sampler_lengths():
+    return (_params("transformers:Trainer._get_train_sampler") == ["self", "train_dataset"]
+            and _source_has("transformers.trainer_pt_utils:LengthGroupedSampler.__init__", "self.lengths"))
+
+
+@_probe
+def probe_resumed_dataloader():
+    if hasattr(__import__("transformers").Trainer, "get_resumed_dataloader"):  # transformers >= 5.25
+        return (_params("transformers:Trainer.get_resumed_dataloader") == ["self", "dataloader", "num_batches"]
+                and _source_has("transformers:Trainer._run_epoch", "self.get_resumed_dataloader("))
+    return ("train_dataloader" in _params("transformers:Trainer._run_epoch")
+            and _has("transformers.trainer", "skip_first_batches")
+            and _source_has("transformers:Trainer._run_epoch", "skip_first_batches("))
+
+
+@_probe
+def probe_get_batch_samples():
+    return _params("transformers:Trainer.get_batch_samples") == ["self", "epoch_iterator", "num_batches", "device"]
+
+
+@_probe
+def probe_loss_is_scaled_for_ga():
+    return _source_has("transformers:Trainer.training_step", "loss_is_scaled_for_ga")
+
+
+@_probe
+def probe_evaluation_loop_prefix():
+    return _params("transformers:Trainer.evaluation_loop")[5:6] == ["metric_key_prefix"]
+
+
+@_probe
+def probe_chat_template_renderer():
+    return (_has("transformers.utils.chat_template_utils", "_compile_jinja_template", "_alias_reasoning_fields",
+                 "_plain_template_data")
+            and _jinja_template_has("context_class", "concat", "handle_exception", "root_render_func", "blocks",
+                                    "globals"))
+
+
+@_probe
+def probe_ulysses_dl_adapter():
+    return _source_has("accelerate:Accelerator", "deepspeed_ulysses_dl_adapter")
+
+
+@_probe
+def probe_sequence_parallel_group():
+    return _has("deepspeed.utils.groups", "_get_sequence_parallel_group")
+
+
+@_probe
+def probe_zero3_avg_scatter_grads():
+    return _has("deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3",
+                "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads")
+
+
+@_probe
+def probe_ds_to_universal_main():
+    return (_params("deepspeed.checkpoint.ds_to_universal:main") == ["args"]
+            and all(_source_has("deepspeed.checkpoint.ds_to_universal:", f"args.{o}") for o in
+                    ("input_folder", "output_folder", "num_extract_workers", "num_merge_workers", "strict",
+                     "keep_temp_folder", "inject_missing_state")))
+
+
+@_probe
+def probe_trainer_config_process():
+    return _has("transformers.integrations.deepspeed:HfTrainerDeepSpeedConfig", "trainer_config_process")
+
+
+@_probe
+def probe_adam_step_in_place():
+    return (_source_has("torch.optim.adam:_single_tensor_adam", "step_t += 1")
+            or _source_has("torch.optim.adam:_single_tensor_adam", "step_t.add_(1)"))
+
+
+@_probe
+def probe_peft_save_embedding_layers():
+    return ("save_embedding_layers" in _params("peft:PeftModel.save_pretrained")
+            and _source_has("transformers:Trainer._save", "self.model.save_pretrained("))
+
+
+@_probe
+def probe_get_grad_norm():
+    return _params("transformers:Trainer._get_grad_norm")[:3] == ["self", "model", "grad_norm"]
+
+
+@_probe
+def probe_save_checkpoint():
+    return (_params("transformers:Trainer._save_checkpoint")[:3] == ["self", "model", "trial"]
+            and "trial" in _params("transformers:Trainer._get_output_dir"))
+
+
+@_probe
+def probe_load_optimizer_and_scheduler():
+    return (_params("transformers:Trainer._load_optimizer_and_scheduler")[:2] == ["self", "checkpoint"]
+            and _source_has("torch.optim.lr_scheduler:LRScheduler", "self._last_lr")
+            and _source_has("torch.optim.lr_scheduler:LRScheduler", "self.base_lrs"))
+
+
+@_probe
+def probe_linear4bit_repacks():
+    return _source_has("bitsandbytes.nn:Linear4bit.forward", "not self.training")
+
+
+@_probe
+def probe_known_notices_loggers():
+    return all(_module_exists(name) for name in KNOWN_NOTICES if name != "DeepSpeed")
+
+
+LIBRARY_INTERNALS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "library_internals.json")
+
+
+def _library_internals(path=LIBRARY_INTERNALS_FILE):
+    """library_internals.json's entries, each with its probe function in place of the probe's name. An entry
+    naming no probe, a probe no entry names, or an entry with another set of fields stops the import here."""
+    with open(path) as f:
+        entries = json.load(f)
+    fields = {"what", "where", "why", "checked", "tested_by", "probe"}
+    for e in entries:
+        if set(e) != fields:
+            raise ValueError(f"{path}: the entry {e.get('what')!r} has the fields {sorted(e)}; an entry has exactly "
+                             f"{sorted(fields)}.")
+        if e["probe"] not in _PROBES:
+            raise ValueError(f"{path}: the entry {e['what']!r} names the probe {e['probe']!r}, which "
+                             "finetune_distributed.py does not define (an @_probe function of that name).")
+    unused = set(_PROBES) - {e["probe"] for e in entries}
+    if unused:
+        raise ValueError(f"{path}: no entry names the probes {sorted(unused)} of finetune_distributed.py: add their "
+                         "entries or remove the probes.")
+    return [dict(e, probe=_PROBES[e["probe"]]) for e in entries]
+
+
+LIBRARY_INTERNALS = _library_internals()
 
 
 def _module_exists(name):

@@ -16,7 +16,7 @@ def test_library_internal_still_there(entry):
     else:
         why = "the probe found another shape"
     assert ok, (f"library internal changed: {entry['what']} (used by {entry['where']}: {entry['why']}; checked "
-                f"against {entry['checked']}): {why}. Update the code there and the entry in LIBRARY_INTERNALS.")
+                f"against {entry['checked']}): {why}. Update the code there and the entry in library_internals.json.")
 
 
 def test_every_entry_is_complete():
