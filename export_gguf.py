@@ -357,7 +357,7 @@ def export(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from finetune_distributed import quiet_known_notices
+    from finetune_console import quiet_known_notices
 
     quiet_known_notices()
     import transformers

@@ -114,7 +114,7 @@ def main(argv=None):
     p.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_k_m"])
     p.add_argument("--out", default=None, help="Folder for the GGUF files (default: a temporary one).")
     args = p.parse_args(argv)
-    from finetune_distributed import quiet_known_notices
+    from finetune_console import quiet_known_notices
 
     quiet_known_notices()  # DeepSpeed's no-GPU notice would land in the JSON on stdout
     import export_gguf
