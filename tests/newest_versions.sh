@@ -30,8 +30,9 @@ pip install -q --upgrade pip
 pip install -q torch==2.13.0
 pip install -q --upgrade --upgrade-strategy eager torch==2.13.0 -r requirements-test.txt
 frozen=$(pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-|pip|setuptools|wheel)[=-]' | sort -f)
+torch_pin="torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')"  # without the build's tag
 echo "== newest allowed versions that differ from constraints.txt (constraints -> newest):"
-python3 - "$frozen" <<'EOF'
+python3 - "$frozen"$'\n'"$torch_pin" <<'EOF'
 import re, sys
 def pins(lines):
     return {re.split(r"==", l)[0].lower().replace("_", "-"): l.split("==")[1]
@@ -46,7 +47,6 @@ python -m pytest -q -p no:cacheprovider tests/test_library_internals.py
 echo "== tests: ${tests[*]}"
 python -m pytest -q -p no:cacheprovider "${tests[@]}"
 if [ "$update" = 1 ]; then
-  torch_pin="torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')"
   { sed -n '/^#/p' constraints.txt; printf '%s\n' "$frozen" "$torch_pin"; } > constraints.txt.new && mv constraints.txt.new constraints.txt
   echo "== constraints.txt now holds these versions: commit it with the run that passed"
 fi
