@@ -74,6 +74,7 @@ from finetune_data import (
 from finetune_distributed import (
     SequenceParallelLoader,
     batch_plan,
+    close_process_group,
     gradient_divisor,
     sequence_parallel_loader,
     setup_sequence_parallel,
@@ -1376,6 +1377,8 @@ def main():
         print(f"[finetune] error: {e}", file=sys.stderr, flush=True)
         record_exit_code(ExitCode.BAD_INPUT)
         sys.exit(ExitCode.BAD_INPUT)
+    finally:
+        close_process_group()
     record_exit_code(0)
 
 

@@ -69,6 +69,15 @@ def start_cpu_deepspeed_state(training_args):
 SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
+def close_process_group():
+    """Destroy the process group while the interpreter is still whole, on every exit path. Left to interpreter
+    shutdown, gloo's worker threads can still hold finished work whose tensors reference Python objects, and
+    freeing them then aborts the process ("terminate called without an active exception", SIGABRT) now and
+    then: a run that trained and saved ends with a signal instead of its exit code."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def setup_sequence_parallel(training_args, world, attn, packing, text_config):
     """Refuse what Ulysses cannot run (exactly) before anything is loaded; else set the Trainer's
     parallelism_config. world: the number of processes; text_config(): the model's (text) config."""
