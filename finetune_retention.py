@@ -259,8 +259,9 @@ class Retention:
         self.base_top1, self.base_nll = torch.tensor(self.base["top1"]), torch.tensor(self.base["nll"])
         self.owner = torch.repeat_interleave(torch.arange(len(self.base["items"])),
                                              torch.tensor([len(it["positions"]) for it in self.base["items"]]))
+        self.base_seconds = time.time() - start  # bench/real_model.py reports it
         log0(f"retention: the base model's answers to {len(self.base['items'])} reference prompts ({self.source}; "
-             f"{len(self.base_top1):,} answer tokens; {how}, {time.time() - start:.1f} s); retention before "
+             f"{len(self.base_top1):,} answer tokens; {how}, {self.base_seconds:.1f} s); retention before "
              "training: 1.000 (1 = the base's behaviour unchanged)")
 
     def measure(self, model, step=None, prefix="eval"):

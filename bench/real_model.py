@@ -245,6 +245,11 @@ def worker(opts):
               "timed_tokens": sum(meter.tokens[1:]), "timed_positions": sum(meter.positions[1:]),
               "tokens": sum(meter.tokens), "params": n_all, "lora_params": n_lora, "trainable_params": n_grad,
               "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}
+    if getattr(trainer, "retention", None) is not None:  # finetune's retention: what it cost in this run
+        history = trainer.state.log_history
+        result["retention_s"] = round(sum(h.get("eval_runtime", 0) for h in history if "eval_retention" in h), 3)
+        result["retention_base_s"] = round(trainer.retention.base_seconds, 3)
+        result["train_runtime_s"] = next(h["train_runtime"] for h in history if "train_runtime" in h)
     if opts.profile and hasattr(meter, "profiled"):
         result["profile"] = profile_summary(meter.profiled, opts)
     print(json.dumps(result))
@@ -352,6 +357,11 @@ def print_table(results, matmul, n_rows, opts):
               f"{r['timed_s']:.1f} | {1 - r['timed_tokens'] / r['timed_positions']:.0%} | "
               f"{r['peak_rss_mb'] / 1024:.2f} | {r['train_rss_mb'] / 1024:.2f} | "
               f"{r['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x | {mfu:.0%} |")
+    for r in results:
+        if "retention_s" in r:
+            print(f"\n{r['mode']}: retention measured in {r['retention_s']:.1f} s against {r['train_runtime_s']:.1f} s "
+                  f"of training ({r['retention_s'] / r['train_runtime_s']:.1%}); the base figures took "
+                  f"{r['retention_base_s']:.1f} s (once per model and reference set: then cached)")
     for r in results:
         if "profile" in r:
             share = ", ".join(f"{c} {s:.0%}" for c, s in r["profile"]["share"].items())
