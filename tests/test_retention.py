@@ -135,17 +135,18 @@ def retention_after(log):
 
 
 def test_aggressive_run_forgets_more_than_the_demo(smollm2, demo_run, tmp_path):
-    """The demo (LoRA, lr 1e-3 x 5 epochs) prints retention before and after; the same run at lr 2e-3 x 8 epochs, the
-    settings that make SmolLM2 answer "Lutz" for France, ends with a lower retention and a larger extra NLL.
-    Measured: 0.753 and +0.226 (demo) against 0.707 and +0.434; the bounds leave room for another machine's
-    rounding, not for the order to turn."""
+    """The demo (LoRA, lr 1e-3 x 5 epochs) prints retention before and after; the same run at lr 4e-3, which makes
+    SmolLM2 answer "Lutz" for the capitals of France, Italy, Spain and Germany (bench/retention_sweep.py), ends with a
+    lower retention and a larger extra NLL. Measured: 0.753 and +0.226 (demo) against 0.640 and +0.906; the bounds
+    leave room for another machine's rounding, not for the order to turn. (lr 2e-3 x 8 epochs, the README's
+    picture, also breaks France, at 1.6x the steps.)"""
     log = demo_run["log"]
     assert "retention before training: 1.000" in log and "retention after training:" in log, log[-3000:]
     gentle = retention_after(log)
     out = tmp_path / "aggressive"
     proc = run_finetune(["--model_name_or_path", smollm2, "--data_path", DEMO, "--output_dir", out, "--use_lora",
-                         "--num_train_epochs", 8, "--learning_rate", 2e-3, "--per_device_train_batch_size", 4,
+                         "--num_train_epochs", 5, "--learning_rate", 4e-3, "--per_device_train_batch_size", 4,
                          "--gradient_accumulation_steps", 1, "--save_strategy", "no", "--disable_tqdm", True],
                         timeout=1200)
     aggressive = retention_after(proc.stdout)
-    assert aggressive[0] < gentle[0] - 0.02 and aggressive[1] > 1.5 * gentle[1], (gentle, aggressive)
+    assert aggressive[0] < gentle[0] - 0.05 and aggressive[1] > 2 * gentle[1], (gentle, aggressive)
