@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune as ft
+import finetune_loss
 import finetune_report as fr
 from conftest import ROOT, read_log_history, run_finetune
 
@@ -224,9 +225,9 @@ def test_softcapped_head_falls_back_with_notice(tmp_path, tokenizer, capsys):
 def test_chunk_size_is_automatic_and_bounded(tiny_model):
     from transformers import AutoConfig
 
-    assert ft.loss_chunk_tokens(151_936) == 441  # 256 MiB of fp32 logits
-    assert ft.loss_chunk_tokens(151_936, requested=64) == 64
-    assert ft.loss_chunk_tokens(10**9) == 1
+    assert fr.loss_chunk_tokens(151_936) == 441  # 256 MiB of fp32 logits
+    assert fr.loss_chunk_tokens(151_936, requested=64) == 64
+    assert fr.loss_chunk_tokens(10**9) == 1
     # --dry_run's estimate holds one chunk of logits (its bf16 values, fp32 copy and gradient), not the batch's
     config = AutoConfig.from_pretrained(tiny_model)
     config.vocab_size = 151_936
@@ -314,8 +315,8 @@ def test_fused_cce_equals_chunked_on_gpu():
     target = torch.randint(0, 32_000, (300,), device="cuda")
     weights = torch.rand(300, device="cuda")
     results = []
-    for ce_fn in (lambda: ft.fused_cross_entropy(head, hidden, target),
-                  lambda: ft.chunked_cross_entropy(head, hidden, target, 64)):
+    for ce_fn in (lambda: finetune_loss.fused_cross_entropy(head, hidden, target),
+                  lambda: finetune_loss.chunked_cross_entropy(head, hidden, target, 64)):
         head.zero_grad()
         hidden.grad = None
         ce = ce_fn()
