@@ -86,7 +86,6 @@ def test_retention_min_stops_or_warns_and_is_logged_everywhere(tiny_model, tmp_p
     assert (warn / "training_loss.png").stat().st_size > 10_000
 
 
-@pytest.mark.slow  # test_distributed's ZeRO-3 runs on 2 processes (retention on by default) still run by default
 def test_zero3_two_processes_measure_what_one_process_measures(tiny_model, tmp_path):
     """One process (batch 4) and ZeRO-3 on two processes (2 x 2), each with a cache of its own so that both generate
     and score the base: the same base answers, the same base figures, and after 4 steps the same eval_retention
