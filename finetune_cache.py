@@ -23,7 +23,7 @@ import socket
 from finetune_console import log0
 from finetune_faults import DISK_ERRNOS, failed_file, with_free_space, write_error
 
-CACHE_VERSION = "7"  # bump when tokenization output changes, to invalidate old caches (7: templates that drop data)
+CACHE_VERSION = "8"  # bump when tokenization output changes, to invalidate old caches (8: media in tables refused)
 MANIFEST = "manifest.json"
 
 

@@ -566,6 +566,7 @@ def _from_prompt_completion(record, tags=None):
 
 ADAPTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
             "chat_rounds": _from_chat_rounds, "prompt_completion": _from_prompt_completion}
+MEDIA_KEYS = {"images": "images", "videos": "videos", "audios": "audio"}  # LLaMA-Factory's media keys: refused
 RECORD_KEYS = ("messages", "conversations", "chat_rounds", "tools", "system", "source", "instruction", "input",
                "output", "history", "prompt", "completion", "text")
 REQUIRED_KEY = {fmt: keys[0] for fmt, keys in REQUIRED.items()}
@@ -588,9 +589,9 @@ def _check_keys(record):
     for key in record:
         if near_miss(key):
             raise RecordError(key, f"unknown key{near_miss(key)}")
-    media = [kind for key, kind in (("images", "images"), ("videos", "videos"), ("audios", "audio")) if record.get(key)]
+    media = [kind for key, kind in MEDIA_KEYS.items() if record.get(key)]
     if media:  # LLaMA-Factory's multimodal records: the media would be dropped without a word
-        raise RecordError(next(k for k in ("images", "videos", "audios") if record.get(k)),
+        raise RecordError(next(k for k in MEDIA_KEYS if record.get(k)),
                           f"multimodal record ({', '.join(media)}): this script trains text-only models; drop the "
                           "media or use a multimodal trainer")
 
@@ -691,6 +692,31 @@ def _arrow_type_problem(key, t):
     return f"holds {t}, but the {key!r} of a record must be {want}"
 
 
+def _holds_media(t):
+    """An Arrow type that stores files the way datasets' Image, Audio and Video features do (a struct of bytes
+    and path), or a list of them."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        return {t.field(i).name for i in range(t.num_fields)} >= {"bytes", "path"}
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _holds_media(t.value_type)
+
+
+def _media_kinds(schema):
+    """{column: "image" | "audio" | "video"} from the datasets features a file's schema carries, if any."""
+    try:
+        features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))["info"]["features"]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    kinds = {}
+    for name, feature in features.items():
+        while isinstance(feature, dict) and "feature" in feature:  # List / Sequence of a feature
+            feature = feature["feature"]
+        if isinstance(feature, dict) and feature.get("_type") in ("Image", "Audio", "Video"):
+            kinds[name] = feature["_type"].lower()
+    return kinds
+
+
 def _has_struct(t):
     import pyarrow as pa
 
@@ -705,7 +731,12 @@ class _TablePlan:
     list key given as text is parsed as JSON. Refuses, in one line, a table whose columns fit no format, lack one
     the format needs, or hold the wrong type."""
 
-    def __init__(self, path, types, options, fmt):
+    def __init__(self, path, types, options, fmt, media_kinds=None):
+        for name, t in types.items():
+            if t is not None and _holds_media(t):  # datasets' Image/Audio/Video columns: bytes + path structs
+                kind = (media_kinds or {}).get(name) or "media"
+                raise DataError(f"{path}: column {name!r} holds multimodal data ({kind}: files as bytes and path): "
+                                "this script trains text-only models; drop the column or use a multimodal trainer.")
         try:
             mapping = rename(types, options.get("columns") or {}, options.get("only", False))
         except RecordError as e:
@@ -726,7 +757,7 @@ class _TablePlan:
                    f"--columns NAME={missing[0]}")
             raise DataError(f"{path}: no column {missing[0]!r}: the {fmt} format needs {' and '.join(REQUIRED[fmt])} "
                             f"(columns: {', '.join(types)}); map one with {how}{absent}")
-        wanted = FORMAT_READS[fmt] + ("source",)
+        wanted = FORMAT_READS[fmt] + ("source", *MEDIA_KEYS)  # media keys are read to be refused, row by row
         self.names = [n for n in types if mapping.get(n) in wanted]
         self.keys = [mapping[n] for n in self.names]
         for name, key in zip(self.names, self.keys):
@@ -788,7 +819,7 @@ def _arrow_records(path, kind, options, fmt, seen):
         twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
         if twice:
             raise DataError(f"{path}: the column {twice[0]!r} appears twice; column names must be unique.")
-        plan = _TablePlan(path, {n: schema.field(n).type for n in schema.names}, options, fmt)
+        plan = _TablePlan(path, {n: schema.field(n).type for n in schema.names}, options, fmt, _media_kinds(schema))
         row = 0
         for batch in batches(plan.names):
             for values in zip(*(column.to_pylist() for column in batch.columns)):

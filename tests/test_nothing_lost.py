@@ -5,6 +5,7 @@ token accounting of the data report and log; unfilled {{placeholders}} flagged o
 dataset files); short exact messages (close entry names only, every media kind, Hub-only entries, LLaMA-Factory's
 flag names)."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -206,6 +207,29 @@ def test_refusals_name_a_handful_of_entries_and_every_media_kind(smollm2, tmp_pa
                         {"role": "assistant", "content": "A cat."}], "images": ["a.jpg"], "videos": ["b.mp4"]}]
     msg = user_error(dry_run_args(smollm2, write_jsonl(tmp_path / "mm.jsonl", mm), tmp_path), monkeypatch, capsys)
     assert "mm.jsonl:1: images: multimodal record (images, videos)" in msg
+
+
+def test_media_in_tables_is_refused_not_dropped(smollm2, tmp_path, monkeypatch, capsys):
+    """The same refusals for tables: LLaMA-Factory's media columns in Parquet and CSV, row by row, and a column of
+    datasets' Image feature (bytes and path), for the whole file. A table of the same text without media trains."""
+    import datasets
+
+    chat = [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A cat."}]
+    table = datasets.Dataset.from_dict({"messages": [chat, chat], "images": [[], ["a.jpg"]], "videos": [[], ["b.mp4"]]})
+    table.to_parquet(tmp_path / "mm.parquet")
+    msg = user_error(dry_run_args(smollm2, tmp_path / "mm.parquet", tmp_path), monkeypatch, capsys)
+    assert "mm.parquet:row 2: images: multimodal record (images, videos)" in msg and ":row 1:" not in msg, msg
+    with open(tmp_path / "mm.csv", "w", newline="") as f:  # list cells as JSON text, as a CSV export holds them
+        csv.writer(f).writerows([["messages", "images"], [json.dumps(chat), ""], [json.dumps(chat), '["a.jpg"]']])
+    msg = user_error(dry_run_args(smollm2, tmp_path / "mm.csv", tmp_path), monkeypatch, capsys)
+    assert "mm.csv:row 2: images: multimodal record (images)" in msg and ":row 1:" not in msg, msg
+    image = datasets.Dataset.from_dict({"messages": [chat], "image": [{"bytes": b"\x89PNG", "path": "a.png"}]})
+    image.cast_column("image", datasets.Image()).to_parquet(tmp_path / "image.parquet")
+    msg = user_error(dry_run_args(smollm2, tmp_path / "image.parquet", tmp_path), monkeypatch, capsys)
+    assert "image.parquet: column 'image' holds multimodal data (image: files as bytes and path)" in msg, msg
+    table.remove_columns(["images", "videos"]).to_parquet(tmp_path / "text.parquet")
+    code, out = run_main(dry_run_args(smollm2, tmp_path / "text.parquet", tmp_path), monkeypatch, capsys)
+    assert code == 0 and "[[A cat.<|im_end|>]]" in out, out[-3000:]
 
 
 def test_a_hub_only_entry_says_it_needs_the_hub(smollm2, tmp_path):
