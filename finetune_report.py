@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from finetune_console import log0
+from finetune_console import log0, suggest
 
 LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
 
@@ -243,8 +243,8 @@ def placeholder_lines(found):
                      "or edit the data")
     unused = [n for n in found.get("asked", ()) if n not in found["filled"]]
     if unused:
-        lines.append(f"warning: --placeholders {', '.join(unused)}: no {{{{{unused[0]}}}}} in the data (placeholders "
-                     f"are written {{{{NAME}}}})")
+        lines.append(f"warning: --placeholders {', '.join(unused)}: no {{{{{unused[0]}}}}} in the data"
+                     f"{suggest(unused[0], list(found['by_name']))} (placeholders are written {{{{NAME}}}})")
     return lines
 
 

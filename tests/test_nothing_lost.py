@@ -95,7 +95,10 @@ def test_identity_placeholders_are_flagged_once_and_filled(smollm2, tmp_path, mo
     code, log = run_main(dry_run_args(smollm2, identity, tmp_path, "--placeholders", "name=Aria,nme=X"), monkeypatch,
                          capsys)
     assert "records train unfilled placeholders ({{author}} 60 times), the first at" in log
-    assert "warning: --placeholders nme: no {{nme}} in the data" in log
+    assert "warning: --placeholders nme: no {{nme}} in the data (placeholders are written {{NAME}})" in log
+    code, log = run_main(dry_run_args(smollm2, identity, tmp_path, "--placeholders", "nmae=Aria,author=Acme"),
+                         monkeypatch, capsys)  # a typo of a placeholder the data holds
+    assert "warning: --placeholders nmae: no {{nmae}} in the data (did you mean 'name'?)" in log, log[-3000:]
     assert "'author' is not NAME=VALUE" in user_error(dry_run_args(smollm2, identity, tmp_path, "--placeholders",
                                                                    "author"), monkeypatch, capsys)
 
