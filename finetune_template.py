@@ -445,8 +445,22 @@ def render_conversation(tokenizer, messages, tools=None, template_kwargs=None):
                 end = _before_next_opener(render, text, messages, i, start, end, opener)
             regions.append(_trim_after_end_token(text, start, end, specials))
     except Exception as e:  # jinja raise_exception, undefined fields, type errors inside the template
-        raise RecordError("messages", f"the chat template refuses this conversation: {e}") from None
+        raise RecordError("messages", f"the chat template refuses this conversation: {e}"
+                          + _needs_tools(tokenizer, messages, tools, template_kwargs)) from None
     return text, regions
+
+
+def _needs_tools(tokenizer, messages, tools, template_kwargs):
+    """The hint for a template that fails on a conversation without `tools` but renders it with an empty list (a
+    tool-use template, e.g. Hermes-3's), else ''."""
+    if tools:
+        return ""
+    try:
+        ChatRenderer(tokenizer, [], template_kwargs)(with_tool_call_ids(messages))
+    except Exception:
+        return ""
+    return (" (it renders only with `tools`, and this record has none: a tool-use template; train chats without tools "
+            "with the model's default template or --chat_template chatml)")
 
 
 def _specials_in(text, specials):

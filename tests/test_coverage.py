@@ -93,6 +93,17 @@ def test_plain_data_passes_every_template(name):
     assert results == ["ok"] * len(results), results
 
 
+def test_a_template_that_needs_tools_says_so():
+    """Hermes-3's tool-use template fails on a chat without `tools` (it loops over them): the refusal says why and
+    what to use instead. A template that fails for another reason gets no such hint."""
+    chat = normalize_record(ALPACA[0], "alpaca")[0]
+    result = outcome("NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja", chat, None)
+    assert result.startswith("refused: ") and "it renders only with `tools`, and this record has none" in result, result
+    assert "--chat_template chatml" in result
+    llama2 = outcome("llama-2-chat.jinja", [{"role": "assistant", "content": "Hi"}, *chat], None)  # must alternate
+    assert llama2.startswith("refused: ") and "`tools`" not in llama2, llama2
+
+
 TOOL_CHAT = [
     {"role": "user", "content": "  Weather in Paris? \n"},
     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
