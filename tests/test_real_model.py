@@ -138,7 +138,8 @@ def test_show_masking_marks_each_answer_and_its_turn_end(smollm2, tmp_path):
 
 @pytest.fixture(scope="module")
 def lora_run(smollm2, tmp_path_factory):
-    """LoRA (finetune.py's defaults: all linear layers) on 43 short alpaca conversations, 2 epochs, batch 4, lr 5e-4:
+    """LoRA (finetune.py's defaults: all linear layers) on 43 short alpaca conversations, 1 epoch, batch 4, lr 1e-3:
+    held-out loss 1.470 -> 1.415 (test_lora_lowers_the_held_out_loss; 2 epochs at lr 5e-4 gave 1.426, in 1.6x the time).
     -> {"out": adapter folder, "merged": merge_lora.py's output (its console: no warning)}."""
     import subprocess
     import sys
@@ -149,7 +150,7 @@ def lora_run(smollm2, tmp_path_factory):
     out = tmp / "out"
     run_finetune(["--model_name_or_path", smollm2, "--data_path", write_jsonl(
         tmp / "train.jsonl", [{"messages": as_messages(r)} for r in alpaca(**TRAIN)]), "--output_dir", out,
-        "--use_lora", "True", "--learning_rate", 5e-4, "--num_train_epochs", 2, "--per_device_train_batch_size", 4,
+        "--use_lora", "True", "--learning_rate", 1e-3, "--num_train_epochs", 1, "--per_device_train_batch_size", 4,
         "--model_max_length", MAX_LEN, "--save_strategy", "no", "--logging_steps", 4, "--report_to", "none",
         "--disable_tqdm", "True", "--lr_scheduler_type", "constant", "--dataset_cache_dir", tmp / "cache"])
     merged = tmp / "merged"
