@@ -125,7 +125,11 @@ def test_sp_zero3_lora_sample_balance_matches_one_process(tiny_model, long_data,
         assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
 
 
-def test_bad_combinations_refused_before_loading(tiny_model, long_data, tmp_path):
+def test_bad_combinations_refused_before_loading(tiny_model, long_data, tmp_path, monkeypatch, capsys):
+    """In this process (finetune.main(), as test_bad_input does): a refusal comes before anything is loaded, so no
+    launch is needed; test_dry_run_topology_and_estimates and the torchrun tests run it as a subprocess."""
+    from test_bad_input import run_main
+
     out = tmp_path / "out"
     base = ["--model_name_or_path", tiny_model, "--data_path", long_data, "--output_dir", out,
             "--dataset_cache_dir", tmp_path / "cache"]
@@ -142,9 +146,9 @@ def test_bad_combinations_refused_before_loading(tiny_model, long_data, tmp_path
         ([*dry, 2, "--sequence_parallel_size", 0], "must be a finite number >= 1 (1 (off) or more)"),
     ]
     for extra, message in cases:
-        proc = run_finetune([*base, *extra], check=False)
-        assert proc.returncode == 2 and message in proc.stdout, (extra, proc.stdout[-2000:])
-        assert "Traceback" not in proc.stdout and "[finetune] data:" not in proc.stdout  # nothing was loaded
+        code, log = run_main([*base, *extra], monkeypatch, capsys)
+        assert code == 2 and message in log and log.count("[finetune] error:") == 1, (extra, log[-2000:])
+        assert "Traceback" not in log and "[finetune] data:" not in log  # nothing was loaded
         assert not out.exists()
 
 
