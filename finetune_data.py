@@ -988,15 +988,16 @@ def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None
     """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes. Without
     --skip_invalid_records the first invalid record stops the output but not the reading: every file is
     still validated so that the error names the total count. need_answer: see normalize_record."""
-    errors, n_invalid, seen = [], 0, set()
+    errors, n_invalid, seen = {}, 0, set()  # errors: problem -> [records with it, their first locations]
     stats.setdefault("placeholders", {"records": 0, "by_name": {}, "first": None, "filled": {}})
 
     def fail(last=None, stopped=False):
-        lines = errors + ([last] if last else [])
+        lines = [error_line(problem, n, where) for problem, (n, where) in errors.items()] + ([last] if last else [])
+        shown = sum(n for n, _ in errors.values())
         if stopped and n_invalid:
             lines.append(f"(reading stopped there: at least {n_invalid} invalid records in all)")
-        elif n_invalid > len(errors):
-            lines.append(f"({n_invalid} invalid records in all; the first {len(errors)} are shown)")
+        elif n_invalid > shown:
+            lines.append(f"({n_invalid} invalid records in all; the first {shown} are shown)")
         raise DataError("\n".join(lines))
 
     for entry_idx, entry in enumerate(entries):
@@ -1026,8 +1027,11 @@ def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None
                         fstats["invalid"] += 1
                         n_invalid += 1
                         tally(stats["invalid"], invalid_reason(str(e)))
-                        if not skip_invalid and len(errors) < 20:
-                            errors.append(f"{file}:{where}: {e}")
+                        if not skip_invalid and (str(e) in errors or len(errors) < 20):  # 20 problems at most
+                            same = errors.setdefault(str(e), [0, []])
+                            same[0] += 1
+                            if len(same[1]) < 6:
+                                same[1].append((file, where))
                         continue
                     if not errors:
                         stats["rows"] += 1
@@ -1046,6 +1050,17 @@ def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None
                  f"{', '.join(sorted(seen)[:20])}).")
     if errors:
         fail()
+
+
+def error_line(problem, n, where):
+    """One line for the n records with the same problem: the first `path:line: field: problem`, then where the next
+    few are (a whole file of media records, a key misspelt in every record: one line, not one per record)."""
+    (file, first), rest = where[0], where[1:]
+    line = f"{file}:{first}: {problem}"
+    if n > 1:
+        rest = ", ".join(str(w) if f == file else f"{f}:{w}" for f, w in rest) + (", ..." if n > len(where) else "")
+        line += f" (and {n - 1} more record{'s' if n > 2 else ''} like it: {rest})"
+    return line
 
 
 def held_out_counts(sizes, val_size):

@@ -322,13 +322,19 @@ class TestFileKinds:
 class TestErrorTotals:
     def test_total_after_twenty_and_at_least_when_reading_stopped(self, tmp_path):
         bad = tmp_path / "bad.jsonl"
-        bad.write_text("{nope\n" * 100 + json.dumps(chat()) + "\n")
+        bad.write_text("".join("{" + " " * i + "nope\n" for i in range(100)) + json.dumps(chat()) + "\n")
         entries, _ = ft.resolve_data_spec(str(bad))
         with pytest.raises(ft.DataError) as e:
             list(fd.normalized_rows(entries, "auto", False, {"files": {}, "invalid": {}, "rows": 0}))
         lines = str(e.value).splitlines()
         assert len(lines) == 21 and lines[19].startswith(f"{bad}:20: json: invalid JSON")
         assert lines[20] == "(100 invalid records in all; the first 20 are shown)"
+        # the same problem in every record: one line, with where the next few are
+        bad.write_text("{nope\n" * 100 + json.dumps(chat()) + "\n")
+        with pytest.raises(ft.DataError) as e:
+            list(fd.normalized_rows(entries, "auto", False, {"files": {}, "invalid": {}, "rows": 0}))
+        assert str(e.value) == (f"{bad}:1: json: invalid JSON (Expecting property name enclosed in double quotes at "
+                                "column 2) (and 99 more records like it: 2, 3, 4, 5, 6, ...)")
         (tmp_path / "z.jsonl.gz").write_bytes(gzip.compress(b"{}\n" * 100)[:-12])
         entries, _ = ft.resolve_data_spec(f"{bad},{tmp_path / 'z.jsonl.gz'}")
         with pytest.raises(ft.DataError) as e:
