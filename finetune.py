@@ -23,7 +23,7 @@ This file is the training script, in the order a run goes. Self-contained machin
   finetune_preemption.py   save on SIGTERM/SIGUSR1, resume on another number of processes
   finetune_faults.py       a diverging run, a failed save: a clear stop
   finetune_loss.py         the loss over trained positions, one chunk of logits at a time
-  finetune_exit_codes.py   the exit codes (2 bad input, 3 diverged, 74 failed save, 75 preempted)
+  finetune_exit_codes.py   the exit codes in one table (ExitCode): bad input, diverged, retention, save, preempted
   finetune_adapter.py      an adapter put back on its base (chat.py, merge_lora.py), peft's wrapping
   finetune_console.py      what the console shows: rank-0 log lines, did-you-mean, no library progress bars
   finetune_report.py       memory estimate, token statistics, data report, loss plot
