@@ -76,6 +76,7 @@ from finetune_distributed import (
     SequenceParallelLoader,
     batch_plan,
     close_process_group,
+    exit_when_done,
     gradient_divisor,
     sequence_parallel_loader,
     setup_sequence_parallel,
@@ -1289,4 +1290,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_when_done(main)

@@ -78,6 +78,26 @@ def close_process_group():
         torch.distributed.destroy_process_group()
 
 
+def exit_when_done(main):
+    """Run main() as the script. One of several ranks (torchrun) that finished its work (exit 0) leaves with
+    os._exit once its output is flushed: close_process_group() made gloo's abort at interpreter shutdown rarer,
+    not impossible (a ZeRO-3 run that had saved its model still ended "terminate called without an active
+    exception" now and then, as C++ threads were torn down), and nothing is left for the interpreter to do. A rank
+    that stops with a code of finetune_exit_codes (or a traceback) leaves the ordinary way: torchrun stops the
+    other ranks when one exits non-zero, and the slower exit leaves them the time to write their own line and code.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return main()
+    import logging
+    import sys
+
+    main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def setup_sequence_parallel(training_args, world, attn, packing, text_config):
     """Refuse what Ulysses cannot run (exactly) before anything is loaded; else set the Trainer's
     parallelism_config. world: the number of processes; text_config(): the model's (text) config."""

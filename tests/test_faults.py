@@ -476,6 +476,11 @@ def test_a_save_failing_on_one_rank_ends_every_rank(tiny_model, tmp_path):
     """2 processes, ZeRO-3: rank 1's writes are cut short at 400 KB (its optimizer shard is larger), rank 0's
     succeed and it then loses rank 1 in the save's collectives. Both end with exit 74 and a line, no
     traceback; the half-written checkpoint-2 is removed; the next run (no limit) trains from the start."""
+    from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed compiles its CPU communication op on first use (again when another venv rebuilt the shared
+    # ~/.cache/torch_extensions): built here, not by rank 1 under its file-size limit
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
     out, cache = tmp_path / "out", tmp_path / "cache"
     command = args(tiny_model, out, cache, "--learning_rate", 1e-3, "--per_device_train_batch_size", 2,
                    "--max_steps", 2, "--deepspeed", ZERO3, "--ddp_backend", "gloo")
