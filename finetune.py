@@ -129,7 +129,7 @@ class ModelArguments:
     )
     chat_template: Optional[str] = field(
         default=None, metadata={"help": "A built-in template (chatml) or a Jinja file, replacing the tokenizer's "
-                                "own (default: its own, else chatml). See README, Base models."}
+                                "own (default: its own, else chatml). See docs/training.md, Base models."}
     )
 
 
@@ -141,7 +141,7 @@ class DataArguments:
                   "(.jsonl/.json(.gz), .parquet, .arrow, .csv, .tsv, .txt), folders (Hub dataset and save_to_disk "
                   "folders read as such), "
                   "Hub ids (org/name). [SPLIT] or [SUBSET:SPLIT] after an entry selects a split, :RATIO samples it "
-                  "(e.g. a.jsonl:0.5,org/name[test],b/:2). README: Data sources."},
+                  "(e.g. a.jsonl:0.5,org/name[test],b/:2). docs/data.md: Sources."},
     )
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same syntax."})
     dataset: Optional[str] = field(default=None, metadata={
@@ -196,11 +196,13 @@ class DataArguments:
     retention_data: Optional[str] = field(
         default=None, metadata={"help": "Reference prompts for the retention measurement (same syntax and formats as "
                                 "--data_path; a record with an answer keeps it, one without is answered by the base "
-                                "model). Default: the built-in set, retention_prompts.jsonl. README: Retention."})
+                                "model). Default: the built-in set, retention_prompts.jsonl. "
+                                "docs/after-training.md: Retention."})
     retention_prompts: Optional[int] = field(
         default=None, metadata={"help": "Measure retention on the first N reference prompts (0: all). Default: 8 of "
                                 "the built-in set (a measurement within 5 percent of the demo's training time), all of "
-                                "--retention_data. A measurement's cost grows with N (README: Retention)."})
+                                "--retention_data. A measurement's cost grows with N (docs/after-training.md: "
+                                "Retention)."})
     dataset_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Where tokenized datasets are cached (default ~/.cache/finetune)."}
     )
@@ -253,7 +255,7 @@ class TrainingArguments(transformers.TrainingArguments):
         default=1,
         metadata={"help": "Split every sample across N processes (DeepSpeed Ulysses sequence parallelism; needs "
                   "--deepspeed): for samples whose activations do not fit one device. The data-parallel size "
-                  "becomes processes / N. See README, Long samples."},
+                  "becomes processes / N. See docs/training.md, Long samples."},
     )
     fused_loss: str = field(
         default="none", metadata={"help": "none | cce. cce: Cut Cross-Entropy's fused kernel (GPU, pip install "
@@ -270,7 +272,8 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     retention: bool = field(
         default=True, metadata={"help": "Measure at every evaluation and at the end how much of the base model's "
-                                "behaviour is kept (eval_retention, 1 = unchanged; README: Retention). False: off."})
+                                "behaviour is kept (eval_retention, 1 = unchanged; docs/after-training.md: "
+                                "Retention). False: off."})
     retention_min: Optional[float] = field(
         default=None, metadata={"help": "Act when eval_retention falls below this (0..1): see --retention_action."})
     retention_action: str = field(
@@ -293,7 +296,7 @@ class LoraArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.0, metadata={
         "help": "LoRA dropout. 0 by default: peft drops out a copy of every adapter's input, which costs as much "
-        "memory as the activations themselves and a third of the step time (README, Throughput)."})
+        "memory as the activations themselves and a third of the step time (bench/README.md)."})
     lora_target_modules: str = field(
         default=LORA_DEFAULT_TARGETS, metadata={"help": "Comma-separated module names, or all-linear."}
     )

@@ -1,4 +1,5 @@
-"""The install policy (README "Upgrading libraries"): a fresh machine gets the versions the suite passed on.
+"""The install policy (docs/development.md, "Upgrading libraries"): a fresh machine gets the versions the suite
+passed on.
 
 - requirements.txt bounds every library whose internals finetune relies on (LIBRARY_INTERNALS) from above;
 - constraints.txt pins each requirement to one version inside its range (the last green run);

@@ -1,7 +1,7 @@
-"""The README's flag tables are generated from finetune.py's argument dataclasses, the source of --help: one
-text for each flag.
+"""The flag tables of the manual (docs/training.md, "Flags") are generated from finetune.py's argument
+dataclasses, the source of --help: one text for each flag.
 
-    python tests/test_readme.py      # rewrite the tables in README.md after changing a flag
+    python tests/test_readme.py      # rewrite the tables in docs/training.md after changing a flag
 """
 
 import dataclasses
@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-README = ROOT / "README.md"
+FLAGS_PAGE = ROOT / "docs" / "training.md"  # the page that holds the generated tables
 BEGIN = "<!-- flags: generated from finetune.py's argument dataclasses by `python tests/test_readme.py`; edit those -->"
 END = "<!-- flags: end -->"
 
@@ -37,20 +37,22 @@ def flag_tables():
     return "\n".join(out).rstrip("\n")
 
 
-def readme_parts():
-    text = README.read_text(encoding="utf-8")
-    assert BEGIN in text and END in text, f"README.md lost its generated-flags markers ({BEGIN!r} ... {END!r})"
+def page_parts():
+    text = FLAGS_PAGE.read_text(encoding="utf-8")
+    assert BEGIN in text and END in text, (
+        f"{FLAGS_PAGE.relative_to(ROOT)} lost its generated-flags markers ({BEGIN!r} ... {END!r})")
     head, rest = text.split(BEGIN, 1)
     table, tail = rest.split(END, 1)
     return head, table.strip("\n"), tail
 
 
 def test_flag_tables_match_the_dataclasses():
-    _, table, _ = readme_parts()
-    assert table == flag_tables(), "README flag tables are out of date: run python tests/test_readme.py"
+    _, table, _ = page_parts()
+    assert table == flag_tables(), (
+        f"the flag tables in {FLAGS_PAGE.relative_to(ROOT)} are out of date: run python tests/test_readme.py")
 
 
 if __name__ == "__main__":
-    head, _, tail = readme_parts()
-    README.write_text(f"{head}{BEGIN}\n\n{flag_tables()}\n\n{END}{tail}", encoding="utf-8")
-    print("README.md flag tables rewritten")
+    head, _, tail = page_parts()
+    FLAGS_PAGE.write_text(f"{head}{BEGIN}\n\n{flag_tables()}\n\n{END}{tail}", encoding="utf-8")
+    print(f"{FLAGS_PAGE.relative_to(ROOT)} flag tables rewritten")
