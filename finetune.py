@@ -13,17 +13,20 @@ This file is the training script, in the order a run goes. Self-contained machin
   finetune_cli.py          command line: flags, config files, repeated flags, ranges
   finetune_sources.py      where data comes from: --data_path entries, dataset folders, Hub ids, dataset_info.json
   finetune_data.py         data files and formats: reading, format adapters, record validation
+  finetune_coverage.py     the check that a chat template renders everything a conversation holds
   finetune_template.py     chat templates: what of a rendered conversation is trained, end-of-turn tokens
   finetune_tokens.py       the vocabulary a template needs (added turn tokens, resizing, eos in the configs)
   finetune_cache.py        the dataset cache: key, build into a temporary folder, manifest, reuse, clearing
   finetune_checkpoints.py  checkpoints: weight file names, complete, newest, the one to resume
-  finetune_distributed.py  DeepSpeed config, batch plan, sequence parallelism, library workarounds (and the
-                           table of every library internal relied on: LIBRARY_INTERNALS)
+  finetune_distributed.py  DeepSpeed config, batch plan, sequence parallelism, how a rank ends (exit_when_done:
+                           every exit code recorded), library workarounds (and the table of every library
+                           internal relied on: LIBRARY_INTERNALS)
   finetune_agreement.py    the per-step agreement among ranks (one all-reduce) that the step-end features use
   finetune_preemption.py   save on SIGTERM/SIGUSR1, resume on another number of processes
   finetune_faults.py       a diverging run, a failed save: a clear stop
   finetune_loss.py         the loss over trained positions, one chunk of logits at a time
   finetune_exit_codes.py   the exit codes in one table (ExitCode): bad input, diverged, retention, save, preempted
+  finetune_launch.py       torchrun as finetune.sh starts it: a deliberate stop ends with the workers' own code
   finetune_adapter.py      an adapter put back on its base (chat.py, merge_lora.py), peft's wrapping
   finetune_console.py      what the console shows: rank-0 log lines, did-you-mean, no library progress bars
   finetune_report.py       memory estimate, token statistics, data report, loss plot
@@ -75,7 +78,6 @@ from finetune_data import (
 from finetune_distributed import (
     SequenceParallelLoader,
     batch_plan,
-    close_process_group,
     exit_when_done,
     gradient_divisor,
     sequence_parallel_loader,
@@ -84,7 +86,7 @@ from finetune_distributed import (
     start_cpu_deepspeed_state,
     zero_stage,
 )
-from finetune_exit_codes import ExitCode, record_exit_code
+from finetune_exit_codes import ExitCode, StopQuietly
 from finetune_faults import Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving, warn_if_low_space
 from finetune_loss import TrainedTokenLoss
 from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size
@@ -733,7 +735,7 @@ def load_datasets(data_args, training_args, tokenizer):
     if error is not None and not isinstance(error, (DataError, FileNotFoundError)):
         raise error  # rank 0: not a data problem; keep the traceback
     if message and training_args.process_index != 0:
-        sys.exit(ExitCode.BAD_INPUT)  # rank 0 reports it: the message once, not once per rank
+        raise StopQuietly(ExitCode.BAD_INPUT)  # rank 0 reports it: the message once, not once per rank
     if message:
         raise DataError(f"invalid data, nothing was trained:\n{message}")
     loaded = [datasets.load_from_disk(os.path.join(p, "data")) for p in paths]
@@ -1263,6 +1265,7 @@ def train(argv=None):
 
 
 def main():
+    """train(), and the exit code of how it ended; exit_when_done ends the process with it (and records it)."""
     import warnings
 
     # DeepSpeed calls torch.distributed functions that torch deprecates: a warning per call, rank and step
@@ -1271,25 +1274,26 @@ def main():
         train()
     except Preempted as e:
         log0(e)
-        record_exit_code(ExitCode.PREEMPTED)
-        sys.exit(ExitCode.PREEMPTED)
+        return ExitCode.PREEMPTED
     except Fault as e:  # finetune_faults: training diverged (3), a save failed (74); printed where it happened
         if os.environ.get("FINETUNE_TRACEBACK"):
             raise
         if e.here:
             print(f"[finetune] error: {e}", file=sys.stderr, flush=True)
-        record_exit_code(e.exit_code)
-        sys.exit(e.exit_code)
+        return e.exit_code
     except (DataError, FileNotFoundError, ValueError) as e:
         # User errors: one clear message, no traceback, non-zero exit on every rank.
         if os.environ.get("FINETUNE_TRACEBACK"):
             raise
         print(f"[finetune] error: {e}", file=sys.stderr, flush=True)
-        record_exit_code(ExitCode.BAD_INPUT)
-        sys.exit(ExitCode.BAD_INPUT)
-    finally:
-        close_process_group()
-    record_exit_code(0)
+        return ExitCode.BAD_INPUT
+    except StopQuietly as e:  # rank 0 reports the reason
+        return e.code
+    except SystemExit as e:  # a helper that ends the rank with sys.exit(code): still recorded by exit_when_done
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr, flush=True)
+        return 1 if isinstance(e.code, str) else (e.code or 0)
+    return 0
 
 
 if __name__ == "__main__":

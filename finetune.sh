@@ -9,7 +9,7 @@
 # Under SLURM (SLURM_JOB_NODELIST set) NNODES, NODE_RANK and MASTER_ADDR are derived from it.
 # FINETUNE_PRINT_CMD=1: print the torchrun command instead of running it (to check the topology).
 # Preemption: SIGTERM or SIGUSR1 (to this script, torchrun or any worker) saves a checkpoint at the next
-# step end and exits 75 (see README "Preemption and requeue"). FINETUNE_SIGNALS [SIGTERM,SIGINT,SIGHUP,
+# step end and exits 75 (see docs/distributed.md, "Preemption and requeue"). FINETUNE_SIGNALS [SIGTERM,SIGINT,SIGHUP,
 # SIGQUIT,SIGUSR1]: signals torchrun forwards to the workers; FINETUNE_SHUTDOWN_TIMEOUT [300]: seconds
 # torchrun gives them to save after a signal before it kills them.
 set -euo pipefail

@@ -1,6 +1,6 @@
 """What finetune.py's checkpoints are: the weight file names, what makes a checkpoint-N folder complete, the newest
 complete one and the one a run resumes from, and removing what a failed save half-wrote. Every module asks here
-(finetune.py, finetune_faults.py; tests too). README: "Resume", "What is saved, by whom".
+(finetune.py, finetune_faults.py; tests too). docs/distributed.md: "Resume", "What is saved, by whom".
 """
 
 import glob

@@ -20,6 +20,7 @@ import os
 import torch
 
 from finetune_console import KNOWN_NOTICES  # LIBRARY_INTERNALS probes their loggers
+from finetune_exit_codes import record_exit_code
 
 
 def deepspeed_config(training_args):
@@ -79,23 +80,32 @@ def close_process_group():
 
 
 def exit_when_done(main):
-    """Run main() as the script. One of several ranks (torchrun) that finished its work (exit 0) leaves with
-    os._exit once its output is flushed: close_process_group() made gloo's abort at interpreter shutdown rarer,
-    not impossible (a ZeRO-3 run that had saved its model still ended "terminate called without an active
-    exception" now and then, as C++ threads were torn down), and nothing is left for the interpreter to do. A rank
-    that stops with a code of finetune_exit_codes (or a traceback) leaves the ordinary way: torchrun stops the
-    other ranks when one exits non-zero, and the slower exit leaves them the time to write their own line and code.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return main()
+    """Run main() as the script and end the process with the exit code it returns: the one way a finetune.py
+    process ends. Every exit code is recorded for finetune.sh (record_exit_code; a crash, an exception out of
+    main(), as 1 before its traceback) and the process group is destroyed (close_process_group) on every path.
+    One of several ranks (torchrun) that finished its work (exit 0) then leaves with os._exit once its output is
+    flushed: close_process_group() made gloo's abort at interpreter shutdown rarer, not impossible (a ZeRO-3 run
+    that had saved its model still ended "terminate called without an active exception" now and then, as C++
+    threads were torn down), and nothing is left for the interpreter to do. A rank that stops with a code of
+    finetune_exit_codes leaves the ordinary way: torchrun stops the other ranks when one exits non-zero, and the
+    slower exit leaves them the time to write their own line and code."""
     import logging
     import sys
 
-    main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    try:
+        code = int(main() or 0)
+    except Exception:
+        record_exit_code(1)
+        raise
+    finally:
+        close_process_group()
+    record_exit_code(code)
+    if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(code)
 
 
 def setup_sequence_parallel(training_args, world, attn, packing, text_config):

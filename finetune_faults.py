@@ -1,7 +1,7 @@
 """Faults that no input check catches, for finetune.py: a diverging run, a failed save (a damaged dataset cache is
 finetune_cache.py's; what a complete checkpoint is, finetune_checkpoints.py's). Each ends with one `[finetune]
 error:` line (no traceback), an exit code of its own (finetune_exit_codes.py), and nothing on disk that the next
-run would trust wrongly; the next run then recovers. README: "When a run fails".
+run would trust wrongly; the next run then recovers. docs/distributed.md: "When a run fails".
 
 What finetune.py uses (everything else here is internal):
 

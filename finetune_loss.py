@@ -2,7 +2,7 @@
 
     TrainedTokenLoss()(model, head, inputs, target, mask) -> (outputs, per-token CE at mask)
 
-finetune.py's Trainer calls it once per micro-batch (README: "Throughput", "Loss memory"); chunked_cross_entropy and
+finetune.py's Trainer calls it once per micro-batch (docs/training.md: "Throughput"); chunked_cross_entropy and
 fused_cross_entropy are the two ways the CE is computed from the head's input."""
 
 import math

@@ -1,6 +1,6 @@
 """Preemption-safe training for finetune.py: save on SIGTERM/SIGUSR1 at a step all ranks agree on, exit 75, and
-resume a checkpoint on another number of processes (DeepSpeed universal checkpoints). README: "Preemption and
-requeue". finetune.py adds PreemptionCallback to its Trainer (it registers with the run's
+resume a checkpoint on another number of processes (DeepSpeed universal checkpoints). docs/distributed.md:
+"Preemption and requeue". finetune.py adds PreemptionCallback to its Trainer (it registers with the run's
 finetune_agreement.StepAgreement) and calls adapt_to_world_size before training."""
 
 import glob

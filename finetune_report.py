@@ -1,7 +1,7 @@
 """What finetune.py reports and plans with: the per-device memory estimate (and the loss chunk
 size its budget allows), the padding share of a batching, token statistics, the data report (--dry_run,
 data_report.json) and its log lines, and the loss plot. Functions of their arguments; finetune.py imports them
-(README: "Memory estimate", "Loss plot and TensorBoard")."""
+(docs/training.md: "Memory estimate"; docs/after-training.md: "Loss plot and TensorBoard")."""
 
 import functools
 import os
@@ -107,7 +107,7 @@ def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, 
                        loss_chunk=0):
     """Peak memory per device in GiB for method full | lora | q-lora under ZeRO `stage` (0 = none) on
     `world` devices, for a micro-batch of `micro_tokens` tokens split over `sp` sequence-parallel ranks.
-    Formula (README, "Memory estimate"): 1.1 x (weights + gradients + optimizer states + activations + logits
+    Formula (docs/training.md, "Memory estimate"): 1.1 x (weights + gradients + optimizer states + activations + logits
     of one loss chunk), ZeRO dividing what it partitions (over all `world` ranks), sequence parallelism the
     activations; `loss_chunk` is --loss_chunk_tokens (0: automatic)."""
     params, linear, lora_dims = _param_counts(config)

@@ -1,4 +1,4 @@
-"""File size and quality of export_gguf.py's types on the demo model (README: "Run it elsewhere").
+"""File size and quality of export_gguf.py's types on the demo model (docs/after-training.md: "Run it elsewhere").
 
     bash examples/demo.sh                          # the demo's LoRA run in output_demo
     python bench/gguf_export.py output_demo [--types f16 q8_0 q4_k_m] [--out DIR]

@@ -29,7 +29,7 @@ ask "$MODEL"
 
 # Settings for a pretrained model: LoRA, lr 1e-3, 5 epochs of the 18 conversations (25 steps) learns the made-up
 # facts and leaves what the model knew alone; the demo's settings for a random model (lr 2e-3 and more epochs)
-# learn "the capital of ... is Lutz" as a pattern and answer it for France too (README: "The demo").
+# learn "the capital of ... is Lutz" as a pattern and answer it for France too (README: "Quickstart").
 rm -rf "$OUT"
 PYTHON="$PYTHON" bash finetune.sh -m "$MODEL" -d examples/demo_data.jsonl -o "$OUT" --use_lora \
   --num_train_epochs 5 --learning_rate 1e-3 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 \

@@ -34,11 +34,12 @@ def data_error(path):
 
 
 def run_main(args, monkeypatch, capsys):
-    """finetune.main() with these command-line arguments -> (exit code, stdout + stderr)."""
+    """finetune.py's __main__ (exit_when_done(main)) with these command-line arguments -> (exit code, stdout +
+    stderr)."""
     monkeypatch.setattr(sys, "argv", ["finetune.py", *map(str, args)])
     code = 0
     try:
-        ft.main()
+        ft.exit_when_done(ft.main)
     except SystemExit as e:
         code = e.code
     out = capsys.readouterr()

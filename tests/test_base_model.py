@@ -1,4 +1,4 @@
-"""Base models become chat models that stop (README: Base models).
+"""Base models become chat models that stop (docs/training.md: Base models).
 
 A tiny random model sized to a real base tokenizer that has no chat template (gpt-2: GPT-2 with tied embeddings;
 llama-spm: Llama with an untied head), so it gets the built-in ChatML, whose <|im_start|> and <|im_end|> are 5-7

@@ -348,8 +348,9 @@ def test_finetune_sh_topology_from_slurm_and_env(tmp_path):
 
 
 def test_bad_input_stops_every_rank_promptly(tiny_model, tmp_path, cache):
-    """Bad data (found by rank 0 alone and broadcast), a missing file, an unknown flag: every rank exits
-    with code 2 on its own, within seconds. The two ranks are started the way torchrun starts them (env
+    """Bad data (found by rank 0 alone and broadcast), a missing file, an unknown flag, bad --retention_data: every
+    rank exits with code 2 on its own, within seconds, and records it for finetune.sh (FINETUNE_EXIT_CODE_FILE),
+    the rank that stops quietly too. The two ranks are started the way torchrun starts them (env
     RANK/WORLD_SIZE/MASTER_*) but without torchrun, which would kill a hung rank and hide the hang."""
     bad = write_jsonl(tmp_path / "bad.jsonl", [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
@@ -361,13 +362,15 @@ def test_bad_input_stops_every_rank_promptly(tiny_model, tmp_path, cache):
         "bad data": (["--data_path", bad], "bad.jsonl:2: json: invalid JSON"),
         "missing file": (["--data_path", tmp_path / "missing.jsonl"], "missing.jsonl does not exist"),
         "unknown flag": (["--data_path", DEMO, "--no_such_flag", 1], "--no_such_flag"),
+        "bad retention data": (["--data_path", DEMO, "--retention_data", bad], "bad.jsonl:2: json: invalid JSON"),
     }
     start, procs = time.time(), {}
     for name, (extra, _) in cases.items():
         port = free_port()
         for rank in (0, 1):
             env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "FINETUNE_EXIT_CODE_FILE": str(tmp_path / f"codes-{name.replace(' ', '-')}")}
             procs[name, rank] = subprocess.Popen([sys.executable, ROOT / "finetune.py", *map(str, base + extra)],
                                                  cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                                  stderr=subprocess.STDOUT, text=True)
@@ -384,6 +387,8 @@ def test_bad_input_stops_every_rank_promptly(tiny_model, tmp_path, cache):
     print(f"bad input: all {len(procs)} ranks exited with code 2 in {time.time() - start:.0f} s")
     for name, (_, message) in cases.items():
         assert message in logs[name, 0], (name, logs[name, 0][-3000:])
+        recorded = (tmp_path / f"codes-{name.replace(' ', '-')}").read_text().split()
+        assert recorded == ["2", "2"], (name, recorded)  # every rank's exit went through exit_when_done
     # rank 0 alone found the bad line and reports it; rank 1 stops quietly; nothing was trained
     assert cases["bad data"][1] not in logs["bad data", 1], logs["bad data", 1][-3000:]
     assert "[finetune] data:" not in logs["bad data", 0] and not (tmp_path / "out").exists()

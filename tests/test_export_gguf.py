@@ -1,4 +1,4 @@
-"""export_gguf.py: a run becomes one GGUF file that a real engine runs (README: "Run it elsewhere").
+"""export_gguf.py: a run becomes one GGUF file that a real engine runs (docs/after-training.md: "Run it elsewhere").
 
 The `engine` tier loads the exported files in llama.cpp (llama-cpp-python's `llama_cpp.Llama`, the compiled
 library) and chats through the GGUF's own template, as any llama.cpp user would:
@@ -86,7 +86,8 @@ def base_model_gguf(tmp_path_factory):
     """A tiny GPT-2 with the real GPT-2 tokenizer (no chat template, no ChatML tokens), fully fine-tuned with
     --chat_template chatml (finetune adds <|im_start|> and <|im_end|>, grows the vocabulary to a multiple of 64
     rows), exported to f16. (The llama-spm tokenizer of tests/test_base_model.py is a SentencePiece vocabulary
-    without its tokenizer.model: llama.cpp tokenizes it differently from transformers, README "Run it elsewhere".)"""
+    without its tokenizer.model: llama.cpp tokenizes it differently from transformers, docs/after-training.md,
+    "Run it elsewhere".)"""
     d = tmp_path_factory.mktemp("base-gguf")
     base = make_base_model("gpt-2", d / "base")
     # a hub GPT-2 config.json has n_ctx (llama.cpp's converter reads it); transformers 5 no longer writes it for a
