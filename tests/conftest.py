@@ -15,6 +15,11 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
+# The venv's own tools first, whether or not it was activated: DeepSpeed JIT-compiles its CPU communication op with
+# the first `ninja` on PATH into the shared ~/.cache/torch_extensions, and two ninja versions (the venv's, the
+# system's) read each other's build log as stale, so runs that alternate them rebuild it (minutes) every time.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
 # Two cores on CI: keep every process single-threaded so parallel ranks do not oversubscribe.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONUNBUFFERED": "1"}
