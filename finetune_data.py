@@ -596,8 +596,9 @@ def near_miss(key, known=RECORD_KEYS):
     if key in known:
         return ""
     hint = suggest(key, known)
-    if hint and re.search(r"(^|_)(" + "|".join(map(re.escape, known)) + r")(_|$)", key):
-        return ""
+    close = hint and hint.split("'")[1]
+    if hint and re.search(r"(^|_)" + re.escape(close) + r"(_|$)", key):
+        return ""  # it extends the key it resembles ('source_text'), unlike 'reasoning_contnet' ('reasoning' is known)
     return hint
 
 
@@ -707,16 +708,16 @@ def _read_message_keys(m, where, read, renames, names, found, calling, role_alia
                 raise RecordError(f"{where}.{key}", f"reasoning given twice, as {key!r} and as {target!r}; keep one")
             m[target] = value
             found.add("read_as", f"messages[].{key} -> {target}")
-        elif _empty(value):
-            m.pop(key)
-        elif key in UNREADABLE_KEYS:
-            raise RecordError(f"{where}.{key}", UNREADABLE_KEYS[key])
         elif key in IGNORED_KEYS or key.endswith("_id"):
             found.add("ignored", f"messages[].{key}")
         elif near_miss(key, MESSAGE_KEYS + tuple(KEY_ALIASES)):
             hint = near_miss(key, MESSAGE_KEYS + tuple(KEY_ALIASES))
             raise RecordError(f"{where}.{key}", f"unknown key{hint}; fix the name, or map it with --columns "
                               f"{key}={KEY_ALIASES.get(hint.split(chr(39))[1], hint.split(chr(39))[1])}")
+        elif _empty(value):
+            m.pop(key)
+        elif key in UNREADABLE_KEYS:
+            raise RecordError(f"{where}.{key}", UNREADABLE_KEYS[key])
         else:
             found.add("not_read", f"messages[].{key}")
     role = m.get("role")
@@ -770,6 +771,10 @@ def read_keys(record, fmt, tags=None, renames=None, names="render", counts=None,
                                       "mixed; write every schema under tools")
                 record["tools"] = value
                 found.add("read_as", "functions -> tools")
+        elif key in IGNORED_KEYS or key.endswith("_id"):
+            found.add("ignored", key)
+        elif near_miss(key):
+            raise RecordError(key, f"unknown key{near_miss(key)}")
         elif _empty(value):
             record.pop(key)
         elif key in REASONING_KEYS and "reasoning_content" in read:  # the one answer's (alpaca, prompt/completion)
@@ -782,10 +787,6 @@ def read_keys(record, fmt, tags=None, renames=None, names="render", counts=None,
                               f"write it there as reasoning_content")
         elif key in UNREADABLE_KEYS:
             raise RecordError(key, UNREADABLE_KEYS[key])
-        elif key in IGNORED_KEYS or key.endswith("_id"):
-            found.add("ignored", key)
-        elif near_miss(key):
-            raise RecordError(key, f"unknown key{near_miss(key)}")
         else:
             found.add("not_read", key)
     message_read = set(MESSAGE_KEYS) | ({(tags or {}).get("role_tag"), (tags or {}).get("content_tag")} - {None})
