@@ -627,6 +627,7 @@ def _check_keys(record):
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # DeepSeek/Qwen3, vLLM/Ollama, gpt-oss's cookbook
 KEY_ALIASES = {"reasoning": "reasoning_content", "thinking": "reasoning_content",  # a message's reasoning
                "function_call": "tool_calls",  # OpenAI's legacy assistant function call
+               "training": "train",  # axolotl's per-message training flag
                "functions": "tools"}  # OpenAI's legacy function schemas (a record key)
 ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer name for system; its legacy tool result
 IGNORED_KEYS = ("id", "uuid", "metadata", "meta", "timestamp", "created", "created_at", "model")
@@ -634,6 +635,10 @@ IGNORED_KEYS = ("id", "uuid", "metadata", "meta", "timestamp", "created", "creat
 UNREADABLE_KEYS = {
     "refusal": "an assistant's refusal text (OpenAI): nothing renders it; write it as the turn's content",
     "audio": "audio (OpenAI): this script trains text-only models; drop it or use a multimodal trainer",
+    "train_detail": "axolotl's training offsets within a message: not supported; split the message, or train or "
+                    "exclude it whole (train, weight)",
+    "training_detail": "axolotl's training offsets within a message: not supported; split the message, or train or "
+                       "exclude it whole (train, weight)",
 }
 LEGACY_CALLING, NEW_CALLING = ("functions", "function_call", "role function"), ("tools", "tool_calls", "role tool")
 # --message_names: what happens to the `name` of a message (a speaker: OpenAI's participants of one role)
@@ -705,7 +710,7 @@ def _read_message_keys(m, where, read, renames, names, found, calling, role_alia
                     raise RecordError(f"{where}.function_call", "given with tool_calls in the same message: OpenAI's "
                                       "legacy function call and its tool calls mixed; write every call as tool_calls")
             elif not _empty(m.get(target)) and m[target] != value:
-                raise RecordError(f"{where}.{key}", f"reasoning given twice, as {key!r} and as {target!r}; keep one")
+                raise RecordError(f"{where}.{key}", f"given twice, as {key!r} and as {target!r}; keep one")
             m[target] = value
             found.add("read_as", f"messages[].{key} -> {target}")
         elif key in IGNORED_KEYS or key.endswith("_id"):
