@@ -100,11 +100,14 @@ from finetune_retention import (
 )
 from finetune_sources import check_data_flags, file_id, resolve_data_spec
 from finetune_template import (
+    IGNORE_INDEX,
     chat_template_source,
     check_chat_template_flag,
     encode_regions,
+    marked_text,
     reasoning_regions,
     render_conversation,
+    show_masking,
 )
 from finetune_tokens import (
     fit_model_to_tokenizer,
@@ -114,7 +117,6 @@ from finetune_tokens import (
     save_stop_tokens,
 )
 
-IGNORE_INDEX = -100
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # ---------------------------------------------------------------------------------------------
@@ -537,30 +539,6 @@ def tokenize_conversation(tokenizer, messages, max_length, tools=None, train_on_
     if result["status"].startswith(("error:", "dropped:")):
         raise ValueError(result["status"].split(":", 1)[1])
     return {"input_ids": result["input_ids"], "labels": result["labels"]}
-
-
-def marked_text(tokenizer, input_ids, labels, mark=("[[", "]]")):
-    """The sample's text with every run of trained tokens between [[ and ]]. Each piece is decoded as part of
-    everything before it, so separator spaces ('▁two') show where they are."""
-    ids = list(input_ids)
-    trained = [lab != IGNORE_INDEX for lab in labels]
-    cuts = [0] + [k for k in range(1, len(ids)) if trained[k] != trained[k - 1]] + [len(ids)]
-    decoded = [tokenizer.decode(ids[:k], skip_special_tokens=False) for k in cuts]
-    pieces = []
-    for a, before, upto in zip(cuts, decoded, decoded[1:]):
-        piece = upto[len(before):]
-        pieces.append(f"{mark[0]}{piece}{mark[1]}" if trained[a] else piece)
-    return "".join(pieces)
-
-
-def show_masking(tokenizer, dataset, n):
-    """--show_masking N: print N samples with their trained parts marked."""
-    print(f"turn end: {' '.join(tokenizer.finetune_vocabulary['turn_end_tokens'])}; eos {tokenizer.eos_token}")
-    for k in range(min(n, len(dataset))):
-        row = dataset[k]
-        print(f"----- sample {k} ({row['length']} tokens, {row['n_trained']} trained; [[trained]]) -----")
-        print(marked_text(tokenizer, row["input_ids"], row["labels"]), flush=True)
-    return None
 
 
 def load_tokenizer(model_args, training_args):

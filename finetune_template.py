@@ -4,7 +4,8 @@ end-of-turn tokens and turn markers; the built-in templates (ChatML) for tokeniz
 
 Interface: render_conversation(tokenizer, messages, tools) -> (text, [trained character region per assistant
 turn]); reasoning_regions (--mask_reasoning: each turn's reasoning block); encode_regions(tokenizer, texts,
-regions) -> token ids and each region's token span;
+regions) -> token ids and each region's token span; marked_text / show_masking (--show_masking: the trained
+tokens in [[...]]); IGNORE_INDEX (the label of an untrained token);
 end_of_turn_tokens(tokenizer); turn_markers(tokenizer); chat_template_source(flag); parse_template_kwargs(text)
 (--chat_template_kwargs); ChatRenderer (the fast
 renderer it uses); BUILTIN_TEMPLATES. finetune.py turns the regions into token labels (tokenize_conversation);
@@ -129,6 +130,7 @@ def chat_template_source(flag, tokenizer):
 # Tokens are trained if they overlap the trained characters, so a token that carries the separator space
 # and the first word ('▁two', 'Ġtwo') is trained.
 
+IGNORE_INDEX = -100  # the label of a token that is not trained
 SENTINEL = "\ue000\ue001"  # private-use characters: never in real text, never stripped by a template
 # Passed to the generation prompt to ask for the template's thinking-off prompt (Qwen3, SmolLM3, GLM: enable_thinking;
 # DeepSeek-V3.1, Granite: thinking); templates that do not know them ignore them.
@@ -613,3 +615,27 @@ def encode_regions(tokenizer, texts, regions):
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return [(np.asarray(ids, dtype=np.int64), _token_spans(np.asarray(o, dtype=np.int64).reshape(-1, 2), r))
             for ids, o, r in zip(enc["input_ids"], enc["offset_mapping"], regions)]
+
+
+def marked_text(tokenizer, input_ids, labels, mark=("[[", "]]")):
+    """The sample's text with every run of trained tokens between [[ and ]]. Each piece is decoded as part of
+    everything before it, so separator spaces ('▁two') show where they are."""
+    ids = list(input_ids)
+    trained = [lab != IGNORE_INDEX for lab in labels]
+    cuts = [0] + [k for k in range(1, len(ids)) if trained[k] != trained[k - 1]] + [len(ids)]
+    decoded = [tokenizer.decode(ids[:k], skip_special_tokens=False) for k in cuts]
+    pieces = []
+    for a, before, upto in zip(cuts, decoded, decoded[1:]):
+        piece = upto[len(before):]
+        pieces.append(f"{mark[0]}{piece}{mark[1]}" if trained[a] else piece)
+    return "".join(pieces)
+
+
+def show_masking(tokenizer, dataset, n):
+    """--show_masking N: print N samples with their trained parts marked."""
+    print(f"turn end: {' '.join(tokenizer.finetune_vocabulary['turn_end_tokens'])}; eos {tokenizer.eos_token}")
+    for k in range(min(n, len(dataset))):
+        row = dataset[k]
+        print(f"----- sample {k} ({row['length']} tokens, {row['n_trained']} trained; [[trained]]) -----")
+        print(marked_text(tokenizer, row["input_ids"], row["labels"]), flush=True)
+    return None

@@ -63,7 +63,8 @@ def test_keys_no_format_reads_are_named_once_with_their_count_and_listed_in_the_
     rows as Parquet give the same ledger (one mechanism for JSON and tables)."""
     gpt_oss = records("gpt_oss_thinking.jsonl")
     with_ids = [{"id": f"r{i}", "metadata": {"split": "train"}, **r,
-                 "messages": [{**m, "id": f"m{j}"} for j, m in enumerate(r["messages"])]} for i, r in enumerate(gpt_oss)]
+                 "messages": [{**m, "id": f"m{j}"} for j, m in enumerate(r["messages"])]}
+                for i, r in enumerate(gpt_oss)]
     jsonl = write_jsonl(tmp_path / "gpt_oss.jsonl", with_ids)
     code, log = run_main(dry_run_args(tiny_model, jsonl, tmp_path, "--chat_template", "chatml"), monkeypatch, capsys)
     assert code == 0, log[-3000:]
@@ -89,13 +90,14 @@ def test_content_nothing_reads_stops_the_run_in_one_line(tiny_model, tmp_path, m
     (whatever message it is in) and the fix."""
     chats = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "ok"},
                            {"role": "user", "content": "Tell me something harmful."},
-                           {"role": "assistant", "content": "", "refusal": "I can't help with that."}][:2 + 2 * (i > 0)]}
+                           {"role": "assistant", "content": "", "refusal": "I can't help."}][:2 + 2 * (i > 0)]}
              for i in range(4)]
     chats[0]["messages"][1]["refusal"] = "No."
     data = write_jsonl(tmp_path / "refusals.jsonl", chats)
     error = user_error(dry_run_args(tiny_model, data, tmp_path, "--chat_template", "chatml"), monkeypatch, capsys)
-    assert re.search(rf"{re.escape(data)}:1: messages\[1\]\.refusal: an assistant's refusal text \(OpenAI\): nothing "
-                     r"renders it; write it as the turn's content \(and 3 more records like it: 2, 3, 4\)", error), error
+    assert re.search(rf"{re.escape(data)}:1: messages\[1\]\.refusal: an assistant's refusal text \(OpenAI\): "
+                     r"nothing renders it; write it as the turn's content \(and 3 more records like it: 2, 3, 4\)",
+                     error), error
     assert error.count("refusal:") == 1 and not (tmp_path / "out").exists()
 
     thoughtful = write_jsonl(tmp_path / "user_reasoning.jsonl", [{"messages": [
@@ -109,8 +111,9 @@ def test_a_misspelt_key_is_refused_with_its_did_you_mean(tiny_model, tmp_path, m
     data = write_jsonl(tmp_path / "typo.jsonl", [{"messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_contnet": "r"}]}] * 2)
     error = user_error(dry_run_args(tiny_model, data, tmp_path), monkeypatch, capsys)
-    assert ("typo.jsonl:1: messages[1].reasoning_contnet: unknown key (did you mean 'reasoning_content'?); fix the "
-            "name, or map it with --columns reasoning_contnet=reasoning_content (and 1 more record like it: 2)") in error
+    assert ("typo.jsonl:1: messages[1].reasoning_contnet: unknown key (did you mean 'reasoning_content'?); fix "
+            "the name, or map it with --columns reasoning_contnet=reasoning_content (and 1 more record like it: 2)"
+            ) in error
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +139,7 @@ def test_reasoning_under_any_name_is_the_turns_reasoning(form):
     assert messages[1] == {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING}
     for template in ("chatml", QWEN3):  # rendered and trained where the template renders reasoning
         assert f"<think>\n{REASONING}\n</think>\n\n{ANSWER}" in trained(template, tokenized(template, messages)[1])
-    with pytest.raises(TemplateDropsData, match="its reasoning of assistant turn 1 .* never reads `reasoning_content`"):
+    with pytest.raises(TemplateDropsData, match="reasoning of assistant turn 1 .* never reads `reasoning_content`"):
         ft.tokenize_conversation(template_tokenizer(QWEN25), messages, 100000)  # renders no reasoning: refused
 
 
@@ -146,9 +149,9 @@ def test_smollm2_own_template_refuses_reasoning_it_would_drop(smollm2, tmp_path,
     data = str(FORMATS / "gpt_oss_thinking.jsonl")
     error = user_error(dry_run_args(smollm2, data, tmp_path), monkeypatch, capsys)
     assert re.fullmatch(rf"\[finetune\] error: {re.escape(data)}:1: its reasoning of assistant turn 1 \(message 3\) "
-                        r"does not appear in the rendered text: the chat template never reads `reasoning_content`; 2 of "
-                        r"2 records lose data this way \(reasoning: 2\), nothing was trained\. Fix: --chat_template "
-                        r"chatml .*\n", error), error
+                        r"does not appear in the rendered text: the chat template never reads `reasoning_content`; "
+                        r"2 of 2 records lose data this way \(reasoning: 2\), nothing was trained\. Fix: "
+                        r"--chat_template chatml .*\n", error), error
     code, log = run_main(dry_run_args(smollm2, data, tmp_path, "--chat_template", "chatml"), monkeypatch, capsys)
     assert code == 0 and "messages[].thinking -> reasoning_content (2 records)" in log, log[-3000:]
 
@@ -220,7 +223,8 @@ def test_legacy_function_calling_trains_what_tools_train(tiny_model, tmp_path):
     (lambda r: {**r, "tools": [{"type": "function", "function": r["functions"][0]}]}, "functions"),
     (lambda r: {**r, "functions": None, "tools": [{"type": "function", "function": r["functions"][0]}],
                 "messages": r["messages"][:1] + [{**r["messages"][1], "tool_calls": [
-                    {"type": "function", "function": r["messages"][1]["function_call"]}]}]}, "messages[1].function_call"),
+                    {"type": "function", "function": r["messages"][1]["function_call"]}]}]},
+     "messages[1].function_call"),
     (lambda r: {**r, "messages": r["messages"][:2] + [{**r["messages"][2], "role": "tool"}] + r["messages"][3:]},
      "functions"),
 ])
