@@ -1,13 +1,14 @@
 """Reading training data for finetune.py: what a data file holds (recognised by content: gzip, other encodings,
 stray NUL bytes, Parquet/ZIP/... where JSON is expected), JSONL and JSON arrays read record by record with their line
-numbers, Parquet/Arrow/CSV/TSV tables read row by row (only the columns a format uses; a column of the wrong type
-is one error), --columns renaming, the format adapters (messages, ShareGPT, Alpaca, MFTCoder chat_rounds, TRL's
+numbers, Parquet/Arrow/CSV/TSV tables read row by row (a column of the wrong type for its key is one error),
+--columns renaming, the format adapters (messages, ShareGPT, Alpaca, MFTCoder chat_rounds, TRL's
 prompt/completion: every record becomes `messages` + `tools`; TRL's text stays text) and record validation
 (`file:line: field: problem`, `file:row N: field: problem`). Which files an entry names is finetune_sources.py's.
 
 Interface: read_records(path, options) -> (line | 'row N', record); normalized_rows(entries, ...) yields validated
-rows for datasets.Dataset.from_generator; detect_format, normalize_record, normalize_text, is_trained,
-held_out_counts, held_out_split, sample_indices; the errors DataError (a file or the data as a whole) and RecordError
+rows for datasets.Dataset.from_generator; read_keys (the ledger of keys: every key of a record and of its
+messages read, read under another name, ignored by rule or reported), detect_format, normalize_record,
+normalize_text, is_trained, held_out_counts, held_out_split, sample_indices; the errors DataError (a file or the data as a whole) and RecordError
 (one record).
 """
 
@@ -627,8 +628,8 @@ def _check_keys(record):
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # DeepSeek/Qwen3, vLLM/Ollama, gpt-oss's cookbook
 KEY_ALIASES = {"reasoning": "reasoning_content", "thinking": "reasoning_content",  # a message's reasoning
                "function_call": "tool_calls",  # OpenAI's legacy assistant function call
-               "training": "train",  # axolotl's per-message training flag
-               "functions": "tools"}  # OpenAI's legacy function schemas (a record key)
+               "training": "train"}  # axolotl's per-message training flag
+# (a record's `functions`, OpenAI's legacy function schemas, is read as its `tools`)
 ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer name for system; its legacy tool result
 IGNORED_KEYS = ("id", "uuid", "metadata", "meta", "timestamp", "created", "created_at", "model")
 # Content that no template renders and no adapter reads: a record holding it is refused (the key, the fix).
@@ -640,7 +641,6 @@ UNREADABLE_KEYS = {
     "training_detail": "axolotl's training offsets within a message: not supported; split the message, or train or "
                        "exclude it whole (train, weight)",
 }
-LEGACY_CALLING, NEW_CALLING = ("functions", "function_call", "role function"), ("tools", "tool_calls", "role tool")
 # --message_names: what happens to the `name` of a message (a speaker: OpenAI's participants of one role)
 NAME_MODES = ("render", "content", "drop")
 
