@@ -8,8 +8,8 @@ prompt/completion: every record becomes `messages` + `tools`; TRL's text stays t
 Interface: read_records(path, options) -> (line | 'row N', record); normalized_rows(entries, ...) yields validated
 rows for datasets.Dataset.from_generator; read_keys (the ledger of keys: every key of a record and of its
 messages read, read under another name, ignored by rule or reported), detect_format, normalize_record,
-normalize_text, is_trained, held_out_counts, held_out_split, sample_indices; the errors DataError (a file or the data as a whole) and RecordError
-(one record).
+normalize_text, is_trained, held_out_counts, held_out_split, sample_indices; the errors DataError (a file or the
+data as a whole) and RecordError (one record).
 """
 
 import csv
