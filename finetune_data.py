@@ -686,7 +686,7 @@ def _rename(item, renames, where, found):
                 raise RecordError(f"{where}.{name}", f"--columns {name}={key}, but the message has {key!r} too; "
                                   "map or drop one")
             item[key] = item.pop(name)
-            found.add("read_as", f"{name} -> {key} (--columns)")
+            found.add("read_as", f"messages[].{name} -> {key} (--columns)")
 
 
 def _read_message_keys(m, where, read, renames, names, found, calling, role_aliases):
@@ -1271,7 +1271,7 @@ def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None
     for entry in entries:
         mapped = counts.get("read_as", {})
         unused = [f"{n}={k}" for n, k in (entry.options.get("columns") or {}).items()
-                  if n not in seen and f"{n} -> {k} (--columns)" not in mapped]
+                  if n not in seen and f"messages[].{n} -> {k} (--columns)" not in mapped]
         if unused and not entry.options.get("label"):
             fail(f"--columns {unused[0]}: no data file has a column or key {unused[0].split('=')[0]!r} (found: "
                  f"{', '.join(sorted(seen)[:20])}).")

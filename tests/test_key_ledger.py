@@ -161,9 +161,11 @@ def test_columns_maps_any_message_key_with_a_did_you_mean(tiny_model, tmp_path, 
         {"role": "user", "content": "q"}, {"role": "assistant", "content": ANSWER, "cot": REASONING}]}])
     code, log = run_main(dry_run_args(tiny_model, data, tmp_path, "--chat_template", "chatml"), monkeypatch, capsys)
     assert code == 0 and "messages[].cot (1 records" in log  # not read: said, with the flag that reads it
-    args = dry_run_args(tiny_model, data, tmp_path, "--chat_template", "chatml", "--show_masking", 1)
-    code, log = run_main(args + ["--columns", "cot=reasoning_content"], monkeypatch, capsys)
+    args = dry_run_args(tiny_model, data, tmp_path, "--chat_template", "chatml", "--columns", "cot=reasoning_content")
+    code, log = run_main(args, monkeypatch, capsys)
     assert code == 0 and f"[[<think>\n{REASONING}\n</think>\n\n{ANSWER}<|im_end|>]]" in log, log[-3000:]
+    assert report_of(tmp_path)["keys"] == {"read_as": {"messages[].cot -> reasoning_content (--columns)": {
+        "records": 1, "first": f"{data}:1"}}}
     error = user_error(dry_run_args(tiny_model, data, tmp_path, "--columns", "cot=reasoning_contnet"), monkeypatch,
                        capsys)
     assert "--columns cot=reasoning_contnet: 'reasoning_contnet' is not a key of a format or of a message (did you " \
