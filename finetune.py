@@ -66,6 +66,7 @@ from finetune_checkpoints import find_resume_checkpoint, remove_new_files
 from finetune_cli import check_ranges, parse_args as parse_flags
 from finetune_coverage import LOST, TemplateDropsData, dropped_piece, template_drops_data
 from finetune_data import (
+    NAME_MODES,
     DataError,
     RecordError,
     held_out_split,
@@ -100,7 +101,16 @@ from finetune_retention import (
     summary,
 )
 from finetune_sources import check_data_flags, file_id, resolve_data_spec
-from finetune_template import chat_template_source, check_chat_template_flag, encode_regions, render_conversation
+from finetune_template import (
+    IGNORE_INDEX,
+    chat_template_source,
+    check_chat_template_flag,
+    encode_regions,
+    marked_text,
+    reasoning_regions,
+    render_conversation,
+    show_masking,
+)
 from finetune_tokens import (
     fit_model_to_tokenizer,
     keep_adapter_small,
@@ -109,7 +119,6 @@ from finetune_tokens import (
     save_stop_tokens,
 )
 
-IGNORE_INDEX = -100
 LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +190,12 @@ class DataArguments:
                   "choices": ["split", "cut"]},
     )
     train_on_prompt: bool = field(default=False, metadata={"help": "Train on every token, prompts included."})
+    mask_reasoning: bool = field(default=False, metadata={
+        "help": "Keep each turn's reasoning (<think>...</think>, as the template writes it) in the context but out "
+        "of the loss: the answer is trained, the reasoning not. Default: trained."})
+    message_names: str = field(default="render", metadata={
+        "help": "render | content | drop. A message's speaker `name`: rendered by the template (refused if it does "
+        "not render it), written into the text as 'NAME: ...', or dropped.", "choices": list(NAME_MODES)})
     train_on_last_turn_only: bool = field(default=False, metadata={"help": "Train only the last assistant turn."})
     packing: str = field(
         default="auto",
@@ -426,10 +441,11 @@ def data_sources(data_args, spec):
 # turns are dropped from the end.
 
 
-def _labels_and_cut(ids, spans, trained, max_length, train_on_prompt):
+def _labels_and_cut(ids, spans, trained, max_length, train_on_prompt, holes=()):
     """Labels from each assistant turn's token span, then truncation that keeps whole turns where possible.
     ids: numpy token ids; spans: [(lo, hi)] token index range of each turn (the tokens starting in its
-    character region). -> (input_ids, labels, status) as numpy arrays, status '' | 'truncated' | 'dropped:<reason>'."""
+    character region); holes: token ranges never trained (--mask_reasoning).
+    -> (input_ids, labels, status) as numpy arrays, status '' | 'truncated' | 'dropped:<reason>'."""
     mask = np.zeros(len(ids), dtype=bool)
     turn_ends = []
     for (lo, hi), keep in zip(spans, trained):
@@ -438,6 +454,8 @@ def _labels_and_cut(ids, spans, trained, max_length, train_on_prompt):
             turn_ends.append(hi)
     if train_on_prompt:
         mask[:] = True
+    for lo, hi in holes:
+        mask[lo:hi] = False
     status = ""
     if len(ids) > max_length:
         fitting = [t for t in turn_ends if t <= max_length]
@@ -455,7 +473,7 @@ def _labels_and_cut(ids, spans, trained, max_length, train_on_prompt):
 
 
 def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False, last_turn_only=False,
-                     template_kwargs=None, long_text="cut"):
+                     template_kwargs=None, long_text="cut", mask_reasoning=False):
     """[(messages, tools) or plain text] -> [(input_ids, labels, status, tokens read)] with numpy arrays; see
     tokenize_many. Plain text (the text format): no chat template, the tokenizer's own BOS (if any) + text + EOS,
     every token trained; over max_length with long_text 'split', the whole text with status 'split' (split_blocks
@@ -481,12 +499,16 @@ def _tokenize_arrays(tokenizer, conversations, max_length, train_on_prompt=False
         trained = [is_trained(m) for m in messages if m["role"] == "assistant"]
         if last_turn_only:
             trained = [False] * (len(trained) - 1) + [trained[-1]]
-        texts.append(text)
-        pending.append((i, regions, trained))
+        holes = [r for r in reasoning_regions(tokenizer, messages, tools, text, regions, template_kwargs)
+                 if r[1] > r[0]] if mask_reasoning else []
+        texts.append(text)  # a hole's tokens: from the one holding its first character to the one holding the answer's
+        pending.append((i, regions + holes + [(b, b + 1) for _, b in holes], trained))
     if texts:
         encoded = encode_regions(tokenizer, texts, [regions for _, regions, _ in pending])
         for (i, _, trained), (ids, spans) in zip(pending, encoded):
-            results[i] = (*_labels_and_cut(ids, spans, trained, max_length, train_on_prompt), len(ids))
+            n, h = len(trained), (len(spans) - len(trained)) // 2
+            holes = [(lo, answer) for (lo, _), (answer, _) in zip(spans[n:n + h], spans[n + h:])]
+            results[i] = (*_labels_and_cut(ids, spans[:n], trained, max_length, train_on_prompt, holes), len(ids))
     return results
 
 
@@ -521,30 +543,6 @@ def tokenize_conversation(tokenizer, messages, max_length, tools=None, train_on_
     return {"input_ids": result["input_ids"], "labels": result["labels"]}
 
 
-def marked_text(tokenizer, input_ids, labels, mark=("[[", "]]")):
-    """The sample's text with every run of trained tokens between [[ and ]]. Each piece is decoded as part of
-    everything before it, so separator spaces ('▁two') show where they are."""
-    ids = list(input_ids)
-    trained = [lab != IGNORE_INDEX for lab in labels]
-    cuts = [0] + [k for k in range(1, len(ids)) if trained[k] != trained[k - 1]] + [len(ids)]
-    decoded = [tokenizer.decode(ids[:k], skip_special_tokens=False) for k in cuts]
-    pieces = []
-    for a, before, upto in zip(cuts, decoded, decoded[1:]):
-        piece = upto[len(before):]
-        pieces.append(f"{mark[0]}{piece}{mark[1]}" if trained[a] else piece)
-    return "".join(pieces)
-
-
-def show_masking(tokenizer, dataset, n):
-    """--show_masking N: print N samples with their trained parts marked."""
-    print(f"turn end: {' '.join(tokenizer.finetune_vocabulary['turn_end_tokens'])}; eos {tokenizer.eos_token}")
-    for k in range(min(n, len(dataset))):
-        row = dataset[k]
-        print(f"----- sample {k} ({row['length']} tokens, {row['n_trained']} trained; [[trained]]) -----")
-        print(marked_text(tokenizer, row["input_ids"], row["labels"]), flush=True)
-    return None
-
-
 def load_tokenizer(model_args, training_args):
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -570,7 +568,7 @@ def load_tokenizer(model_args, training_args):
 
 
 def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_only, sources=None, template_kwargs=None,
-                    long_text="cut"):
+                    long_text="cut", mask_reasoning=False):
     """datasets.map function -> an Arrow table: the batch's other columns, then the tokens, which go to
     Arrow straight from numpy (int32 list arrays), not through per-token Python ints. `sources`
     ({name: index}) adds the source_idx column. A long text split into blocks gives one row per block (each
@@ -579,7 +577,8 @@ def _tokenize_batch(batch, tokenizer, max_length, train_on_prompt, last_turn_onl
 
     convs = [json.loads(c) for c in batch["conversation"]]
     tokenized = _tokenize_arrays(tokenizer, [c["text"] if "text" in c else (c["messages"], c["tools"]) for c in convs],
-                                 max_length, train_on_prompt, last_turn_only, template_kwargs, long_text)
+                                 max_length, train_on_prompt, last_turn_only, template_kwargs, long_text,
+                                 mask_reasoning)
     out, rows = [], []
     for r, (ids, labels, status, n_read) in enumerate(tokenized):
         parts = [(b, b, status, len(b)) for b in split_blocks(ids, max_length)] if status == "split" else \
@@ -630,7 +629,8 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
             # a tuple, not a list: datasets would shard a list and call the generator once per entry
             normalized_rows, gen_kwargs={"entries": tuple(entries), "data_format": data_args.data_format,
                                          "skip_invalid": data_args.skip_invalid_records, "stats": stats,
-                                         "placeholders": data_args.placeholder_map},
+                                         "placeholders": data_args.placeholder_map,
+                                         "message_names": data_args.message_names},
             cache_dir=os.path.join(tmp, "raw"), keep_in_memory=False,
         )
     except datasets.exceptions.DatasetGenerationError as e:
@@ -649,7 +649,7 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
                    "train_on_prompt": data_args.train_on_prompt,
                    "last_turn_only": data_args.train_on_last_turn_only,
                    "sources": {s: i for i, s in enumerate(sources)}, "template_kwargs": data_args.template_kwargs,
-                   "long_text": data_args.long_text},
+                   "long_text": data_args.long_text, "mask_reasoning": data_args.mask_reasoning},
         remove_columns=raw.column_names, desc="tokenizing",  # all: _tokenize_batch returns them (a split adds rows)
     )
     n_raw = len(raw)
@@ -693,6 +693,7 @@ def _write_dataset(tmp, spec, entries, skipped, tokenizer, data_args, training_a
               "truncated": truncated, "samples_before_ratio": int(len(keep)),
               "token_accounting": token_accounting(tokenized, status, stats["files"]),
               "placeholders": {**stats["placeholders"], "asked": sorted(data_args.placeholder_map)},
+              "keys": stats["keys"],
               **_save_split(final, tmp, "data"), "sources": sources, "skipped_files": skipped, **report}
     with open(os.path.join(tmp, "report.json"), "w") as f:
         json.dump(report, f, indent=1)

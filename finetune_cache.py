@@ -23,7 +23,7 @@ import socket
 from finetune_console import log0
 from finetune_faults import DISK_ERRNOS, failed_file, with_free_space, write_error
 
-CACHE_VERSION = "8"  # bump when tokenization output changes, to invalidate old caches (8: media in tables refused)
+CACHE_VERSION = "9"  # bump when tokenization output changes, to invalidate old caches (9: the key ledger)
 MANIFEST = "manifest.json"
 
 
@@ -48,6 +48,7 @@ def cache_key(entries, tokenizer, data_args, training_args):
         "prompt": data_args.train_on_prompt, "last": data_args.train_on_last_turn_only, "long": data_args.long_text,
         "placeholders": data_args.placeholder_map, "skip": data_args.skip_invalid_records, "seed": training_args.seed,
         "template_kwargs": data_args.template_kwargs, "val_size": data_args.val_size,
+        "mask_reasoning": data_args.mask_reasoning, "names": data_args.message_names,
     }, sort_keys=True).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     return h.hexdigest()[:20]

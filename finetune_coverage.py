@@ -10,7 +10,9 @@ rendered text, where it belongs:
   reasoning of turns before the last user message, by design), in the turn as the template renders it when it is
   the last one, i.e. when the model generates it;
 - the `tools` schemas (each function's name and descriptions, its parameters' names and descriptions): in the
-  whole text.
+  whole text;
+- each speaker `name` of a message (not of a tool result, which names the function it answers): in the whole text,
+  found exactly (each name replaced by a marker of its own in one more render).
 "Appear" is judged the way templates reformat, not by a list of templates: whitespace aside (Llama 3 trims
 content, templates indent JSON), as a JSON string (Llama 3.1 writes a tool result with `tojson`), HTML-escaped
 (functionary mixes `|safe` text in); tool-call arguments are looked for value by value, so any JSON layout or key
@@ -29,12 +31,14 @@ import json
 
 from markupsafe import escape  # jinja2's own escaping
 
-from finetune_template import ChatRenderer, _with_template_arguments
+from finetune_template import SENTINEL, ChatRenderer, _with_template_arguments, with_tool_call_ids
 
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # transformers aliases them for templates
 LOST = "lost:"  # the status prefix of a conversation the template renders without one of its pieces
 FIX = ("--chat_template chatml (built-in: renders every message, `tools`, tool calls and results as Qwen2.5 and Hermes "
-       "do, and reasoning) or --chat_template FILE with a template that renders it")
+       "do, reasoning and speaker names) or --chat_template FILE with a template that renders it")
+# Where the data can be changed instead of the template: a kind of piece -> the flag that does it
+DATA_FIX = {"name": "--message_names content (writes 'NAME: ' before the message's text) or --message_names drop"}
 
 
 class TemplateDropsData(ValueError):
@@ -151,7 +155,8 @@ def _turn_pieces(message):
 
 def _why(template, kind):
     """Why a piece is missing, from the template's own text: whether it reads the field at all."""
-    fields = {"tool call": ("tool_calls",), "tools": ("tools",), "reasoning": REASONING_FIELDS}.get(kind)
+    fields = {"tool call": ("tool_calls",), "tools": ("tools",), "reasoning": REASONING_FIELDS,
+              "name": ("message.name", "message['name']", 'message["name"]')}.get(kind)
     if fields and not any(f in template for f in fields):
         return f"the chat template never reads `{fields[0]}`"
     return "the chat template leaves it out"
@@ -221,12 +226,38 @@ def dropped_piece(tokenizer, messages, tools, text, regions, template_kwargs=Non
                     f" (its `{_short(missing[0], 30)}`)"
                 return kind, (f"{what}{part} of assistant turn {assistant} (message {i + 1}) does not appear in the "
                               f"rendered text: {_why(template, kind)}")
+    named = _names_dropped(tokenizer, messages, tools, text, template_kwargs)
+    if named:
+        return named
     for t in tools or []:
         fn = t.get("function", t)
         missing = [s for s in _schema_texts_of(json.dumps(fn)) if not whole.has(s)]
         if missing:
             return "tools", (f"the tool schema `{fn.get('name')}` of the record's `tools` does not appear in the "
                              f"rendered text (`{_short(missing[0], 30)}` is missing): {_why(template, 'tools')}")
+    return None
+
+
+def _names_dropped(tokenizer, messages, tools, text, template_kwargs):
+    """('name', description) of the first speaker `name` (of a message that is not a tool result: that one names the
+    function it answers, linked to its call by tool_call_id) that the template does not render, else None. Each name
+    is replaced by a marker of its own and looked for in that render: a name that also stands in some text (a user
+    greeting "Alice") is not mistaken for a rendered one."""
+    named = [i for i, m in enumerate(messages) if m.get("name") and m["role"] != "tool"]
+    if not named:
+        return None
+    marks = {i: f"{SENTINEL}{k}{SENTINEL}" for k, i in enumerate(named)}
+    render = ChatRenderer(tokenizer, tools, template_kwargs)
+    try:
+        probe = _with_template_arguments(render, with_tool_call_ids(
+            [{**m, "name": marks[i]} if i in marks else m for i, m in enumerate(messages)]))[1]
+    except Exception:
+        probe = ""
+    for i in named:
+        if marks[i] not in probe:
+            m = messages[i]
+            return "name", (f"the speaker name `{_short(m['name'])}` of the {m['role']} message {i + 1} does not "
+                            f"appear in the rendered text: {_why(tokenizer.chat_template or '', 'name')}")
     return None
 
 
@@ -240,5 +271,6 @@ def template_drops_data(origins, statuses, total):
         kinds[kind] = kinds.get(kind, 0) + 1
     first = statuses[0][len(LOST):].split(":", 1)[1]
     by_kind = ", ".join(f"{k}: {n}" for k, n in kinds.items())
+    fixes = [DATA_FIX[k] for k in kinds if k in DATA_FIX]
     return TemplateDropsData(f"{origins[0]}: {first}; {len(statuses)} of {total} records lose data this way "
-                             f"({by_kind}), nothing was trained. Fix: {FIX}.")
+                             f"({by_kind}), nothing was trained. Fix: {'; or '.join(fixes + [FIX])}.")

@@ -1,18 +1,18 @@
 """Reading training data for finetune.py: what a data file holds (recognised by content: gzip, other encodings,
 stray NUL bytes, Parquet/ZIP/... where JSON is expected), JSONL and JSON arrays read record by record with their line
-numbers, Parquet/Arrow/CSV/TSV tables read row by row (only the columns a format uses; a column of the wrong type
-is one error), --columns renaming, the format adapters (messages, ShareGPT, Alpaca, MFTCoder chat_rounds, TRL's
+numbers, Parquet/Arrow/CSV/TSV tables read row by row (a column of the wrong type for its key is one error),
+--columns renaming, the format adapters (messages, ShareGPT, Alpaca, MFTCoder chat_rounds, TRL's
 prompt/completion: every record becomes `messages` + `tools`; TRL's text stays text) and record validation
 (`file:line: field: problem`, `file:row N: field: problem`). Which files an entry names is finetune_sources.py's.
 
 Interface: read_records(path, options) -> (line | 'row N', record); normalized_rows(entries, ...) yields validated
-rows for datasets.Dataset.from_generator; detect_format, normalize_record, normalize_text, is_trained,
-held_out_counts, held_out_split, sample_indices; the errors DataError (a file or the data as a whole) and RecordError
-(one record).
+rows for datasets.Dataset.from_generator; read_keys (the ledger of keys: every key of a record and of its
+messages read, read under another name, ignored by rule or reported), detect_format, normalize_record,
+normalize_text, is_trained, held_out_counts, held_out_split, sample_indices; the errors DataError (a file or the
+data as a whole) and RecordError (one record).
 """
 
 import csv
-import difflib
 import gzip
 import json
 import math
@@ -38,13 +38,13 @@ ROLES = ("system", "user", "assistant", "tool")
 SPEAKER_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "bot": "assistant",
     "assistant": "assistant", "model": "assistant", "function_call": "assistant", "observation": "tool",
-    "function": "tool", "tool": "tool",
+    "function": "tool", "tool": "tool", "developer": "system",
 }
 
 
 # Keys a message/turn may carry (messages, sharegpt, chat_rounds); a near-miss of one is a typo, an error.
 MESSAGE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id", "reasoning_content", "train",
-                "loss_weight", "weight", "from", "value", "function_call")
+                "loss_weight", "weight", "from", "value")
 
 
 class RecordError(ValueError):
@@ -443,9 +443,6 @@ def _message(role, content, field_name, item=None, tool_calls=None):
     else:
         msg = {"role": role, "content": content}
     prefix = field_name.rsplit(".", 1)[0]
-    for key in item or {}:
-        if key not in MESSAGE_KEYS and difflib.get_close_matches(key, MESSAGE_KEYS, n=1, cutoff=0.75):
-            raise RecordError(f"{prefix}.{key}", f"unknown key{suggest(key, MESSAGE_KEYS)}")
     for key in ("name", "tool_call_id", "reasoning_content", "train", "loss_weight", "weight"):
         if key in (item or {}):
             msg["loss_weight" if key == "weight" else key] = item[key]  # weight: OpenAI fine-tuning's 0/1
@@ -481,7 +478,13 @@ def _message_list(msgs, field_name):
 
 
 def _from_messages(record, tags=None):
-    return _message_list(record["messages"], "messages"), _tools(record.get("tools"))
+    messages = _message_list(record["messages"], "messages")
+    system = record.get("system")
+    if system not in (None, ""):  # a system prompt beside the messages (as in sharegpt and chat_rounds records)
+        if messages[0]["role"] == "system":
+            raise RecordError("system", "given twice: as `system` and as the first message")
+        messages = [_message("system", system, "system")] + messages
+    return messages, _tools(record.get("tools"))
 
 
 def _from_speakers(turns, list_field, speaker_key, text_key, system=None, tags=None):
@@ -507,6 +510,10 @@ def _from_speakers(turns, list_field, speaker_key, text_key, system=None, tags=N
             raise RecordError(f"{where}.{sk}", f"unknown speaker {speaker!r} "
                               f"(expected one of {', '.join(sorted(roles))})")
         calls = _tool_calls(t.get(tk), f"{where}.{tk}") if speaker in calls_by else None
+        if t.get("tool_calls"):  # OpenAI-style calls on a turn (e.g. a legacy function_call, read by read_keys)
+            calls = (calls or []) + _tool_calls(t["tool_calls"], f"{where}.tool_calls")
+            if not t.get(tk):
+                t = {**t, tk: ""}
         out.append(_message(role, None if calls else t.get(tk), f"{where}.{tk}", t, calls))
     return out
 
@@ -534,8 +541,15 @@ def _from_alpaca(record, tags=None):
             raise RecordError(f"history[{i}]", "must be a [question, answer] pair of strings")
         msgs += [_message("user", pair[0], f"history[{i}][0]"), _message("assistant", pair[1], f"history[{i}][1]")]
     prompt = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
-    msgs += [_message("user", prompt, "instruction"), _message("assistant", record["output"], "output")]
+    msgs += [_message("user", prompt, "instruction"), _message("assistant", record["output"], "output",
+                                                                 _answer_reasoning(record))]
     return msgs, _tools(record.get("tools"))
+
+
+def _answer_reasoning(record):
+    """The reasoning of a one-answer record (alpaca, prompt/completion), given beside it (read_keys names it
+    reasoning_content), as the answer's own key."""
+    return {"reasoning_content": record["reasoning_content"]} if record.get("reasoning_content") else None
 
 
 def _turns(value, field_name, role):
@@ -554,6 +568,11 @@ def _from_prompt_completion(record, tags=None):
     prompt = [{**m, "train": False} if m["role"] == "assistant" else m
               for m in _turns(record.get("prompt"), "prompt", "user")]
     completion = _turns(record.get("completion"), "completion", "assistant")
+    if record.get("reasoning_content"):
+        if not isinstance(record.get("completion"), str):
+            raise RecordError("reasoning_content", "beside a completion that is a list of messages: write it on "
+                              "its assistant message")
+        completion = [{**completion[0], **_answer_reasoning(record)}]
     if not any(m["role"] == "assistant" for m in completion):
         raise RecordError("completion", "no assistant turn (the completion is what is trained)")
     system = record.get("system")
@@ -578,17 +597,13 @@ def near_miss(key, known=RECORD_KEYS):
     if key in known:
         return ""
     hint = suggest(key, known)
-    if hint and re.search(r"(^|_)(" + "|".join(map(re.escape, known)) + r")(_|$)", key):
-        return ""
+    close = hint and hint.split("'")[1]
+    if hint and re.search(r"(^|_)" + re.escape(close) + r"(_|$)", key):
+        return ""  # it extends the key it resembles ('source_text'), unlike 'reasoning_contnet' ('reasoning' is known)
     return hint
 
 
 def _check_keys(record):
-    if not isinstance(record, dict):
-        raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
-    for key in record:
-        if near_miss(key):
-            raise RecordError(key, f"unknown key{near_miss(key)}")
     media = [kind for key, kind in MEDIA_KEYS.items() if record.get(key)]
     if media:  # LLaMA-Factory's multimodal records: the media would be dropped without a word
         raise RecordError(next(k for k in MEDIA_KEYS if record.get(k)),
@@ -596,9 +611,210 @@ def _check_keys(record):
                           "media or use a multimodal trainer")
 
 
-def normalize_record(record, fmt, tags=None, need_answer=True):
+# ---------------------------------------------------------------------------------------------
+# The ledger of keys: every key of a record, and of each of its messages, is read, read under another name, ignored
+# by one rule, or reported; a key holding content is never ignored
+# ---------------------------------------------------------------------------------------------
+# One walk over every record of every format, before its adapter reads it (read_keys). A key is
+# - read: a key of the record's format (FORMAT_READS, `source`) or of a message (MESSAGE_KEYS, LLaMA-Factory's tags);
+# - read under another name: other ecosystems' names for the same thing (KEY_ALIASES, ROLE_ALIASES, --columns NAME=KEY
+#   with KEY a message key), counted and said once in the log;
+# - ignored by rule: identifiers and metadata (IGNORED_KEYS, any *_id), and a key whose value is empty (null, "", [],
+#   {}: it holds nothing);
+# - refused: a near-miss of a known key (a typo, with its did-you-mean), a key holding content that nothing reads
+#   (UNREADABLE_KEYS; reasoning on a message that is not an assistant's), old and new function calling in one record;
+# - reported: any other key, named once in the log with the number of records that have it and listed in
+#   data_report.json (keys.not_read).
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # DeepSeek/Qwen3, vLLM/Ollama, gpt-oss's cookbook
+KEY_ALIASES = {"reasoning": "reasoning_content", "thinking": "reasoning_content",  # a message's reasoning
+               "function_call": "tool_calls",  # OpenAI's legacy assistant function call
+               "training": "train"}  # axolotl's per-message training flag
+# (a record's `functions`, OpenAI's legacy function schemas, is read as its `tools`)
+ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer name for system; its legacy tool result
+IGNORED_KEYS = ("id", "uuid", "metadata", "meta", "timestamp", "created", "created_at", "model")
+# Content that no template renders and no adapter reads: a record holding it is refused (the key, the fix).
+UNREADABLE_KEYS = {
+    "refusal": "an assistant's refusal text (OpenAI): nothing renders it; write it as the turn's content",
+    "audio": "audio (OpenAI): this script trains text-only models; drop it or use a multimodal trainer",
+    "train_detail": "axolotl's training offsets within a message: not supported; split the message, or train or "
+                    "exclude it whole (train, weight)",
+    "training_detail": "axolotl's training offsets within a message: not supported; split the message, or train or "
+                       "exclude it whole (train, weight)",
+}
+# --message_names: what happens to the `name` of a message (a speaker: OpenAI's participants of one role)
+NAME_MODES = ("render", "content", "drop")
+
+
+def _empty(value):
+    return value is None or value == "" or value == [] or value == {}
+
+
+def message_columns(columns):
+    """The --columns pairs that rename a message key (NAME=KEY, KEY a message key): {name: key}."""
+    return {n: k for n, k in (columns or {}).items() if k in MESSAGE_KEYS and k not in RECORD_KEYS}
+
+
+def _message_lists(record, fmt):
+    """(field, list of message dicts) of a record: the lists whose items are messages or turns."""
+    keys = {"messages": ("messages",), "sharegpt": ("conversations",), "chat_rounds": ("chat_rounds",),
+            "prompt_completion": ("prompt", "completion")}.get(fmt, ())
+    return [(k, record[k]) for k in keys if isinstance(record.get(k), list)]
+
+
+class _Found:
+    """What read_keys found in one record: each (kind, key) once per record, tallied into the data set's counts
+    ({"read_as" | "ignored" | "not_read": {key: {"records": n, "first": "file:line"}}}) when the record is done."""
+
+    def __init__(self, counts, at):
+        self.counts, self.at, self.keys = counts, at, {}
+
+    def add(self, kind, key):
+        self.keys[(kind, key)] = True
+
+    def tally(self):
+        if self.counts is None:
+            return
+        for kind, key in self.keys:
+            entry = self.counts.setdefault(kind, {}).setdefault(key, {"records": 0, "first": self.at})
+            entry["records"] += 1
+
+
+def _rename(item, renames, where, found):
+    for name, key in renames.items():
+        if name in item:
+            if not _empty(item.get(key)):
+                raise RecordError(f"{where}.{name}", f"--columns {name}={key}, but the message has {key!r} too; "
+                                  "map or drop one")
+            item[key] = item.pop(name)
+            found.add("read_as", f"messages[].{name} -> {key} (--columns)")
+
+
+def _read_message_keys(m, where, read, renames, names, found, calling, role_aliases):
+    """One message (or turn) through the ledger, in place; `read`: the keys its adapter reads; role_aliases: those
+    of OpenAI-style messages (ShareGPT's speakers have their own table, SPEAKER_ROLES)."""
+    _rename(m, renames, where, found)
+    legacy_call = False
+    for key in list(m):
+        value = m[key]
+        if key in read:
+            continue
+        if key in KEY_ALIASES:
+            target = KEY_ALIASES[key]
+            m.pop(key)
+            if _empty(value):
+                continue
+            if key == "function_call":
+                legacy_call = True
+                calling.setdefault("legacy", f"{where}.function_call")
+                if not _empty(m.get("tool_calls")):
+                    raise RecordError(f"{where}.function_call", "given with tool_calls in the same message: OpenAI's "
+                                      "legacy function call and its tool calls mixed; write every call as tool_calls")
+            elif not _empty(m.get(target)) and m[target] != value:
+                raise RecordError(f"{where}.{key}", f"given twice, as {key!r} and as {target!r}; keep one")
+            m[target] = value
+            found.add("read_as", f"messages[].{key} -> {target}")
+        elif key in IGNORED_KEYS or key.endswith("_id"):
+            found.add("ignored", f"messages[].{key}")
+        elif near_miss(key, MESSAGE_KEYS + tuple(KEY_ALIASES)):
+            hint = near_miss(key, MESSAGE_KEYS + tuple(KEY_ALIASES))
+            raise RecordError(f"{where}.{key}", f"unknown key{hint}; fix the name, or map it with --columns "
+                              f"{key}={KEY_ALIASES.get(hint.split(chr(39))[1], hint.split(chr(39))[1])}")
+        elif _empty(value):
+            m.pop(key)
+        elif key in UNREADABLE_KEYS:
+            raise RecordError(f"{where}.{key}", UNREADABLE_KEYS[key])
+        else:
+            found.add("not_read", f"messages[].{key}")
+    role = m.get("role")
+    if role in role_aliases:
+        m["role"] = role_aliases[role]
+        found.add("read_as", f"role {role} -> {role_aliases[role]}")
+        if role == "function":
+            calling.setdefault("legacy", f"{where}.role")
+    elif role == "tool" or not _empty(m.get("tool_calls")) and not legacy_call:
+        calling.setdefault("new", f"{where}.{'role' if role == 'tool' else 'tool_calls'}")
+    role = m.get("role") or SPEAKER_ROLES.get(m.get("from"))
+    if not _empty(m.get("reasoning_content")) and role not in ("assistant", None):
+        raise RecordError(f"{where}.reasoning_content", f"reasoning on a {role} message: only an assistant turn's "
+                          "reasoning is rendered; move it to the assistant turn or drop it")
+    if not _empty(m.get("name")) and role not in ("tool", None) and names != "render":
+        name = m.pop("name")  # a tool result's name is the function it answers: linked to its call by tool_call_id
+        if names == "content":
+            _name_into_content(m, name)
+        found.add("read_as", f"messages[].name -> {'content' if names == 'content' else 'dropped'} (--message_names)")
+
+
+def _name_into_content(m, name):
+    """--message_names content: 'NAME: ' written before the message's text (in the key its format keeps it)."""
+    key = "content" if "content" in m or "value" not in m else "value"
+    text = m.get(key)
+    if isinstance(text, list):
+        m[key] = [{"type": "text", "value" if has_parts(text) else "text": f"{name}: "}] + text
+    else:
+        m[key] = f"{name}: {text or ''}"
+
+
+def read_keys(record, fmt, tags=None, renames=None, names="render", counts=None, at=None):
+    """The record through the ledger (see above): a copy with every alias read under its known name, or RecordError.
+    counts: the data set's tallies (normalized_rows keeps them in stats["keys"]); at: 'file:line', kept for the
+    first record that has each key."""
+    if not isinstance(record, dict):
+        raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
+    found, calling = _Found(counts, at), {} if _empty(record.get("tools")) else {"new": "tools"}
+    record = dict(record)
+    read = set(FORMAT_READS[fmt]) | {"source", *MEDIA_KEYS}
+    for key in list(record):
+        value = record[key]
+        if key in read:
+            continue
+        if key == "functions":
+            record.pop(key)
+            if not _empty(value):
+                calling["legacy"] = "functions"
+                if not _empty(record.get("tools")):
+                    raise RecordError("functions", "given with tools: OpenAI's legacy function schemas and its tools "
+                                      "mixed; write every schema under tools")
+                record["tools"] = value
+                found.add("read_as", "functions -> tools")
+        elif key in IGNORED_KEYS or key.endswith("_id"):
+            found.add("ignored", key)
+        elif near_miss(key):
+            raise RecordError(key, f"unknown key{near_miss(key)}")
+        elif _empty(value):
+            record.pop(key)
+        elif key in REASONING_KEYS and "reasoning_content" in read:  # the one answer's (alpaca, prompt/completion)
+            if not _empty(record.get("reasoning_content")) and record["reasoning_content"] != value:
+                raise RecordError(key, f"reasoning given twice, as {key!r} and as 'reasoning_content'; keep one")
+            record["reasoning_content"] = record.pop(key)
+            found.add("read_as", f"{key} -> reasoning_content")
+        elif key in REASONING_KEYS:
+            raise RecordError(key, f"reasoning at the top of a {fmt} record: it belongs to an assistant message; "
+                              f"write it there as reasoning_content")
+        elif key in UNREADABLE_KEYS:
+            raise RecordError(key, UNREADABLE_KEYS[key])
+        else:
+            found.add("not_read", key)
+    message_read = set(MESSAGE_KEYS) | ({(tags or {}).get("role_tag"), (tags or {}).get("content_tag")} - {None})
+    for field, items in _message_lists(record, fmt):
+        items = record[field] = [dict(m) if isinstance(m, dict) else m for m in items]
+        for i, m in enumerate(items):
+            if isinstance(m, dict):
+                _read_message_keys(m, f"{field}[{i}]", message_read, renames or {}, names, found, calling,
+                                   ROLE_ALIASES if fmt in ("messages", "prompt_completion") else {})
+    if "legacy" in calling and "new" in calling:
+        raise RecordError(calling["legacy"], "OpenAI's legacy function calling (functions, function_call, role "
+                          f"function) mixed with tools (tools, tool_calls, role tool; here {calling['new']}) in one "
+                          "record; write one form: functions -> tools, function_call -> tool_calls, role function -> "
+                          "role tool")
+    found.tally()
+    return record
+
+
+def normalize_record(record, fmt, tags=None, need_answer=True, **ledger):
     """Any supported record -> (messages, tools), or RecordError naming the field and the problem. need_answer
-    False: a conversation without an assistant turn is a prompt (retention's reference set, finetune_retention.py)."""
+    False: a conversation without an assistant turn is a prompt (retention's reference set, finetune_retention.py).
+    ledger: read_keys' renames, names, counts, at."""
+    record = read_keys(record, fmt, tags, **ledger)
     _check_keys(record)
     if REQUIRED_KEY[fmt] not in record:
         raise RecordError(REQUIRED_KEY[fmt], f"missing (file read as {fmt} format)")
@@ -613,8 +829,9 @@ def normalize_record(record, fmt, tags=None, need_answer=True):
     return messages, tools
 
 
-def normalize_text(record):
+def normalize_text(record, **ledger):
     """The text format -> the text (plain text: no chat template, every token trained)."""
+    record = read_keys(record, "text", **ledger)
     _check_keys(record)
     text = record.get("text")
     if not isinstance(text, str):
@@ -644,10 +861,11 @@ def tally(counter, key, n=1):
 # ---------------------------------------------------------------------------------------------
 
 # The keys each format reads (and `source`): the only columns read from a table
-FORMAT_READS = {"messages": ("messages", "tools"), "sharegpt": ("conversations", "system", "tools"),
+FORMAT_READS = {"messages": ("messages", "system", "tools"), "sharegpt": ("conversations", "system", "tools"),
                 "chat_rounds": ("chat_rounds", "system"), "alpaca": ("instruction", "input", "output", "system",
-                                                                     "history", "tools"),
-                "prompt_completion": ("prompt", "completion", "system", "tools"), "text": ("text",)}
+                                                                     "history", "tools", "reasoning_content"),
+                "prompt_completion": ("prompt", "completion", "system", "tools", "reasoning_content"),
+                "text": ("text",)}
 
 
 def file_kind(path):
@@ -660,7 +878,10 @@ def file_kind(path):
 
 def rename(keys, columns, only=False):
     """{name: key} for a record's keys or a table's columns: --columns (or a dataset_info.json entry's columns)
-    applied; with `only`, names not mapped are not read. Two names becoming one key is an error."""
+    applied (those naming a message key rename inside the messages: read_keys); with `only`, names not mapped are
+    not read (LLaMA-Factory's dataset_info.json columns: the entry says what is read). Two names becoming one key is
+    an error."""
+    columns = {n: k for n, k in columns.items() if n not in message_columns(columns)}
     out, taken = {}, {}
     for name in keys:
         key = columns.get(name, None if only else name)
@@ -757,8 +978,7 @@ class _TablePlan:
                    f"--columns NAME={missing[0]}")
             raise DataError(f"{path}: no column {missing[0]!r}: the {fmt} format needs {' and '.join(REQUIRED[fmt])} "
                             f"(columns: {', '.join(types)}); map one with {how}{absent}")
-        wanted = FORMAT_READS[fmt] + ("source", *MEDIA_KEYS)  # media keys are read to be refused, row by row
-        self.names = [n for n in types if mapping.get(n) in wanted]
+        self.names = list(mapping)  # every column: the ledger (read_keys) reads, maps, ignores or names each
         self.keys = [mapping[n] for n in self.names]
         for name, key in zip(self.names, self.keys):
             problem = types[name] is not None and _arrow_type_problem(key, types[name])
@@ -918,7 +1138,7 @@ def read_records(path, options=None, fmt=None, seen=None):
         return
     columns, only = options.get("columns") or {}, options.get("only", False)
     for where, record in _text_lines(path) if kind == "txt" else read_json_records(path):
-        if (columns or only) and isinstance(record, dict):
+        if (set(columns) - set(message_columns(columns)) or only) and isinstance(record, dict):
             seen.update(record)
             try:
                 record = {key: record[name] for name, key in rename(record, columns, only).items()}
@@ -984,16 +1204,18 @@ def fill_placeholders(conversation, values, where, found):
     return conversation
 
 
-def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None, need_answer=True):
+def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None, need_answer=True,
+                    message_names="render"):
     """Generator for datasets.Dataset.from_generator: reads every file, validates, normalizes. Without
     --skip_invalid_records the first invalid record stops the output but not the reading: every file is
     still validated so that the error names the total count. need_answer: see normalize_record."""
-    errors, n_invalid, seen = {}, 0, set()  # errors: problem -> [records with it, their first locations]
+    errors, n_invalid, seen = {}, 0, set()  # errors: problem -> [records with it, their first locations, its text]
     stats.setdefault("placeholders", {"records": 0, "by_name": {}, "first": None, "filled": {}})
+    counts = stats.setdefault("keys", {})  # the ledger's: read_as, ignored, not_read
 
     def fail(last=None, stopped=False):
-        lines = [error_line(problem, n, where) for problem, (n, where) in errors.items()] + ([last] if last else [])
-        shown = sum(n for n, _ in errors.values())
+        lines = [error_line(text, n, where) for n, where, text in errors.values()] + ([last] if last else [])
+        shown = sum(n for n, _, _ in errors.values())
         if stopped and n_invalid:
             lines.append(f"(reading stopped there: at least {n_invalid} invalid records in all)")
         elif n_invalid > shown:
@@ -1018,17 +1240,20 @@ def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None
                         if fmt is None:
                             raise RecordError("record", no_format(list(record)))
                         fstats["format"] = fmt
-                        conversation = {"text": normalize_text(record)} if fmt == "text" else \
+                        ledger = {"renames": message_columns(options.get("columns")), "names": message_names,
+                                  "counts": counts, "at": f"{file}:{where}"}
+                        conversation = {"text": normalize_text(record, **ledger)} if fmt == "text" else \
                             dict(zip(("messages", "tools"),
-                                     normalize_record(record, fmt, options.get("tags"), need_answer)))
+                                     normalize_record(record, fmt, options.get("tags"), need_answer, **ledger)))
                         conversation = fill_placeholders(conversation, placeholders, f"{file}:{where}",
                                                          stats["placeholders"])
                     except RecordError as e:
                         fstats["invalid"] += 1
                         n_invalid += 1
                         tally(stats["invalid"], invalid_reason(str(e)))
-                        if not skip_invalid and (str(e) in errors or len(errors) < 20):  # 20 problems at most
-                            same = errors.setdefault(str(e), [0, []])
+                        problem = re.sub(r"\[\d+\]", "[]", str(e))  # messages[2].x and messages[5].x: one problem
+                        if not skip_invalid and (problem in errors or len(errors) < 20):  # 20 problems at most
+                            same = errors.setdefault(problem, [0, [], str(e)])
                             same[0] += 1
                             if len(same[1]) < 6:
                                 same[1].append((file, where))
@@ -1044,7 +1269,9 @@ def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None
                 fail(f"{file}: no records (an empty {'JSON array' if file_kind(file) == 'json' else 'table'}).",
                      stopped=True)
     for entry in entries:
-        unused = [f"{n}={k}" for n, k in (entry.options.get("columns") or {}).items() if n not in seen]
+        mapped = counts.get("read_as", {})
+        unused = [f"{n}={k}" for n, k in (entry.options.get("columns") or {}).items()
+                  if n not in seen and f"messages[].{n} -> {k} (--columns)" not in mapped]
         if unused and not entry.options.get("label"):
             fail(f"--columns {unused[0]}: no data file has a column or key {unused[0].split('=')[0]!r} (found: "
                  f"{', '.join(sorted(seen)[:20])}).")

@@ -209,7 +209,7 @@ def log_data_summary(report):
              f"source {h['samples_per_source']}")
     if t.get("token_accounting"):
         log0(token_accounting_line(t["token_accounting"]))
-    for line in placeholder_lines(t.get("placeholders")):
+    for line in placeholder_lines(t.get("placeholders")) + key_lines(t.get("keys")):
         log0(line)
     s = t["tokens"]
     log0(f"tokens: {s['tokens']:,} total, {s['trained_tokens']:,} trained; length mean {s['mean']} "
@@ -226,6 +226,26 @@ def token_accounting_line(a):
         line += f"; {a['long_texts_split']} long texts split into {a['blocks']} blocks, every token kept"
     lossy = [f"{fmt} {b['lost_to_truncation']:,}" for fmt, b in a["by_format"].items() if b["lost_to_truncation"]]
     return line + (f" (lost per format: {', '.join(lossy)})" if len(a["by_format"]) > 1 and lossy else "")
+
+
+def key_lines(keys):
+    """The log lines of the key ledger (finetune_data.read_keys): the keys read under another name, and those no
+    format reads, each once with the number of records that have it (data_report.json: keys)."""
+    def listed(found, first=False):
+        names, shown, at = sorted(found, key=lambda k: -found[k]["records"]), [], None
+        for k in names[:8]:  # where the first record with it is, when that is not where the one before was
+            where = f", first at {found[k]['first']}" if first and found[k]["first"] != at else ""
+            shown.append(f"{k} ({found[k]['records']} records{where})")
+            at = found[k]["first"]
+        return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+
+    lines = []
+    if (keys or {}).get("read_as"):
+        lines.append(f"data: read as known keys: {listed(keys['read_as'])}")
+    if (keys or {}).get("not_read"):
+        lines.append(f"data: keys no format reads, not trained (data_report.json keys.not_read; to read one as a "
+                     f"known key: --columns NAME=KEY): {listed(keys['not_read'], first=True)}")
+    return lines
 
 
 def placeholder_lines(found):

@@ -26,7 +26,15 @@ import re
 from typing import NamedTuple
 
 from finetune_console import log0, suggest
-from finetune_data import DATA_SUFFIXES, READ_SUFFIXES, RECORD_KEYS, DataError, file_kind, parse_placeholders
+from finetune_data import (
+    DATA_SUFFIXES,
+    MESSAGE_KEYS,
+    READ_SUFFIXES,
+    RECORD_KEYS,
+    DataError,
+    file_kind,
+    parse_placeholders,
+)
 from finetune_template import parse_template_kwargs
 
 
@@ -732,9 +740,10 @@ def check_data_flags(args):
         if not (sep and name and key):
             raise ValueError(f"--columns {args.columns}: {item.strip()!r} is not NAME=KEY (e.g. --columns "
                              "question=prompt,answer=completion).")
-        if key not in RECORD_KEYS:
-            raise ValueError(f"--columns {item.strip()}: {key!r} is not a key of a format{suggest(key, RECORD_KEYS)} "
-                             f"(keys: {', '.join(RECORD_KEYS)}).")
+        if key not in RECORD_KEYS + MESSAGE_KEYS:  # a record's key, or a message's (renamed inside every message)
+            raise ValueError(f"--columns {item.strip()}: {key!r} is not a key of a format or of a message"
+                             f"{suggest(key, RECORD_KEYS + MESSAGE_KEYS)} (a record's: {', '.join(RECORD_KEYS)}; a "
+                             f"message's: {', '.join(MESSAGE_KEYS)}).")
         if name in args.column_map or key in args.column_map.values():
             raise ValueError(f"--columns {args.columns}: {name if name in args.column_map else key!r} appears twice.")
         args.column_map[name] = key

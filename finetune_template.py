@@ -3,7 +3,9 @@ trained on, found by one rule from how the template renders (no template is know
 end-of-turn tokens and turn markers; the built-in templates (ChatML) for tokenizers that have none.
 
 Interface: render_conversation(tokenizer, messages, tools) -> (text, [trained character region per assistant
-turn]); encode_regions(tokenizer, texts, regions) -> token ids and each region's token span;
+turn]); reasoning_regions (--mask_reasoning: each turn's reasoning block); encode_regions(tokenizer, texts,
+regions) -> token ids and each region's token span; marked_text / show_masking (--show_masking: the trained
+tokens in [[...]]); IGNORE_INDEX (the label of an untrained token);
 end_of_turn_tokens(tokenizer); turn_markers(tokenizer); chat_template_source(flag); parse_template_kwargs(text)
 (--chat_template_kwargs); ChatRenderer (the fast
 renderer it uses); BUILTIN_TEMPLATES. finetune.py turns the regions into token labels (tokenize_conversation);
@@ -23,11 +25,16 @@ from finetune_data import RecordError
 # Used when a tokenizer has no chat template, and by --chat_template chatml: ChatML as Qwen2.5 writes it, tool calling
 # included (Hermes' convention): `tools` in the system turn (<tools>, one JSON schema a line), each tool call as
 # <tool_call>{"name": ..., "arguments": ...}</tool_call> in the assistant turn, tool results in <tool_response> in a
-# user turn; reasoning (reasoning_content) in <think> before the answer, in every turn that has it. A chat without
-# tools, tool calls or reasoning renders exactly as plain ChatML.
+# user turn; reasoning (reasoning_content) in <think> before the answer, in every turn that has it; a message's
+# speaker `name` (OpenAI: participants of one role) after its role, as OpenAI's ChatML did:
+# <|im_start|>system name=example_user.
+# A chat without tools, tool calls, reasoning or names renders exactly as plain ChatML.
 CHATML_TEMPLATE = (
+    "{%- macro header(message) %}{{- '<|im_start|>' + message['role'] }}"
+    "{%- if message['name'] %}{{- ' name=' + message['name'] }}{%- endif %}{{- '\\n' }}{%- endmacro %}"
     "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- header(messages[0]) }}{%- else %}{{- '<|im_start|>system\\n' }}"
+    "{%- endif %}"
     "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
     "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with "
     "function signatures within <tools></tools> XML tags:\\n<tools>' }}"
@@ -39,7 +46,7 @@ CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' and loop.first and tools %}"
     "{%- elif message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
+    "{{- header(message) }}"
     "{%- if message.reasoning_content %}"
     "{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}"
     "{%- endif %}"
@@ -58,7 +65,7 @@ CHATML_TEMPLATE = (
     "{{- '\\n<tool_response>\\n' + (message['content'] or '') + '\\n</tool_response>' }}"
     "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
     "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>' + '\\n' }}"
+    "{{- header(message) + (message['content'] or '') + '<|im_end|>' + '\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
@@ -123,6 +130,7 @@ def chat_template_source(flag, tokenizer):
 # Tokens are trained if they overlap the trained characters, so a token that carries the separator space
 # and the first word ('▁two', 'Ġtwo') is trained.
 
+IGNORE_INDEX = -100  # the label of a token that is not trained
 SENTINEL = "\ue000\ue001"  # private-use characters: never in real text, never stripped by a template
 # Passed to the generation prompt to ask for the template's thinking-off prompt (Qwen3, SmolLM3, GLM: enable_thinking;
 # DeepSeek-V3.1, Granite: thinking); templates that do not know them ignore them.
@@ -450,6 +458,36 @@ def render_conversation(tokenizer, messages, tools=None, template_kwargs=None):
     return text, regions
 
 
+def reasoning_regions(tokenizer, messages, tools, text, regions, template_kwargs=None):
+    """--mask_reasoning: for each assistant turn, the characters of `text` (render_conversation's, with its trained
+    `regions`) that are its reasoning block, to be kept out of the loss, or (0, 0). Found by the rule that finds
+    everything else, from how the template renders: the characters that change when only this turn's reasoning is
+    removed are the reasoning; where they stand before the turn's answer (its content and tool calls: every template
+    seen), the block is the whole of the turn before the answer, its markup included (<think>...</think>, however
+    the template writes it, also where the template writes an empty block for a turn without reasoning)."""
+    render = ChatRenderer(tokenizer, tools, template_kwargs)
+    messages = _with_template_arguments(render, with_tool_call_ids(messages))[0]
+    out, k = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        (a, b), k = regions[k], k + 1
+        if not m.get("reasoning_content") or b <= a:
+            out.append((0, 0))
+            continue
+        without = messages[:i] + [{**m, "reasoning_content": None}] + messages[i + 1:]
+        d = _diff(text, render(without))
+        if d is None or d[1] <= a or d[0] >= b:
+            out.append((0, 0))  # not rendered in the trained part (e.g. Qwen3 drops earlier turns' reasoning)
+            continue
+        answer = _where_content(render, text, messages, i)
+        if answer and a <= d[0] and d[1] <= answer[0] <= b:
+            out.append((a, answer[0]))
+        else:
+            out.append((max(a, d[0]), min(b, d[1])))
+    return out
+
+
 def _needs_tools(tokenizer, messages, tools, template_kwargs):
     """The hint for a template that fails on a conversation without `tools` but renders it with an empty list (a
     tool-use template, e.g. Hermes-3's), else ''."""
@@ -577,3 +615,27 @@ def encode_regions(tokenizer, texts, regions):
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return [(np.asarray(ids, dtype=np.int64), _token_spans(np.asarray(o, dtype=np.int64).reshape(-1, 2), r))
             for ids, o, r in zip(enc["input_ids"], enc["offset_mapping"], regions)]
+
+
+def marked_text(tokenizer, input_ids, labels, mark=("[[", "]]")):
+    """The sample's text with every run of trained tokens between [[ and ]]. Each piece is decoded as part of
+    everything before it, so separator spaces ('▁two') show where they are."""
+    ids = list(input_ids)
+    trained = [lab != IGNORE_INDEX for lab in labels]
+    cuts = [0] + [k for k in range(1, len(ids)) if trained[k] != trained[k - 1]] + [len(ids)]
+    decoded = [tokenizer.decode(ids[:k], skip_special_tokens=False) for k in cuts]
+    pieces = []
+    for a, before, upto in zip(cuts, decoded, decoded[1:]):
+        piece = upto[len(before):]
+        pieces.append(f"{mark[0]}{piece}{mark[1]}" if trained[a] else piece)
+    return "".join(pieces)
+
+
+def show_masking(tokenizer, dataset, n):
+    """--show_masking N: print N samples with their trained parts marked."""
+    print(f"turn end: {' '.join(tokenizer.finetune_vocabulary['turn_end_tokens'])}; eos {tokenizer.eos_token}")
+    for k in range(min(n, len(dataset))):
+        row = dataset[k]
+        print(f"----- sample {k} ({row['length']} tokens, {row['n_trained']} trained; [[trained]]) -----")
+        print(marked_text(tokenizer, row["input_ids"], row["labels"]), flush=True)
+    return None

@@ -196,7 +196,7 @@ def test_columns_map_names_and_a_misfit_says_what_it_found(tiny_model, tmp_path,
     msg = user_error(dry_run_args(tiny_model, both, tmp_path, "--columns", "q=prompt"), monkeypatch, capsys)
     assert "'q' and 'prompt' would both be 'prompt'" in msg
     msg = user_error(dry_run_args(tiny_model, both, tmp_path, "--columns", "q=promt"), monkeypatch, capsys)
-    assert "--columns q=promt: 'promt' is not a key of a format (did you mean 'prompt'?)" in msg
+    assert "--columns q=promt: 'promt' is not a key of a format or of a message (did you mean 'prompt'?)" in msg
     msg = user_error(dry_run_args(tiny_model, path, tmp_path, "--columns", "questoin=prompt,answer=completion"),
                      monkeypatch, capsys)
     assert "the mapping questoin=prompt names no column of this table" in msg
