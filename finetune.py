@@ -33,6 +33,7 @@ This file is the training script, in the order a run goes. Self-contained machin
   finetune_retention.py    how much of the base model's behaviour the model under training keeps (eval_retention)
 """
 
+import contextlib
 import functools
 import glob
 import json
@@ -89,6 +90,15 @@ from finetune_distributed import (
 from finetune_exit_codes import ExitCode, StopQuietly
 from finetune_faults import Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving, warn_if_low_space
 from finetune_loss import TrainedTokenLoss
+from finetune_moe import (
+    MoeRouting,
+    fused_expert_parameters,
+    moe_shape,
+    reached_summary,
+    router_module_names,
+    set_router_trainable,
+    supported_attention,
+)
 from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size
 from finetune_report import data_report, log_data_summary, plot_loss, token_accounting
 from finetune_retention import (
@@ -127,7 +137,7 @@ class ModelArguments:
     attn_implementation: str = field(
         default="auto",
         metadata={"help": "auto | sdpa | eager | flash_attention_2. auto: flash_attention_2 on GPU when "
-                  "flash-attn is installed, else sdpa."},
+                  "flash-attn is installed, else sdpa, of what the model supports (else eager; e.g. gpt-oss)."},
     )
     chat_template: Optional[str] = field(
         default=None, metadata={"help": "A built-in template (chatml) or a Jinja file, replacing the tokenizer's "
@@ -281,6 +291,14 @@ class TrainingArguments(transformers.TrainingArguments):
     retention_action: str = field(
         default="stop", metadata={"help": "stop: end the run (exit code 4, the last checkpoint kept) | warn: a "
                                   "WARNING line, training goes on.", "choices": ["stop", "warn"]})
+    router_aux_loss_coef: Optional[float] = field(
+        default=None, metadata={"help": "MoE models: weight of the router's load-balancing loss added to the loss "
+                                "(logged as router_loss). Default: the model's own (config router_aux_loss_coef). "
+                                "0: not added (still logged). README: MoE models."})
+    freeze_router: Optional[bool] = field(
+        default=None, metadata={"help": "MoE models: keep the routers' weights as they are. Default: trained in full "
+                                "fine-tuning, frozen with LoRA (the adapter holds LoRA weights only); False with LoRA "
+                                "trains them whole (saved in the adapter)."})
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "True: log a NaN/inf training loss as the mean of the previous ones "
                                  "(transformers' default, which hides a diverged run). False: log it as it is."}
@@ -403,7 +421,7 @@ def validate_args(model_args, data_args, training_args, lora_args):
     if training_args.early_stopping_patience and not (data_args.eval_data_path or data_args.val_size):
         raise ValueError("--early_stopping_patience needs --eval_data_path or --val_size (it watches eval_loss).")
     world = (data_args.dry_run and data_args.dry_run_world_size) or int(os.environ.get("WORLD_SIZE", "1"))
-    attn = resolve_attn_implementation(model_args.attn_implementation)
+    attn = resolve_attn_implementation(model_args, training_args, quiet=True)
     setup_sequence_parallel(training_args, world, attn, use_packing(data_args, attn),
                             lambda: load_model_config(model_args, training_args).get_text_config())
 
@@ -846,14 +864,23 @@ def use_packing(data_args, attn_implementation):
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_attn_implementation(requested):
+def resolve_attn_implementation(model_args, training_args, quiet=False):
+    """--attn_implementation, or for auto the fastest the model's class declares it supports (finetune_moe
+    .supported_attention): flash_attention_2 on GPU with flash-attn installed, else sdpa, else eager."""
+    requested = model_args.attn_implementation
     if requested != "auto":
         return requested
     import importlib.util
 
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    try:
+        supported = supported_attention(load_model_config(model_args, training_args))
+    except (OSError, ValueError):  # --show_masking reads no config: the choice is not used
+        supported = ("flash_attention_2", "sdpa", "eager")
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    choice = next(a for a in ("flash_attention_2", "sdpa", "eager") if a in supported and (flash or a[0] != "f"))
+    if choice == "eager" and not quiet:
+        log0("attention: eager (this model does not support sdpa; set --attn_implementation to choose)")
+    return choice
 
 
 @functools.lru_cache(maxsize=4)
@@ -879,6 +906,9 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
             kwargs["device_map"] = {"": training_args.local_process_index}
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    # MoE: the router loss is ours, over the real tokens (finetune_moe); the model's own needs a mask we lack
+    model.config.output_router_logits = False
+    router_trained = set_router_trainable(model, training_args)
     # embeddings and head fitted to the tokenizer (new rows: the mean of the others), its turn end an eos
     new_ids = fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else []
     if not training_args.use_lora:
@@ -890,16 +920,22 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
             model, use_gradient_checkpointing=training_args.gradient_checkpointing,
             gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs or {"use_reentrant": False},
         )
+    expert_targets = fused_expert_parameters(model)  # MoE: the experts' fused weights, found in the model
     if lora_args.lora_weight_path:
         with peft_wrapping():
             model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
     else:
+        if expert_targets and lora_args.use_dora:
+            raise ValueError("--use_dora: peft 0.21 has no DoRA for the fused expert weights of this MoE model "
+                             f"({', '.join(expert_targets)}); use plain LoRA (drop --use_dora).")
         targets = lora_args.lora_target_modules
         config = LoraConfig(
             r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
             target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
             bias=lora_args.lora_bias, use_dora=lora_args.use_dora, task_type="CAUSAL_LM",
             trainable_token_indices=lora_token_indices(model, new_ids),  # the new tokens' rows only
+            target_parameters=expert_targets or None,
+            modules_to_save=router_module_names(model) if router_trained else None,
         )
         with peft_wrapping():
             model = get_peft_model(model, config)
@@ -909,6 +945,8 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
     trainable, total = model.get_nb_trainable_parameters()
     log0(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%"
          f"{f', the rows of {len(new_ids)} new tokens included' if new_ids else ''})")
+    if moe_shape(model.config):
+        log0(reached_summary(model, expert_targets, router_trained))
     return model
 
 
@@ -944,6 +982,9 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
         self.loss_balance, self.source_names = loss_balance, list(source_names) or ["data"]
         self.loss_is_scaled_for_ga = True  # compute_loss already divides by the step-wide weight
         self.token_loss = TrainedTokenLoss(self.args.loss_chunk_tokens, fused=self.args.fused_loss == "cce")
+        # MoE: the router's load-balancing loss over the real tokens, once per micro-batch (finetune_moe.py)
+        self.moe = MoeRouting.of(self.model, getattr(self.args, "router_aux_loss_coef", None))
+        self._micro_batches, self._router_term = 1, 0.0
         # source_idx indexes each dataset's own sorted source list, and the eval set may have other sources
         self._names = {"train": self.source_names, "eval": list(eval_source_names or self.source_names)}
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
@@ -999,6 +1040,7 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
         if not batches:
             return batches, None
         weights, total = self._token_weights(batches)
+        self._micro_batches = len(batches)  # the router loss is a mean over the step's micro-batches
         for b, w in zip(batches, weights):
             b["loss_weights"] = w.float()
         return batches, total.to(device)
@@ -1012,14 +1054,23 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
         weights = inputs.pop("loss_weights", None)
         mask = target != IGNORE_INDEX
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        outputs, ce = self.token_loss(model, head, inputs, target, mask)  # ce: [trained tokens]
+        routing = self.moe is not None and model.training
+        with self.moe.recording(source >= 0) if routing else contextlib.nullcontext():  # padding: source -1
+            outputs, ce = self.token_loss(model, head, inputs, target, mask)  # ce: [trained tokens]
         if weights is None:  # evaluation: a plain token mean of this batch
             weights = mask.float()
             num_items_in_batch = weights.sum()
         weights = weights.to(ce.device)[mask.to(ce.device)]
         loss = (ce * weights).sum() / torch.as_tensor(num_items_in_batch, device=ce.device).clamp(min=1e-8)
+        self._router_term = 0.0
+        if routing and self.moe.coef > 0 and self.moe.router_loss is not None:
+            # the step's objective gets coef x the mean router loss over its micro-batches and all ranks
+            self._router_term = (self.moe.coef * self.moe.router_loss.to(loss.device)
+                                 / (self._micro_batches * self.args.world_size))
+            loss = loss + self._router_term
         if model.training and self.args.world_size > 1:
             loss = loss * self._gradient_divisor  # DDP/DeepSpeed sum gradients over ranks and divide by it
+            self._router_term = self._router_term * self._gradient_divisor
         with torch.no_grad():
             src = source[mask].cpu()
             sums = self._source_sums["train" if model.training else "eval"]
@@ -1048,7 +1099,9 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
     def training_step(self, *args, **kwargs):
         # What this returns is only logged, as the mean over all ranks: the N ranks of a sequence-parallel
         # group each hold a share of their replica's loss, scaled by the gradient divisor above.
-        return super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
+        # `loss` is the token loss: the router's term is logged on its own (router_loss)
+        loss = super().training_step(*args, **kwargs) - torch.as_tensor(self._router_term).detach().to(self.args.device)
+        return loss * self.args.world_size / self._gradient_divisor
 
     def _source_metrics(self, split, prefix):
         """Token-mean CE since the last call, summed over ranks: {prefix}loss overall and
@@ -1066,6 +1119,8 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
             metrics = self._source_metrics("train", "")
             metrics.pop("loss", None)  # `loss` stays the optimised (balanced) objective
             logs.update(metrics)
+            if self.moe is not None:  # router_loss, expert_maxvio (finetune_moe.py)
+                logs.update(self.moe.take_metrics(self._all_reduce))
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
@@ -1216,7 +1271,7 @@ def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_args(argv)
     validate_args(model_args, data_args, training_args, lora_args)
     transformers.set_seed(training_args.seed)
-    attn = resolve_attn_implementation(model_args.attn_implementation)
+    attn = resolve_attn_implementation(model_args, training_args)
     packing = use_packing(data_args, attn)
 
     tokenizer = load_tokenizer(model_args, training_args)
