@@ -1,0 +1,117 @@
+"""Mixture-of-experts models (finetune_moe.py) on tiny random models of five families built from their transformers
+configs (tests/moe_models.py): the router's load-balancing loss in the loss and equal to transformers' own, LoRA on
+the fused experts of every family, the attention a model supports, the balance figure, the parameter counts, and
+the training modes (full, LoRA, Q-LoRA, DoRA refusal, packing, ZeRO-3 on 2 processes, resume), merge and chat."""
+
+import json
+
+import pytest
+import torch
+
+import finetune
+from conftest import ROOT, read_log_history, write_jsonl
+from moe_models import FAMILIES, make_moe_model
+
+DEMO = ROOT / "examples" / "demo_data.jsonl"
+TWO = [  # two conversations of different lengths: one batch of 2 is padded
+    {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                  {"role": "assistant", "content": "The capital of France is Paris."}]},
+    {"messages": [{"role": "user", "content": "Hello!"},
+                  {"role": "assistant", "content": "Hello! How can I help you today? The answer is 42. " * 3}]},
+]
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """{family: path} of saved tiny MoE models whose configs ask for the router loss (output_router_logits)."""
+    root = tmp_path_factory.mktemp("moe")
+    return {f: make_moe_model(f, root / f, output_router_logits=True) for f in FAMILIES}
+
+
+def args(model, data, out, cache, *extra):
+    return [str(a) for a in ["--model_name_or_path", model, "--data_path", data, "--output_dir", out,
+            "--dataset_cache_dir", cache, "--per_device_train_batch_size", 2, "--logging_steps", 1,
+            "--save_strategy", "no", "--seed", 0, "--retention", "False", *extra]]
+
+
+def transformers_loss(model_dir, dataset):
+    """transformers' own loss (output_router_logits=True, labels) on the dataset's samples as one padded batch
+    with its attention mask -> (loss, aux_loss, router_aux_loss_coef)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    rows = [dataset[i] for i in range(len(dataset))]
+    longest = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    labels = torch.full((len(rows), longest), -100)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    return float(out.loss), float(out.aux_loss), model.config.router_aux_loss_coef
+
+
+@pytest.mark.parametrize("family,packing", [(f, "false") for f in FAMILIES] + [("qwen3_moe", "true"),
+                                                                              ("mixtral", "true")])
+def test_router_loss_is_transformers_own(moe_models, tmp_path, family, packing):
+    """At lr 0, the logged loss + coef x router_loss equals transformers' loss with output_router_logits=True on
+    the same two samples: the router loss counts the real tokens only (a padded batch; a packed row)."""
+    data = write_jsonl(tmp_path / "two.jsonl", TWO)
+    trainer = finetune.train(args(moe_models[family], data, tmp_path / "out", tmp_path / "cache", "--max_steps", 1,
+                                  "--learning_rate", 0, "--packing", packing))
+    (logged,) = [h for h in trainer.state.log_history if "loss" in h]
+    loss, aux, coef = transformers_loss(moe_models[family], trainer.train_dataset)
+    assert trainer.moe.coef == coef > 0
+    assert logged["router_loss"] == pytest.approx(aux, rel=1e-4)
+    assert logged["loss"] + coef * logged["router_loss"] == pytest.approx(loss, rel=1e-4)
+    assert 0 <= logged["expert_maxvio"] <= 8 / 2 - 1
+    history = read_log_history(tmp_path / "out")
+    assert "router_loss" in history[0] and "expert_maxvio" in history[0]  # trainer_state.json
+
+
+def test_router_loss_reaches_the_gradient(moe_models, tmp_path):
+    """The router term is part of what is optimised: one step of plain SGD moves the routers by lr x the gradient
+    of loss + coef x router_loss; with coef 0 the move differs (the loss' gradient alone)."""
+    data = write_jsonl(tmp_path / "two.jsonl", TWO)
+    moved = {}
+    for coef in ("0", "1000"):
+        trainer = finetune.train(args(moe_models["qwen3_moe"], data, tmp_path / coef, tmp_path / "cache",
+                                      "--max_steps", 1, "--learning_rate", 1e-2, "--optim", "sgd",
+                                      "--lr_scheduler_type", "constant", "--router_aux_loss_coef", coef,
+                                      "--max_grad_norm", 0))
+        moved[coef] = trainer.model.model.layers[0].mlp.gate.weight.detach().clone()
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(moe_models["qwen3_moe"]).model.layers[0].mlp.gate.weight
+    step0, step1 = (moved[c] - base for c in ("0", "1000"))
+    assert step0.abs().sum() > 0 and (step1 - step0).abs().max() > 10 * (step0.abs().max() + 1e-9) * 1e-3
+    assert not torch.allclose(step0, step1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_reaches_the_experts(moe_models, tmp_path, family, capsys):
+    """Default targets: LoRA on attention and on every fused expert tensor of every family, said in the log; the
+    adapter reproduces the trained model; gpt-oss (no sdpa) gets eager attention, said in the log."""
+    from safetensors.torch import load_file
+
+    from finetune_adapter import load_base_and_adapter
+
+    out = tmp_path / "out"
+    trainer = finetune.train(args(moe_models[family], DEMO, out, tmp_path / "cache", "--use_lora", "True",
+                                  "--lora_r", 4, "--max_steps", 3, "--learning_rate", 1e-2))
+    log = capsys.readouterr().out
+    keys = load_file(out / "adapter_model.safetensors").keys()
+    assert any(".experts." in k and "lora_" in k for k in keys), sorted(keys)[:20]
+    assert any("self_attn" in k for k in keys)
+    assert "LoRA reaches: attention 8 modules" in log and "experts 4 fused tensors" in log and "router frozen" in log
+    assert f"attention: {'eager' if family == 'gpt_oss' else 'sdpa'}" in log
+    assert "router_loss" in trainer.state.log_history[0]
+    model, tokenizer, _ = load_base_and_adapter(str(out))
+    ids = torch.tensor([tokenizer("The capital of France is Paris.")["input_ids"]])
+    trainer.model.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
