@@ -38,15 +38,23 @@ def plot_loss(log_history, output_dir):
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     retention = [(h["step"], h["eval_retention"]) for h in log_history if "eval_retention" in h]
+    balance = [(h["step"], h["expert_maxvio"]) for h in log_history if "expert_maxvio" in h]
     if not train and not evals:
         return
-    if retention:  # a second panel below, on the same steps: what of the base model is kept (finetune_retention)
-        fig, (ax, below) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
-        below.plot(*zip(*retention), "o-", color="tab:green", label="retention (1 = base unchanged)")
-        below.set_ylabel("retention")
-        below.set_xlabel("step")
-        below.grid(alpha=0.3)
-        below.legend()
+    # panels below, on the same steps: what of the base model is kept (finetune_retention), how evenly an MoE
+    # model's tokens are routed (finetune_moe: expert_maxvio, 0 = even)
+    panels = [p for p in ((retention, "tab:green", "retention", "retention (1 = base unchanged)"),
+                          (balance, "tab:red", "expert_maxvio", "expert imbalance (MaxVio, 0 = even)")) if p[0]]
+    if panels:
+        fig, axes = plt.subplots(1 + len(panels), 1, figsize=(7, 4 + 2 * len(panels)), sharex=True,
+                                 height_ratios=(2,) + (1,) * len(panels))
+        ax = axes[0]
+        for below, (points, color, ylabel, label) in zip(axes[1:], panels):
+            below.plot(*zip(*points), "o-" if points is retention else "-", color=color, label=label)
+            below.set_ylabel(ylabel)
+            below.grid(alpha=0.3)
+            below.legend()
+        axes[-1].set_xlabel("step")
     else:
         fig, ax = plt.subplots(figsize=(7, 4))
     if train:
@@ -56,7 +64,7 @@ def plot_loss(log_history, output_dir):
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss")
     ax.set_title(f"{os.path.basename(os.path.normpath(output_dir))}: loss per step")
-    ax.set_xlabel("" if retention else "step")
+    ax.set_xlabel("" if panels else "step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -115,3 +115,23 @@ def test_lora_reaches_the_experts(moe_models, tmp_path, family, capsys):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_balance_holds_with_the_router_loss_and_degrades_without(moe_models, tmp_path):
+    """expert_maxvio (0 = even) on one conversation repeated (narrow data), 30 steps at lr 1e-2: with the router loss
+    (coef 0.1) the routing stays near even, with --router_aux_loss_coef 0 it collapses towards a few experts. The
+    figure is in trainer_state.json and plotted in training_loss.png. (Measured: mean of steps 15-30 about 0.5 with
+    the loss, 1.2 without.)"""
+    record = {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                           {"role": "assistant", "content": "The capital of France is Paris. The answer is 42."}]}
+    data = write_jsonl(tmp_path / "narrow.jsonl", [record] * 32)
+    late = {}
+    for coef in ("0", "0.1"):
+        out = tmp_path / f"coef{coef}"
+        finetune.train(args(moe_models["qwen3_moe"], data, out, tmp_path / "cache", "--per_device_train_batch_size",
+                            4, "--max_steps", 30, "--learning_rate", 1e-2, "--logging_steps", 5,
+                            "--lr_scheduler_type", "constant", "--router_aux_loss_coef", coef))
+        history = read_log_history(out)
+        late[coef] = sum(h["expert_maxvio"] for h in history if "expert_maxvio" in h and h["step"] >= 15) / 4
+        assert (out / "training_loss.png").is_file()
+    assert late["0"] > 1.6 * late["0.1"], late
