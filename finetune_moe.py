@@ -181,6 +181,20 @@ def fused_expert_parameters(model):
     return sorted(names)
 
 
+def expert_parameter_count(model):
+    """Parameters of all experts together: in every module holding fused expert tensors (3-d, leading dimension the
+    number of experts), those tensors and their per-expert biases."""
+    shape = moe_shape(model.config)
+    if not shape:
+        return 0
+    count = 0
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.shape[:1] == (shape[0],)]
+        if any(p.dim() == 3 for p in own):
+            count += sum(p.numel() for p in own)
+    return count
+
+
 def router_parameter_names(model):
     """Full names of the routers' parameters."""
     return [f"{name}.{p}" if name else p for name, m, _ in router_modules(model) for p, _ in m.named_parameters()]

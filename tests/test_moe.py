@@ -135,3 +135,20 @@ def test_balance_holds_with_the_router_loss_and_degrades_without(moe_models, tmp
         late[coef] = sum(h["expert_maxvio"] for h in history if "expert_maxvio" in h and h["step"] >= 15) / 4
         assert (out / "training_loss.png").is_file()
     assert late["0"] > 1.6 * late["0.1"], late
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_preflight_counts_total_and_active_parameters(moe_models, tmp_path, family, capsys):
+    """--dry_run: the memory estimate counts every parameter, the active count leaves out the experts a token is
+    not routed to (6 of 8 here): counted here from the saved weights' names."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    finetune.train(args(moe_models[family], DEMO, out, tmp_path / "cache", "--dry_run", "True"))
+    estimate = json.loads((out / "data_report.json").read_text())["memory_estimate"]
+    weights = load_file(f"{moe_models[family]}/model.safetensors")
+    total = sum(t.numel() for t in weights.values())
+    experts = sum(t.numel() for k, t in weights.items() if ".experts." in k)
+    assert estimate["params"] == total and estimate["trainable_params"] == total
+    assert estimate["active_params"] == total - experts * 6 // 8
+    assert f"{total:,} total (the memory estimate's), {total - experts * 6 // 8:,} active" in capsys.readouterr().out
