@@ -90,15 +90,7 @@ from finetune_distributed import (
 from finetune_exit_codes import ExitCode, StopQuietly
 from finetune_faults import Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving, warn_if_low_space
 from finetune_loss import TrainedTokenLoss
-from finetune_moe import (
-    MoeRouting,
-    fused_expert_parameters,
-    moe_shape,
-    reached_summary,
-    router_module_names,
-    set_router_trainable,
-    supported_attention,
-)
+from finetune_moe import MoeRouting, choose_attention, lora_targets, moe_shape, prepare_moe, reached_summary
 from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size
 from finetune_report import data_report, log_data_summary, plot_loss, token_accounting
 from finetune_retention import (
@@ -865,22 +857,10 @@ def use_packing(data_args, attn_implementation):
 
 
 def resolve_attn_implementation(model_args, training_args, quiet=False):
-    """--attn_implementation, or for auto the fastest the model's class declares it supports (finetune_moe
-    .supported_attention): flash_attention_2 on GPU with flash-attn installed, else sdpa, else eager."""
-    requested = model_args.attn_implementation
-    if requested != "auto":
-        return requested
-    import importlib.util
-
-    try:
-        supported = supported_attention(load_model_config(model_args, training_args))
-    except (OSError, ValueError):  # --show_masking reads no config: the choice is not used
-        supported = ("flash_attention_2", "sdpa", "eager")
-    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-    choice = next(a for a in ("flash_attention_2", "sdpa", "eager") if a in supported and (flash or a[0] != "f"))
-    if choice == "eager" and not quiet:
-        log0("attention: eager (this model does not support sdpa; set --attn_implementation to choose)")
-    return choice
+    """--attn_implementation; auto: the fastest the model's class supports (finetune_moe.choose_attention)."""
+    if model_args.attn_implementation != "auto":
+        return model_args.attn_implementation
+    return choose_attention(lambda: load_model_config(model_args, training_args), quiet)
 
 
 @functools.lru_cache(maxsize=4)
@@ -906,9 +886,7 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
             kwargs["device_map"] = {"": training_args.local_process_index}
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    # MoE: the router loss is ours, over the real tokens (finetune_moe); the model's own needs a mask we lack
-    model.config.output_router_logits = False
-    router_trained = set_router_trainable(model, training_args)
+    router_trained = prepare_moe(model, training_args)  # MoE: the router loss is ours; routers frozen or not
     # embeddings and head fitted to the tokenizer (new rows: the mean of the others), its turn end an eos
     new_ids = fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else []
     if not training_args.use_lora:
@@ -920,22 +898,17 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
             model, use_gradient_checkpointing=training_args.gradient_checkpointing,
             gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs or {"use_reentrant": False},
         )
-    expert_targets = fused_expert_parameters(model)  # MoE: the experts' fused weights, found in the model
     if lora_args.lora_weight_path:
         with peft_wrapping():
             model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
     else:
-        if expert_targets and lora_args.use_dora:
-            raise ValueError("--use_dora: peft 0.21 has no DoRA for the fused expert weights of this MoE model "
-                             f"({', '.join(expert_targets)}); use plain LoRA (drop --use_dora).")
         targets = lora_args.lora_target_modules
         config = LoraConfig(
             r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
-            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+            **lora_targets(model, targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                           lora_args.use_dora, router_trained),  # MoE: the fused experts too (finetune_moe)
             bias=lora_args.lora_bias, use_dora=lora_args.use_dora, task_type="CAUSAL_LM",
             trainable_token_indices=lora_token_indices(model, new_ids),  # the new tokens' rows only
-            target_parameters=expert_targets or None,
-            modules_to_save=router_module_names(model) if router_trained else None,
         )
         with peft_wrapping():
             model = get_peft_model(model, config)
@@ -946,7 +919,7 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
     log0(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%"
          f"{f', the rows of {len(new_ids)} new tokens included' if new_ids else ''})")
     if moe_shape(model.config):
-        log0(reached_summary(model, expert_targets, router_trained))
+        log0(reached_summary(model, router_trained))
     return model
 
 
@@ -1062,12 +1035,8 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
             num_items_in_batch = weights.sum()
         weights = weights.to(ce.device)[mask.to(ce.device)]
         loss = (ce * weights).sum() / torch.as_tensor(num_items_in_batch, device=ce.device).clamp(min=1e-8)
-        self._router_term = 0.0
-        if routing and self.moe.coef > 0 and self.moe.router_loss is not None:
-            # the step's objective gets coef x the mean router loss over its micro-batches and all ranks
-            self._router_term = (self.moe.coef * self.moe.router_loss.to(loss.device)
-                                 / (self._micro_batches * self.args.world_size))
-            loss = loss + self._router_term
+        self._router_term = self.moe.step_term(self._micro_batches * self.args.world_size) if routing else 0.0
+        loss = loss + self._router_term  # coef x the mean router loss over the step's micro-batches and ranks
         if model.training and self.args.world_size > 1:
             loss = loss * self._gradient_divisor  # DDP/DeepSpeed sum gradients over ranks and divide by it
             self._router_term = self._router_term * self._gradient_divisor

@@ -19,6 +19,7 @@ top_k experts (collapsed routing).
 """
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +127,7 @@ class MoeRouting:
         """Records every router's logits during the forward inside; then sets router_loss (a tensor with its graph
         when coef > 0, else detached) and counts the assignments."""
         self._logits, self.router_loss = [], None
-        hooks = [m.register_forward_hook(self._hook(index)) for _, m, index in self.routers]
+        hooks = [m.register_forward_hook(self._hook(index), prepend=True) for _, m, index in self.routers]
         try:
             yield self
         finally:
@@ -146,6 +147,13 @@ class MoeRouting:
             self._counts = torch.zeros_like(counts, device="cpu")
         if self._counts.shape == counts.shape:
             self._counts += counts.cpu()
+
+    def step_term(self, micro_batches_in_step):
+        """What this micro-batch adds to the loss: coef x router_loss / the micro-batches of the step on all ranks
+        (so that the step's objective gets coef x their mean router loss); 0 when nothing is added."""
+        if self.coef <= 0 or self.router_loss is None:
+            return 0.0
+        return self.coef * self.router_loss / micro_batches_in_step
 
     def take_metrics(self, reduce=lambda t: t):
         """{"router_loss": mean over the micro-batches since the last call, "expert_maxvio": over their tokens},
@@ -175,7 +183,8 @@ def fused_expert_parameters(model):
         return []
     names = set()
     for name, p in model.named_parameters():
-        if p.dim() == 3 and p.shape[0] == shape[0]:
+        full = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions: the parameter's own shape is [0] then
+        if len(full) == 3 and full[0] == shape[0]:
             parts = name.split(".")
             names.add(".".join(parts[-3:]))  # <block>.<experts module>.<parameter>: the same in every layer
     return sorted(names)
@@ -189,10 +198,22 @@ def expert_parameter_count(model):
         return 0
     count = 0
     for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.shape[:1] == (shape[0],)]
-        if any(p.dim() == 3 for p in own):
-            count += sum(p.numel() for p in own)
+        own = [getattr(p, "ds_shape", p.shape) for p in module.parameters(recurse=False)]
+        own = [s for s in own if tuple(s[:1]) == (shape[0],)]
+        if any(len(s) == 3 for s in own):
+            count += sum(math.prod(s) for s in own)
     return count
+
+
+def lora_module_targets(model, names):
+    """--lora_target_modules of a model with fused experts less the names that are no module of it (the experts'
+    gate_proj, up_proj, down_proj are fused parameters in transformers 5, reached through target_parameters): peft
+    0.21 would otherwise rewrite them by its table of transformers-4 names (families it lists only) and warn about
+    its rank pattern."""
+    if not fused_expert_parameters(model):
+        return names
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return [n for n in names if n in leaves]
 
 
 def router_parameter_names(model):
@@ -210,7 +231,7 @@ def active_parameters(config, total, expert_params):
     return int(total - expert_params * (experts - top_k) / experts)
 
 
-def reached_summary(model, expert_targets, router_trained):
+def reached_summary(model, router_trained):
     """One log line of what LoRA reached: attention, dense MLP, experts (fused tensors), router trained or frozen."""
     attention = dense = experts = 0
     for name, module in model.named_modules():
@@ -223,6 +244,7 @@ def reached_summary(model, expert_targets, router_trained):
         else:
             dense += 1
     router = "trained" if router_trained else "frozen"
+    expert_targets = sorted({n for c in model.peft_config.values() for n in (c.target_parameters or ())})
     return (f"LoRA reaches: attention {attention} modules, dense MLP {dense} modules, experts {experts} fused tensors "
             f"({', '.join(expert_targets) or 'none'}), router {router}")
 
@@ -232,16 +254,48 @@ def router_module_names(model):
     return sorted({".".join(name.split(".")[-2:]) for name, _, _ in router_modules(model)})
 
 
-def set_router_trainable(model, training_args):
-    """--freeze_router (default: frozen with LoRA, trained in full fine-tuning) -> whether the routers train.
-    Frozen in full fine-tuning: requires_grad off (the optimizer leaves them alone)."""
+def lora_targets(model, target_modules, use_dora, router_trained):
+    """LoraConfig's targets: --lora_target_modules (lora_module_targets), the fused expert tensors found in the model
+    (target_parameters), the routers as whole modules when they train (modules_to_save)."""
+    experts = fused_expert_parameters(model)
+    if experts and use_dora:
+        raise ValueError(f"--use_dora: peft 0.21 has no DoRA for the fused expert weights of this MoE model "
+                         f"({', '.join(experts)}); use plain LoRA (drop --use_dora).")
+    modules = target_modules if isinstance(target_modules, str) else lora_module_targets(model, target_modules)
+    return {"target_modules": modules, "target_parameters": experts or None,
+            "modules_to_save": router_module_names(model) if router_trained else None}
+
+
+def prepare_moe(model, training_args):
+    """Before training an MoE model: its own router loss off (ours counts the real tokens; transformers' needs an
+    attention mask that packing and sequence parallelism lack), --freeze_router (default: frozen with LoRA, trained
+    in full fine-tuning; frozen: requires_grad off) -> whether the routers train."""
     if not moe_shape(model.config):
         return False
+    model.config.output_router_logits = False
     freeze = training_args.use_lora if training_args.freeze_router is None else training_args.freeze_router
     if freeze:
         for _, module, _ in router_modules(model):
             module.requires_grad_(False)
     return not freeze
+
+
+def choose_attention(load_config, quiet=False):
+    """--attn_implementation auto: flash_attention_2 on GPU with flash-attn installed, else sdpa, of what the model's
+    class supports (supported_attention), else eager (e.g. gpt-oss), said in the log. load_config: -> its config."""
+    import importlib.util
+
+    try:
+        supported = supported_attention(load_config())
+    except (OSError, ValueError):  # --show_masking reads no config: the choice is not used
+        supported = ("flash_attention_2", "sdpa", "eager")
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    choice = next(a for a in ("flash_attention_2", "sdpa", "eager") if a in supported and (flash or a[0] != "f"))
+    if choice == "eager" and not quiet:
+        from finetune_console import log0
+
+        log0("attention: eager (this model does not support sdpa; set --attn_implementation to choose)")
+    return choice
 
 
 def supported_attention(config):

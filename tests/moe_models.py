@@ -14,7 +14,8 @@ def moe_config(family, tokenizer, experts=8, top_k=2, **extra):
     common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
                   eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
-                  bos_token_id=None, num_experts_per_tok=top_k, **extra)
+                  bos_token_id=None, num_experts_per_tok=top_k)
+    common.update(extra)  # e.g. hidden_size, num_hidden_layers, output_router_logits
     if family == "qwen3_moe":
         return transformers.Qwen3MoeConfig(**common, head_dim=8, intermediate_size=64, moe_intermediate_size=16,
                                            num_experts=experts)
