@@ -90,7 +90,15 @@ from finetune_distributed import (
 from finetune_exit_codes import ExitCode, StopQuietly
 from finetune_faults import Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving, warn_if_low_space
 from finetune_loss import TrainedTokenLoss
-from finetune_moe import MoeRouting, choose_attention, lora_targets, moe_shape, prepare_moe, reached_summary
+from finetune_moe import (
+    MoeRouting,
+    choose_attention,
+    lora_targets,
+    moe_shape,
+    prepare_moe,
+    reached_summary,
+    reload_converted_weights,
+)
 from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size
 from finetune_report import data_report, log_data_summary, plot_loss, token_accounting
 from finetune_retention import (
@@ -1049,6 +1057,11 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
             outputs.loss = loss
             return loss, outputs
         return loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # MoE full fine-tuning: weights saved in the checkpoint's layout are converted back (finetune_moe)
+        if self.is_deepspeed_enabled or not reload_converted_weights(model or self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def get_resumed_dataloader(self, dataloader, num_batches):
         # transformers >= 5.25 fast-forwards a resumed epoch through this (documented) method: the

@@ -467,6 +467,12 @@ def probe_peft_param_wrapper():
     return ParamWrapper.__name__ == "ParamWrapper"
 
 
+@_probe
+def probe_load_from_checkpoint():
+    return (_params("transformers:Trainer._load_from_checkpoint")[:3] == ["self", "resume_from_checkpoint", "model"]
+            and _source_has("transformers:Trainer._load_from_checkpoint", "load_state_dict(state_dict, False)"))
+
+
 LIBRARY_INTERNALS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "library_internals.json")
 
 

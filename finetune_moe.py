@@ -309,3 +309,21 @@ def supported_attention(config):
         return ("flash_attention_2", "sdpa", "eager")
     return tuple(a for a, ok in (("flash_attention_2", getattr(cls, "_supports_flash_attn", False)),
                                  ("sdpa", getattr(cls, "_supports_sdpa", False)), ("eager", True)) if ok)
+
+
+def reload_converted_weights(model, checkpoint):
+    """Resume of a full fine-tune: transformers 5.25's Trainer loads a checkpoint's model.safetensors into the model
+    as it is (strict=False), but an MoE model is saved in its checkpoint layout (one tensor per expert: experts.0
+    .gate_proj.weight ...) while it holds fused tensors (experts.gate_up_proj), so the experts silently stayed as
+    they were at the start. Their trained values are loaded here the way from_pretrained converts them. LoRA
+    checkpoints (adapters) and DeepSpeed ones (its own partitions) are not concerned. -> whether it loaded them."""
+    import glob
+    import os
+
+    if not moe_shape(model.config) or hasattr(model, "peft_config") or not fused_expert_parameters(model):
+        return False
+    if not glob.glob(os.path.join(checkpoint, "model*.safetensors")):
+        return False
+    loaded = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict())  # strict: every tensor, or an error
+    return True

@@ -1,5 +1,5 @@
-"""The router loss's cost on CPU: training steps/s of a small random Qwen3-MoE (tests/moe_models.py, hidden 64, 4 layers,
-8 experts, top-2) on the demo data, full fine-tuning, with the router loss added (the model's coefficient), only
+"""The router loss's cost on CPU: training steps/s of a small random Qwen3-MoE (tests/moe_models.py, hidden 64, 4
+layers, 8 experts, top-2) on the demo data, full fine-tuning, with the router loss added (the model's coefficient), only
 logged (--router_aux_loss_coef 0) and with the MoE machinery off (finetune_moe.MoeRouting.of patched to None: what
 finetune.py did before). Each mode runs `--repeats` times, interleaved; the median train_runtime is reported.
 

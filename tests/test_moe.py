@@ -186,3 +186,79 @@ def test_zero2_two_processes_full(moe_models, tmp_path):
     assert saved.keys() == base.keys()
     assert not torch.equal(saved["model.layers.0.mlp.experts.gate_up_proj"],
                            base["model.layers.0.mlp.experts.gate_up_proj"])
+
+
+@pytest.fixture(scope="module")
+def lora_run(moe_models, tmp_path_factory):
+    """A LoRA run on Mixtral (default targets: the experts too; routers trained whole with --freeze_router False)."""
+    tmp = tmp_path_factory.mktemp("moe-lora")
+    out = tmp / "out"
+    finetune.train(args(moe_models["mixtral"], DEMO, out, tmp / "cache", "--use_lora", "True", "--lora_r", 4,
+                        "--max_steps", 4, "--learning_rate", 2e-2, "--freeze_router", "False"))
+    return out
+
+
+def test_merge_and_chat_an_moe_adapter(lora_run, moe_models, tmp_path, capsys):
+    """merge_lora.py: the merged model's logits equal base + adapter (experts and the trained routers merged in);
+    chat.py answers from the adapter."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import chat
+    import merge_lora
+    from finetune_adapter import load_base_and_adapter
+
+    keys = load_file(lora_run / "adapter_model.safetensors").keys()
+    assert any("mlp.gate" in k and "modules_to_save" not in k and "lora_" not in k for k in keys) or \
+        any("mlp.gate" in k for k in keys), sorted(keys)[:10]  # the routers' trained weights are in the adapter
+    merged = merge_lora.main(["--adapter", str(lora_run), "--output", str(tmp_path / "merged")])
+    adapter, tokenizer, _ = load_base_and_adapter(str(lora_run))
+    ids = torch.tensor([tokenizer("The capital of France is Paris. Hello!")["input_ids"]])
+    with torch.no_grad():
+        expected = adapter.eval()(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged or tmp_path / "merged").eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(moe_models["mixtral"]).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(base, expected, atol=1e-3)
+    capsys.readouterr()
+    chat.main(["--model", str(lora_run), "--prompt", "Hello!", "--max_new_tokens", "5"])
+    assert capsys.readouterr().out.strip()
+
+
+def test_qlora_and_dora(moe_models, tmp_path, capsys):
+    """Q-LoRA on an MoE model: the dense layers 4-bit (bitsandbytes quantizes nn.Linear only), LoRA on the fused
+    experts in the compute dtype; DoRA (peft has no variant of it for fused expert tensors) is refused in one line."""
+    import bitsandbytes as bnb
+
+    trainer = finetune.train(args(moe_models["olmoe"], DEMO, tmp_path / "q", tmp_path / "cache", "--q_lora", "True",
+                                  "--lora_r", 4, "--max_steps", 2))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    assert "experts 4 fused tensors" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--use_dora: peft 0.21 has no DoRA for the fused expert weights"):
+        finetune.train(args(moe_models["olmoe"], DEMO, tmp_path / "d", tmp_path / "cache", "--use_lora", "True",
+                            "--use_dora", "True", "--max_steps", 1))
+
+
+def test_full_with_frozen_router_resumes(moe_models, tmp_path):
+    """Full fine-tuning of Qwen2-MoE (shared expert), --freeze_router True: the routers stay as they were, the rest
+    trains; a run resumed from checkpoint-2 ends where an uninterrupted one does."""
+    from transformers import AutoModelForCausalLM
+
+    def run(out, steps):
+        return finetune.train(args(moe_models["qwen2_moe"], DEMO, out, tmp_path / "cache", "--max_steps", steps,
+                                   "--learning_rate", 1e-3, "--freeze_router", "True", "--save_strategy", "steps",
+                                   "--save_steps", 2, "--train_sampling_strategy", "random",
+                                   "--lr_scheduler_type", "constant"))  # the same rate whatever max_steps
+
+    run(tmp_path / "ref", 4)
+    run(tmp_path / "out", 2)
+    run(tmp_path / "out", 4)  # resumes from checkpoint-2
+    # (saved in the checkpoint's layout, one tensor per expert: compared as transformers loads them back)
+    base, ref, resumed = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in
+                          (moe_models["qwen2_moe"], tmp_path / "ref", tmp_path / "out"))
+    assert torch.equal(ref["model.layers.0.mlp.gate.weight"], base["model.layers.0.mlp.gate.weight"])
+    assert not torch.equal(ref["model.layers.0.mlp.experts.down_proj"], base["model.layers.0.mlp.experts.down_proj"])
+    for k in ref:
+        torch.testing.assert_close(resumed[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert [h["router_loss"] for h in read_log_history(tmp_path / "out") if "loss" in h][-1] == pytest.approx(
+        [h["router_loss"] for h in read_log_history(tmp_path / "ref") if "loss" in h][-1], rel=1e-4)
