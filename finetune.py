@@ -25,6 +25,7 @@ This file is the training script, in the order a run goes. Self-contained machin
   finetune_preemption.py   save on SIGTERM/SIGUSR1, resume on another number of processes
   finetune_faults.py       a diverging run, a failed save: a clear stop
   finetune_loss.py         the loss over trained positions, one chunk of logits at a time
+  finetune_moe.py          MoE models: the router loss over real tokens, expert balance, LoRA on fused experts
   finetune_exit_codes.py   the exit codes in one table (ExitCode): bad input, diverged, retention, save, preempted
   finetune_launch.py       torchrun as finetune.sh starts it: a deliberate stop ends with the workers' own code
   finetune_adapter.py      an adapter put back on its base (chat.py, merge_lora.py), peft's wrapping

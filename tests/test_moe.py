@@ -262,3 +262,39 @@ def test_full_with_frozen_router_resumes(moe_models, tmp_path):
         torch.testing.assert_close(resumed[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
     assert [h["router_loss"] for h in read_log_history(tmp_path / "out") if "loss" in h][-1] == pytest.approx(
         [h["router_loss"] for h in read_log_history(tmp_path / "ref") if "loss" in h][-1], rel=1e-4)
+
+
+@pytest.mark.engine
+def test_moe_adapter_exported_to_gguf_runs_in_llama_cpp(smollm2, tmp_path):
+    """export_gguf.py on a Qwen3-MoE LoRA adapter (SmolLM2's tokenizer: one llama.cpp's converter knows): llama.cpp
+    loads it as qwen3moe with its 8 experts and its logits are base + adapter's up to f16 rounding."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import ENV
+    from finetune_adapter import load_base_and_adapter
+    from moe_models import moe_config
+    from test_export_gguf import engine
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(moe_config("qwen3_moe", tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = tmp_path / "out"
+    finetune.train(args(base, DEMO, out, tmp_path / "cache", "--use_lora", "True", "--lora_r", 4, "--max_steps", 2,
+                        "--learning_rate", 1e-2))
+    gguf = tmp_path / "model.gguf"
+    subprocess.run([sys.executable, str(ROOT / "export_gguf.py"), str(out), "--outtype", "f16", "--outfile", str(gguf)],
+                   env=ENV, check=True, capture_output=True, timeout=600)
+    llm = engine().Llama(model_path=str(gguf), n_ctx=256, n_threads=1, seed=0, verbose=False, logits_all=True)
+    assert llm.metadata["general.architecture"] == "qwen3moe" and llm.metadata["qwen3moe.expert_count"] == "8"
+    model, tok, _ = load_base_and_adapter(str(out))
+    ids = tok("The capital of France is Paris.")["input_ids"]
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(np.array(llm.scores[:len(ids)]) - expected).max() < 0.05
