@@ -61,6 +61,7 @@ import transformers
 silence_progress_bars()  # transformers' and datasets' own bars repeat what the log says
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
 
+import finetune_moe as moe
 from finetune_adapter import peft_wrapping
 from finetune_agreement import StepAgreement
 from finetune_cache import build_entry, cache_write_error, dataset_cache_root, entry_path
@@ -91,15 +92,6 @@ from finetune_distributed import (
 from finetune_exit_codes import ExitCode, StopQuietly
 from finetune_faults import Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving, warn_if_low_space
 from finetune_loss import TrainedTokenLoss
-from finetune_moe import (
-    MoeRouting,
-    choose_attention,
-    lora_targets,
-    moe_shape,
-    prepare_moe,
-    reached_summary,
-    reload_converted_weights,
-)
 from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size
 from finetune_report import data_report, log_data_summary, plot_loss, token_accounting
 from finetune_retention import (
@@ -869,7 +861,7 @@ def resolve_attn_implementation(model_args, training_args, quiet=False):
     """--attn_implementation; auto: the fastest the model's class supports (finetune_moe.choose_attention)."""
     if model_args.attn_implementation != "auto":
         return model_args.attn_implementation
-    return choose_attention(lambda: load_model_config(model_args, training_args), quiet)
+    return moe.choose_attention(lambda: load_model_config(model_args, training_args), quiet)
 
 
 @functools.lru_cache(maxsize=4)
@@ -895,7 +887,7 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
             kwargs["device_map"] = {"": training_args.local_process_index}
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    router_trained = prepare_moe(model, training_args)  # MoE: the router loss is ours; routers frozen or not
+    router_trained = moe.prepare_moe(model, training_args)  # MoE: the router loss is ours; routers frozen or not
     # embeddings and head fitted to the tokenizer (new rows: the mean of the others), its turn end an eos
     new_ids = fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else []
     if not training_args.use_lora:
@@ -914,7 +906,7 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
         targets = lora_args.lora_target_modules
         config = LoraConfig(
             r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
-            **lora_targets(model, targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+            **moe.lora_targets(model, targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
                            lora_args.use_dora, router_trained),  # MoE: the fused experts too (finetune_moe)
             bias=lora_args.lora_bias, use_dora=lora_args.use_dora, task_type="CAUSAL_LM",
             trainable_token_indices=lora_token_indices(model, new_ids),  # the new tokens' rows only
@@ -927,8 +919,8 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
     trainable, total = model.get_nb_trainable_parameters()
     log0(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%"
          f"{f', the rows of {len(new_ids)} new tokens included' if new_ids else ''})")
-    if moe_shape(model.config):
-        log0(reached_summary(model, router_trained))
+    if moe.moe_shape(model.config):
+        log0(moe.reached_summary(model, router_trained))
     return model
 
 
@@ -965,7 +957,7 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
         self.loss_is_scaled_for_ga = True  # compute_loss already divides by the step-wide weight
         self.token_loss = TrainedTokenLoss(self.args.loss_chunk_tokens, fused=self.args.fused_loss == "cce")
         # MoE: the router's load-balancing loss over the real tokens, once per micro-batch (finetune_moe.py)
-        self.moe = MoeRouting.of(self.model, getattr(self.args, "router_aux_loss_coef", None))
+        self.moe = moe.MoeRouting.of(self.model, getattr(self.args, "router_aux_loss_coef", None))
         self._micro_batches, self._router_term = 1, 0.0
         # source_idx indexes each dataset's own sorted source list, and the eval set may have other sources
         self._names = {"train": self.source_names, "eval": list(eval_source_names or self.source_names)}
@@ -1061,7 +1053,7 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # MoE full fine-tuning: weights saved in the checkpoint's layout are converted back (finetune_moe)
-        if self.is_deepspeed_enabled or not reload_converted_weights(model or self.model, resume_from_checkpoint):
+        if self.is_deepspeed_enabled or not moe.reload_converted_weights(model or self.model, resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def get_resumed_dataloader(self, dataloader, num_batches):

@@ -34,7 +34,6 @@ def main():
     for r in range(args.repeats):
         for mode, (extra, of) in modes.items():
             finetune_moe.MoeRouting.of = of
-            finetune.MoeRouting.of = of
             trainer = finetune.train([
                 "--model_name_or_path", model, "--data_path", os.path.join(ROOT, "examples", "demo_data.jsonl"),
                 "--output_dir", os.path.join(tmp, f"out{r}"), "--dataset_cache_dir", os.path.join(tmp, "cache"),
