@@ -188,6 +188,20 @@ def test_zero2_two_processes_full(moe_models, tmp_path):
                            base["model.layers.0.mlp.experts.gate_up_proj"])
 
 
+@pytest.mark.slow
+def test_sequence_parallel_two_processes(moe_models, tmp_path):
+    """Ulysses sequence parallelism (2 processes, one sample split across both, ZeRO-2) on Qwen3-MoE: each rank's
+    router loss counts the real tokens of its shard; the run trains and logs router_loss and expert_maxvio."""
+    from test_distributed import ZERO2, torchrun
+
+    out = tmp_path / "sp"
+    torchrun(2, args(moe_models["qwen3_moe"], DEMO, out, tmp_path / "cache", "--deepspeed", ZERO2, "--ddp_backend",
+                     "gloo", "--sequence_parallel_size", 2, "--max_steps", 2, "--learning_rate", 1e-3), timeout=600)
+    logged = [h for h in read_log_history(out) if "loss" in h]
+    assert len(logged) == 2 and all(h["router_loss"] > 0 and "expert_maxvio" in h for h in logged)
+    assert (out / "model.safetensors").is_file()
+
+
 @pytest.fixture(scope="module")
 def lora_run(moe_models, tmp_path_factory):
     """A LoRA run on Mixtral (default targets: the experts too; routers trained whole with --freeze_router False)."""
