@@ -154,7 +154,7 @@ def test_preflight_counts_total_and_active_parameters(moe_models, tmp_path, fami
     assert f"{total:,} total (the memory estimate's), {total - experts * 6 // 8:,} active" in capsys.readouterr().out
 
 
-def test_zero3_two_processes_lora_and_full(moe_models, tmp_path):
+def test_zero3_two_processes_lora(moe_models, tmp_path):
     """ZeRO-3 on 2 real torchrun processes (gloo): LoRA on Qwen3-MoE (experts included, router loss from the config)
     ends with a complete adapter holding the experts; the router loss and the balance figure are logged."""
     from safetensors.torch import load_file
@@ -223,8 +223,7 @@ def test_merge_and_chat_an_moe_adapter(lora_run, moe_models, tmp_path, capsys):
     from finetune_adapter import load_base_and_adapter
 
     keys = load_file(lora_run / "adapter_model.safetensors").keys()
-    assert any("mlp.gate" in k and "modules_to_save" not in k and "lora_" not in k for k in keys) or \
-        any("mlp.gate" in k for k in keys), sorted(keys)[:10]  # the routers' trained weights are in the adapter
+    assert any(".mlp.gate." in k for k in keys), sorted(keys)[:10]  # the routers' trained weights, whole
     merged = merge_lora.main(["--adapter", str(lora_run), "--output", str(tmp_path / "merged")])
     adapter, tokenizer, _ = load_base_and_adapter(str(lora_run))
     ids = torch.tensor([tokenizer("The capital of France is Paris. Hello!")["input_ids"]])
