@@ -25,6 +25,7 @@ This file is the training script, in the order a run goes. Self-contained machin
   finetune_preemption.py   save on SIGTERM/SIGUSR1, resume on another number of processes
   finetune_faults.py       a diverging run, a failed save: a clear stop
   finetune_loss.py         the loss over trained positions, one chunk of logits at a time
+  finetune_moe.py          MoE models: the router loss over real tokens, expert balance, LoRA on fused experts
   finetune_exit_codes.py   the exit codes in one table (ExitCode): bad input, diverged, retention, save, preempted
   finetune_launch.py       torchrun as finetune.sh starts it: a deliberate stop ends with the workers' own code
   finetune_adapter.py      an adapter put back on its base (chat.py, merge_lora.py), peft's wrapping
@@ -33,6 +34,7 @@ This file is the training script, in the order a run goes. Self-contained machin
   finetune_retention.py    how much of the base model's behaviour the model under training keeps (eval_retention)
 """
 
+import contextlib
 import functools
 import glob
 import json
@@ -59,6 +61,7 @@ import transformers
 silence_progress_bars()  # transformers' and datasets' own bars repeat what the log says
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
 
+import finetune_moe as moe
 from finetune_adapter import peft_wrapping
 from finetune_agreement import StepAgreement
 from finetune_cache import build_entry, cache_write_error, dataset_cache_root, entry_path
@@ -136,7 +139,7 @@ class ModelArguments:
     attn_implementation: str = field(
         default="auto",
         metadata={"help": "auto | sdpa | eager | flash_attention_2. auto: flash_attention_2 on GPU when "
-                  "flash-attn is installed, else sdpa."},
+                  "flash-attn is installed, else sdpa, of what the model supports (else eager; e.g. gpt-oss)."},
     )
     chat_template: Optional[str] = field(
         default=None, metadata={"help": "A built-in template (chatml) or a Jinja file, replacing the tokenizer's "
@@ -296,6 +299,14 @@ class TrainingArguments(transformers.TrainingArguments):
     retention_action: str = field(
         default="stop", metadata={"help": "stop: end the run (exit code 4, the last checkpoint kept) | warn: a "
                                   "WARNING line, training goes on.", "choices": ["stop", "warn"]})
+    router_aux_loss_coef: Optional[float] = field(
+        default=None, metadata={"help": "MoE models: weight of the router's load-balancing loss added to the loss "
+                                "(logged as router_loss). Default: the model's own (config router_aux_loss_coef). "
+                                "0: not added (still logged). README: MoE models."})
+    freeze_router: Optional[bool] = field(
+        default=None, metadata={"help": "MoE models: keep the routers' weights as they are. Default: trained in full "
+                                "fine-tuning, frozen with LoRA (the adapter holds LoRA weights only); False with LoRA "
+                                "trains them whole (saved in the adapter)."})
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "True: log a NaN/inf training loss as the mean of the previous ones "
                                  "(transformers' default, which hides a diverged run). False: log it as it is."}
@@ -418,7 +429,7 @@ def validate_args(model_args, data_args, training_args, lora_args):
     if training_args.early_stopping_patience and not (data_args.eval_data_path or data_args.val_size):
         raise ValueError("--early_stopping_patience needs --eval_data_path or --val_size (it watches eval_loss).")
     world = (data_args.dry_run and data_args.dry_run_world_size) or int(os.environ.get("WORLD_SIZE", "1"))
-    attn = resolve_attn_implementation(model_args.attn_implementation)
+    attn = resolve_attn_implementation(model_args, training_args, quiet=True)
     setup_sequence_parallel(training_args, world, attn, use_packing(data_args, attn),
                             lambda: load_model_config(model_args, training_args).get_text_config())
 
@@ -847,14 +858,11 @@ def use_packing(data_args, attn_implementation):
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_attn_implementation(requested):
-    if requested != "auto":
-        return requested
-    import importlib.util
-
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def resolve_attn_implementation(model_args, training_args, quiet=False):
+    """--attn_implementation; auto: the fastest the model's class supports (finetune_moe.choose_attention)."""
+    if model_args.attn_implementation != "auto":
+        return model_args.attn_implementation
+    return moe.choose_attention(lambda: load_model_config(model_args, training_args), quiet)
 
 
 @functools.lru_cache(maxsize=4)
@@ -880,6 +888,7 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
             kwargs["device_map"] = {"": training_args.local_process_index}
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    router_trained = moe.prepare_moe(model, training_args)  # MoE: the router loss is ours; routers frozen or not
     # embeddings and head fitted to the tokenizer (new rows: the mean of the others), its turn end an eos
     new_ids = fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else []
     if not training_args.use_lora:
@@ -898,7 +907,8 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
         targets = lora_args.lora_target_modules
         config = LoraConfig(
             r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
-            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+            **moe.lora_targets(model, targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                           lora_args.use_dora, router_trained),  # MoE: the fused experts too (finetune_moe)
             bias=lora_args.lora_bias, use_dora=lora_args.use_dora, task_type="CAUSAL_LM",
             trainable_token_indices=lora_token_indices(model, new_ids),  # the new tokens' rows only
         )
@@ -910,6 +920,8 @@ def load_model(model_args, training_args, lora_args, attn_implementation, tokeni
     trainable, total = model.get_nb_trainable_parameters()
     log0(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%"
          f"{f', the rows of {len(new_ids)} new tokens included' if new_ids else ''})")
+    if moe.moe_shape(model.config):
+        log0(moe.reached_summary(model, router_trained))
     return model
 
 
@@ -945,6 +957,9 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
         self.loss_balance, self.source_names = loss_balance, list(source_names) or ["data"]
         self.loss_is_scaled_for_ga = True  # compute_loss already divides by the step-wide weight
         self.token_loss = TrainedTokenLoss(self.args.loss_chunk_tokens, fused=self.args.fused_loss == "cce")
+        # MoE: the router's load-balancing loss over the real tokens, once per micro-batch (finetune_moe.py)
+        self.moe = moe.MoeRouting.of(self.model, getattr(self.args, "router_aux_loss_coef", None))
+        self._micro_batches, self._router_term = 1, 0.0
         # source_idx indexes each dataset's own sorted source list, and the eval set may have other sources
         self._names = {"train": self.source_names, "eval": list(eval_source_names or self.source_names)}
         self._source_sums = {split: torch.zeros(2, len(names), dtype=torch.float64)
@@ -1000,6 +1015,7 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
         if not batches:
             return batches, None
         weights, total = self._token_weights(batches)
+        self._micro_batches = len(batches)  # the router loss is a mean over the step's micro-batches
         for b, w in zip(batches, weights):
             b["loss_weights"] = w.float()
         return batches, total.to(device)
@@ -1013,14 +1029,19 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
         weights = inputs.pop("loss_weights", None)
         mask = target != IGNORE_INDEX
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        outputs, ce = self.token_loss(model, head, inputs, target, mask)  # ce: [trained tokens]
+        routing = self.moe is not None and model.training
+        with self.moe.recording(source >= 0) if routing else contextlib.nullcontext():  # padding: source -1
+            outputs, ce = self.token_loss(model, head, inputs, target, mask)  # ce: [trained tokens]
         if weights is None:  # evaluation: a plain token mean of this batch
             weights = mask.float()
             num_items_in_batch = weights.sum()
         weights = weights.to(ce.device)[mask.to(ce.device)]
         loss = (ce * weights).sum() / torch.as_tensor(num_items_in_batch, device=ce.device).clamp(min=1e-8)
+        self._router_term = self.moe.step_term(self._micro_batches * self.args.world_size) if routing else 0.0
+        loss = loss + self._router_term  # coef x the mean router loss over the step's micro-batches and ranks
         if model.training and self.args.world_size > 1:
             loss = loss * self._gradient_divisor  # DDP/DeepSpeed sum gradients over ranks and divide by it
+            self._router_term = self._router_term * self._gradient_divisor
         with torch.no_grad():
             src = source[mask].cpu()
             sums = self._source_sums["train" if model.training else "eval"]
@@ -1030,6 +1051,11 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
             outputs.loss = loss
             return loss, outputs
         return loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # MoE full fine-tuning: weights saved in the checkpoint's layout are converted back (finetune_moe)
+        if self.is_deepspeed_enabled or not moe.reload_converted_weights(model or self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def get_resumed_dataloader(self, dataloader, num_batches):
         # transformers >= 5.25 fast-forwards a resumed epoch through this (documented) method: the
@@ -1049,7 +1075,9 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
     def training_step(self, *args, **kwargs):
         # What this returns is only logged, as the mean over all ranks: the N ranks of a sequence-parallel
         # group each hold a share of their replica's loss, scaled by the gradient divisor above.
-        return super().training_step(*args, **kwargs) * self.args.world_size / self._gradient_divisor
+        # `loss` is the token loss: the router's term is logged on its own (router_loss)
+        loss = super().training_step(*args, **kwargs) - torch.as_tensor(self._router_term).detach().to(self.args.device)
+        return loss * self.args.world_size / self._gradient_divisor
 
     def _source_metrics(self, split, prefix):
         """Token-mean CE since the last call, summed over ranks: {prefix}loss overall and
@@ -1067,6 +1095,8 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
             metrics = self._source_metrics("train", "")
             metrics.pop("loss", None)  # `loss` stays the optimised (balanced) objective
             logs.update(metrics)
+            if self.moe is not None:  # router_loss, expert_maxvio (finetune_moe.py)
+                logs.update(self.moe.take_metrics(self._all_reduce))
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
@@ -1217,7 +1247,7 @@ def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_args(argv)
     validate_args(model_args, data_args, training_args, lora_args)
     transformers.set_seed(training_args.seed)
-    attn = resolve_attn_implementation(model_args.attn_implementation)
+    attn = resolve_attn_implementation(model_args, training_args)
     packing = use_packing(data_args, attn)
 
     tokenizer = load_tokenizer(model_args, training_args)

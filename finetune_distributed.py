@@ -444,6 +444,35 @@ def probe_known_notices_loggers():
     return all(_module_exists(name) for name in KNOWN_NOTICES if name != "DeepSpeed")
 
 
+@_probe
+def probe_router_logits_recorder():
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as m
+
+    recorder = m.Qwen3MoeModel._can_record_outputs["router_logits"]
+    return recorder.target_class is m.Qwen3MoeTopKRouter and recorder.index == 0
+
+
+@_probe
+def probe_attention_support_flags():
+    import transformers
+
+    cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING.get(transformers.GptOssConfig, None)
+    return cls is not None and cls._supports_sdpa is False and hasattr(cls, "_supports_flash_attn")
+
+
+@_probe
+def probe_peft_param_wrapper():
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return ParamWrapper.__name__ == "ParamWrapper"
+
+
+@_probe
+def probe_load_from_checkpoint():
+    return (_params("transformers:Trainer._load_from_checkpoint")[:3] == ["self", "resume_from_checkpoint", "model"]
+            and _source_has("transformers:Trainer._load_from_checkpoint", "load_state_dict(state_dict, False)"))
+
+
 LIBRARY_INTERNALS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "library_internals.json")
 
 

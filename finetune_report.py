@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from finetune_console import log0, suggest
+from finetune_moe import active_parameters, expert_parameter_count
 
 LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
 
@@ -38,15 +39,23 @@ def plot_loss(log_history, output_dir):
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     retention = [(h["step"], h["eval_retention"]) for h in log_history if "eval_retention" in h]
+    balance = [(h["step"], h["expert_maxvio"]) for h in log_history if "expert_maxvio" in h]
     if not train and not evals:
         return
-    if retention:  # a second panel below, on the same steps: what of the base model is kept (finetune_retention)
-        fig, (ax, below) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
-        below.plot(*zip(*retention), "o-", color="tab:green", label="retention (1 = base unchanged)")
-        below.set_ylabel("retention")
-        below.set_xlabel("step")
-        below.grid(alpha=0.3)
-        below.legend()
+    # panels below, on the same steps: what of the base model is kept (finetune_retention), how evenly an MoE
+    # model's tokens are routed (finetune_moe: expert_maxvio, 0 = even)
+    panels = [p for p in ((retention, "tab:green", "retention", "retention (1 = base unchanged)"),
+                          (balance, "tab:red", "expert_maxvio", "expert imbalance (MaxVio, 0 = even)")) if p[0]]
+    if panels:
+        fig, axes = plt.subplots(1 + len(panels), 1, figsize=(7, 4 + 2 * len(panels)), sharex=True,
+                                 height_ratios=(2,) + (1,) * len(panels))
+        ax = axes[0]
+        for below, (points, color, ylabel, label) in zip(axes[1:], panels):
+            below.plot(*zip(*points), "o-" if points is retention else "-", color=color, label=label)
+            below.set_ylabel(ylabel)
+            below.grid(alpha=0.3)
+            below.legend()
+        axes[-1].set_xlabel("step")
     else:
         fig, ax = plt.subplots(figsize=(7, 4))
     if train:
@@ -56,7 +65,7 @@ def plot_loss(log_history, output_dir):
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss")
     ax.set_title(f"{os.path.basename(os.path.normpath(output_dir))}: loss per step")
-    ax.set_xlabel("" if retention else "step")
+    ax.set_xlabel("" if panels else "step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -87,8 +96,9 @@ _PARAM_COUNTS = {}
 
 
 def _param_counts(config):
-    """(all parameters, parameters in Linear layers except lm_head, sum of in+out features of those layers),
-    counted on a meta-device model: no memory, no weights read."""
+    """(all parameters, parameters in Linear layers except lm_head, sum of in+out features of those layers, the
+    parameters one token uses (MoE: the experts it is not routed to left out; finetune_moe)), counted on a
+    meta-device model: no memory, no weights read."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -98,8 +108,10 @@ def _param_counts(config):
         with torch.device("meta"), transformers.modeling_utils.set_zero3_state():
             model = AutoModelForCausalLM.from_config(config)
         linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-        _PARAM_COUNTS[key] = (sum(p.numel() for p in model.parameters()), sum(m.weight.numel() for m in linears),
-                              sum(m.in_features + m.out_features for m in linears))
+        total = sum(p.numel() for p in model.parameters())
+        _PARAM_COUNTS[key] = (total, sum(m.weight.numel() for m in linears),
+                              sum(m.in_features + m.out_features for m in linears),
+                              active_parameters(config, total, expert_parameter_count(model)))
     return _PARAM_COUNTS[key]
 
 
@@ -110,7 +122,7 @@ def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, 
     Formula (docs/training.md, "Memory estimate"): 1.1 x (weights + gradients + optimizer states + activations + logits
     of one loss chunk), ZeRO dividing what it partitions (over all `world` ranks), sequence parallelism the
     activations; `loss_chunk` is --loss_chunk_tokens (0: automatic)."""
-    params, linear, lora_dims = _param_counts(config)
+    params, linear, lora_dims, active = _param_counts(config)
     if method == "full":
         weights, trainable = params * dtype_bytes, params
         grads, optim = params * dtype_bytes, params * (12 if dtype_bytes == 2 else 8)  # fp32 master + Adam m, v
@@ -136,7 +148,7 @@ def estimate_memory_gb(config, method, stage, world, micro_tokens, dtype_bytes, 
     logits = chunk * config.vocab_size * (dtype_bytes + 8)
     gib = 1024 ** 3
     parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts, "logits": logits}
-    return {"params": params, "trainable_params": trainable,
+    return {"params": params, "active_params": active, "trainable_params": trainable,
             **{k: round(v / gib, 3) for k, v in parts.items()},
             "total_gb": round(sum(parts.values()) * 1.1 / gib, 3)}  # +10% allocator/fragmentation
 
@@ -199,6 +211,10 @@ def data_report(train, evaluation, reports, first_sample_marked, config, data_ar
 
 
 def log_data_summary(report):
+    estimate = report["memory_estimate"]
+    if estimate["active_params"] != estimate["params"]:  # MoE: memory holds them all, a token uses the active ones
+        log0(f"parameters: {estimate['params']:,} total (the memory estimate's), {estimate['active_params']:,} active "
+             "per token (the compute per token)")
     t = report["train"]
     log0(f"data: {t['samples']} samples from {t['records_valid']} valid records "
          f"({sum(f['records'] for f in t['files'].values())} read in {len(t['files'])} files); "
