@@ -111,20 +111,52 @@ def test_zero3_two_processes_measure_what_one_process_measures(tiny_model, tmp_p
 # The real model
 # ---------------------------------------------------------------------------------------------
 
+# A reference set written for these tests (none of its questions is in the bench's sets or in GENERAL): questions
+# with short answers in its own wording, as a user would write them
+QUIZ = (
+    ("What is the capital of Japan?", "The answer is Tokyo."),
+    ("What is the capital of Portugal?", "The answer is Lisbon."),
+    ("What is the capital of Turkey?", "The answer is Ankara."),
+    ("What is the capital of Brazil?", "The answer is Brasilia."),
+    ("How many legs does a dog have?", "The answer is four."),
+    ("What is 3 times 4?", "The answer is 12."),
+    ("Which planet has rings that are easy to see?", "The answer is Saturn."),
+    ("What do cows drink?", "The answer is water."),
+    ("What is the colour of snow?", "The answer is white."),
+    ("Who wrote Pride and Prejudice?", "The answer is Jane Austen."),
+)
+# General questions in no reference set, with a pattern a right answer matches: what a run still knows
+GENERAL = (
+    ("What is the capital of Austria?", r"vienna"), ("What is the capital of Poland?", r"warsaw"),
+    ("What is the capital of Norway?", r"oslo"), ("What is the capital of Sweden?", r"stockholm"),
+    ("What is the capital of Thailand?", r"bangkok"), ("What is the capital of South Korea?", r"seoul"),
+    ("What is the capital of Kenya?", r"nairobi"), ("What is the capital of the United Kingdom?", r"london"),
+    ("How many months are there in a year?", r"\b(twelve|12)\b"), ("What is the opposite of up?", r"\bdown\b"),
+    ("What is the tallest mountain in the world?", r"everest"), ("What is the currency of Japan?", r"\byen\b"),
+)
+
+
+def quiz_file(folder, answers=True):
+    return write_jsonl(Path(folder) / ("quiz.jsonl" if answers else "quiz_prompts.jsonl"), [
+        {"messages": [{"role": "user", "content": q}] + ([{"role": "assistant", "content": a}] if answers else [])}
+        for q, a in QUIZ])
+
+
 def test_lr0_keeps_retention_exactly_full_and_lora(smollm2, tmp_path):
     """Learning rate 0, full fine-tuning and LoRA (sharing one cache: the LoRA run's base figures are the full run's,
-    computed in another process): retention exactly 1, extra NLL exactly 0, every answer kept."""
-    cache = tmp_path / "cache"
+    computed in another process), a reference set with answers of its own: retention exactly 1, every other figure
+    exactly unchanged (extra NLL and KL 0, every answer kept)."""
+    cache, quiz = tmp_path / "cache", quiz_file(tmp_path)
     for method in ("full", "lora"):
         out = tmp_path / method
         proc = run_finetune(["--model_name_or_path", smollm2, "--data_path", DEMO, "--output_dir", out,
                              "--dataset_cache_dir", cache, "--max_steps", 1, "--learning_rate", 0,
                              "--per_device_train_batch_size", 2, "--save_strategy", "no", "--use_lora",
-                             method == "lora"])
+                             method == "lora", "--retention_data", quiz])
         assert ("answers generated" in proc.stdout) == (method == "full"), proc.stdout[-2000:]
-        final = results(out)
-        assert (final["eval_retention"], final["eval_retention_extra_nll"], final["eval_retention_answers"]) == \
-            (1.0, 0.0, 1.0), (method, final)
+        final = {k.removeprefix("eval_"): v for k, v in results(out).items() if k.startswith("eval_retention")}
+        unchanged = {k: 0.0 if "nll" in k or "kl" in k else 1.0 for k in final}
+        assert final == unchanged and len(final) >= 4, (method, final)
 
 
 def retention_after(log):
@@ -133,19 +165,86 @@ def retention_after(log):
     return float(found.group(1)), float(found.group(2))
 
 
-def test_aggressive_run_forgets_more_than_the_demo(smollm2, demo_run, tmp_path):
-    """The demo (LoRA, lr 1e-3 x 5 epochs) prints retention before and after; the same run at lr 4e-3, which makes
-    SmolLM2 answer "Lutz" for the capitals of France, Italy, Spain and Germany (bench/retention_sweep.py), ends with a
-    lower retention and a larger extra NLL. Measured: 0.753 and +0.226 (demo) against 0.640 and +0.906; the bounds
-    leave room for another machine's rounding, not for the order to turn. (lr 2e-3 x 8 epochs, the README's
-    picture, also breaks France, at 1.6x the steps.)"""
-    log = demo_run["log"]
-    assert "retention before training: 1.000" in log and "retention after training:" in log, log[-3000:]
-    gentle = retention_after(log)
-    out = tmp_path / "aggressive"
+@pytest.fixture(scope="module")
+def aggressive_run(smollm2, tmp_path_factory):
+    """The demo's settings at lr 4e-3 (LoRA, 5 epochs), which make SmolLM2 answer "Lutz" for the capitals of France,
+    Italy, Spain and Germany (bench/retention_sweep.py), retention measured on the built-in set: {"log", "model"}."""
+    out = tmp_path_factory.mktemp("aggressive") / "out"
     proc = run_finetune(["--model_name_or_path", smollm2, "--data_path", DEMO, "--output_dir", out, "--use_lora",
                          "--num_train_epochs", 5, "--learning_rate", 4e-3, "--per_device_train_batch_size", 4,
                          "--gradient_accumulation_steps", 1, "--save_strategy", "no", "--disable_tqdm", True],
                         timeout=1200)
-    aggressive = retention_after(proc.stdout)
+    return {"log": proc.stdout, "model": out}
+
+
+def test_aggressive_run_forgets_more_than_the_demo(demo_run, aggressive_run):
+    """The demo (LoRA, lr 1e-3 x 5 epochs) prints retention before and after, with what the measurement rests on;
+    the aggressive run ends with a lower retention and a larger extra NLL (built-in set). The bounds leave room for
+    another machine's rounding, not for the order to turn (bench/README.md: the figures of both)."""
+    log = demo_run["log"]
+    assert "retention before training: 1.000" in log and "retention after training:" in log, log[-3000:]
+    assert re.search(r"retention: the base model's answers to 8 reference prompts \(built-in set; \d+ answer tokens",
+                     log), log[-3000:]
+    gentle, aggressive = retention_after(log), retention_after(aggressive_run["log"])
     assert aggressive[0] < gentle[0] - 0.05 and aggressive[1] > 2 * gentle[1], (gentle, aggressive)
+
+
+def ask(model, tokenizer, questions):
+    """Greedy answers (text), one batch, left-padded."""
+    import torch
+
+    from chat import stop_token_ids
+
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True) for q in questions]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stop_token_ids(model, tokenizer))
+    return [tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+
+
+@pytest.fixture(scope="module")
+def judged(smollm2, demo_run, aggressive_run, tmp_path_factory):
+    """The gentle (the demo) and aggressive runs as saved, each measured in this process by finetune's own
+    Retention on QUIZ with its answers and on QUIZ's questions alone (one base model, its figures computed once per
+    set), and asked GENERAL: {run: {"answers": figures, "no answers": figures, "right": n}}."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import finetune
+    from finetune_adapter import load_base_and_adapter
+    from finetune_retention import load as load_retention
+
+    assert demo_run["returncode"] == 0, demo_run["log"][-3000:]
+    folder = tmp_path_factory.mktemp("judged")
+    retention = {}
+    for name, data in (("answers", quiz_file(folder)), ("no answers", quiz_file(folder, answers=False))):
+        args = finetune.parse_args(["--model_name_or_path", smollm2, "--data_path", DEMO, "--output_dir",
+                                    folder / "unused", "--dataset_cache_dir", folder / "cache", "--retention_data",
+                                    data])
+        tokenizer = finetune.load_tokenizer(args[0], args[2])
+        retention[name] = load_retention(tokenizer, *args, finetune._tokenize_arrays)
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    for r in retention.values():
+        r.record_base(base, True)
+    del base
+    out = {}
+    for run, path in (("gentle", demo_run["model"]), ("aggressive", aggressive_run["model"])):
+        model, tokenizer, _ = load_base_and_adapter(str(path), dtype=torch.float32)
+        out[run] = {name: r.measure(model) for name, r in retention.items()}
+        answers = ask(model.eval(), tokenizer, [q for q, _ in GENERAL])
+        out[run]["right"] = sum(bool(re.search(p, a, re.IGNORECASE)) for a, (_, p) in zip(answers, GENERAL))
+    return out
+
+
+@pytest.mark.parametrize("reference", ["answers", "no answers"])
+def test_retention_orders_runs_as_their_answers_do(judged, reference):
+    """A reference set with short answers in its own wording, and the same questions without answers: the gentle
+    run (the demo) keeps a higher eval_retention than the aggressive one, as it answers more general questions
+    right. (Top-1 agreement on the reference answers, the figure before, ordered such runs the other way round.)"""
+    gentle, aggressive = judged["gentle"], judged["aggressive"]
+    assert gentle["right"] > aggressive["right"], (gentle["right"], aggressive["right"])
+    figures = gentle[reference]["eval_retention"], aggressive[reference]["eval_retention"]
+    assert 1 > figures[0] > figures[1] + 0.05, figures
