@@ -97,7 +97,6 @@ from finetune_retention import (
     check_flags as check_retention_flags,
     eval_schedule,
     load as load_retention,
-    summary,
 )
 from finetune_sources import check_data_flags, file_id, resolve_data_spec
 from finetune_template import chat_template_source, check_chat_template_flag, encode_regions, render_conversation
@@ -1194,7 +1193,7 @@ def save_results(trainer, tokenizer, result, report, has_eval):
     if evaluated:  # trainer_state.json keeps the evaluations made while training; the final one is eval_results.json
         del history[n_logged:]
     if trainer.retention is not None:
-        log0(summary(final_eval))
+        log0(trainer.retention.summary(final_eval))
     since = time.time() - 1  # a failed final save removes the weight files it wrote (finetune_faults.saving)
 
     def final_bytes():

@@ -1,30 +1,41 @@
-"""Retention: how much of the base model's behaviour the model under training keeps (README: "Retention").
+"""Retention: how much of the base model's behaviour the model under training keeps (docs/after-training.md:
+"Retention").
 
 Before the first step the base model (for an adapter: the same model with its adapters disabled, no second copy)
-answers a reference set of general prompts (by default the first 8 of retention_prompts.jsonl, written for this
-project, or --retention_data) greedily and at most MAX_NEW_TOKENS tokens, once; a record that brings its own answer
-keeps it. One teacher-forced forward pass over prompt + answer gives, at every answer position, the base's top-1 token
-and the answer token's negative log-likelihood (NLL). At every evaluation and at the end the same forward pass on the
-model under training gives:
+answers every prompt of a reference set (by default the first 8 of retention_prompts.jsonl, written for this
+project, or --retention_data) greedily and at most MAX_NEW_TOKENS tokens, once; a record that ends with an answer
+keeps it as its reference answer (the others: the base's own answer is their reference). One teacher-forced forward
+pass over prompt + answer gives, at every answer position, the base's top-1 token, the answer token's negative
+log-likelihood (NLL) and the base's TOP_K likeliest next tokens with their log-probabilities. At every evaluation and
+at the end the same forward pass on the model under training gives (LOGGED):
 
-    eval_retention             share of answer positions where the model still ranks first what the base ranked
-                               first (for the base's own answers: the share of its answer tokens it still ranks first)
-    eval_retention_extra_nll   mean NLL of the answer tokens minus the base's (nats per token; 0: unchanged)
+    eval_retention             the reference answers' likelihood kept: exp(-extra NLL), the geometric mean over
+                               their tokens of p_model / p_base, capped at 1 (1 = unchanged; 0.5 = half as likely)
+    eval_retention_extra_nll   mean NLL of the reference answer tokens minus the base's (nats per token; 0: unchanged)
+    eval_retention_top1        share of reference answer positions where the model still ranks first what the base
+                               ranked first (the headline before: on someone else's wording it follows phrasing)
     eval_retention_answers     share of reference answers kept at every position (for the base's own answers: the
                                share it would still give word for word, greedily)
+    eval_retention_kl          KL from the base's next-token distribution on the base's own answers (nats per token)
+
+Why the extra NLL: bench/retention_figures.py trains a grid of runs (LoRA and full, several learning rates and
+epochs) and ranks them by each candidate figure on several reference sets (the built-in prompts, a quiz with short
+answers, the same with sentences, the questions alone) against how many held-out general questions each run still
+answers right; the extra NLL on the reference answers ranks them best on every set (bench/README.md). Its resolution:
+the answer tokens and prompts it rests on, in the log lines; how many prompts separate two runs: docs.
 
 Every process computes the same batches on the whole set (no rank measures alone: under ZeRO-3 every forward is a
-collective), so the figure does not depend on the number of processes. The base figures are cached beside the
-dataset cache (finetune.py names the file) and copied into OUTPUT_DIR (a resumed run finds them there).
+collective), so the figure does not depend on the number of processes. The base figures are a finetune_cache entry
+beside the dataset cache (cache_entry names it) and copied into OUTPUT_DIR (a resumed run finds them there).
 
 What finetune.py uses:
   BUILTIN_REFERENCE, check_flags, read_reference  the reference set (read by finetune_data's reader and validator)
-  Retention(items, cache_file, output_dir)        base figures (record_base) and measurements (measure)
+  Retention(items, cache_entry, output_dir, ...)  base figures (record_base), measurements (measure), log lines
   RetentionEvaluation                             a Trainer mixin: retention joins every evaluation's metrics; with
                                                   no evaluation set, evaluate() measures retention alone
   RetentionCallback                               base figures at train begin, the --eval_strategy schedule of a
                                                   run without an evaluation set, the --retention_min guard
-  eval_schedule, summary                          the schedule taken from TrainingArguments; the closing log line
+  eval_schedule, load                             the schedule taken from TrainingArguments; the reference set
 """
 
 import functools
@@ -287,9 +298,9 @@ class Retention:
                 self._save(self.base)
         self._index()
         self.base_seconds = time.time() - start  # bench/real_model.py reports it
-        log0(f"retention: the base model's answers to {self.records} reference prompts ({self.source}; "
-             f"{self.resolution()}; {how}, {self.base_seconds:.1f} s); retention before training: 1.000 (1 = the "
-             "base's behaviour unchanged)")
+        log0(f"retention: the base model's figures on {self.records} reference prompts ({self.source}; "
+             f"{how}, {self.base_seconds:.1f} s); retention before training: 1.000 (1 = the base's behaviour "
+             f"unchanged), measured {self.resolution()}")
 
     def _index(self):
         base, items = self.base, self.base["items"]
@@ -306,25 +317,40 @@ class Retention:
                         "ref": torch.tensor([it["kind"] == "given" or it["record"] not in answered for it in items])}
 
     def resolution(self):
-        """What a measurement rests on, for the log."""
-        own = int(self.subsets["own"][self.owner].sum())
-        given = int((~self.subsets["own"])[self.owner].sum())
-        return f"{own:,} answer tokens of its own" + (f", {given:,} of the reference answers" if given else "")
+        """What eval_retention rests on, for the log: its answer tokens and prompts."""
+        ref = self.subsets["ref"]
+        given = int((ref & ~self.subsets["own"])[self.owner].sum())
+        tokens = int(ref[self.owner].sum())
+        parts = [f"{given:,} of the reference answers"] if given else []
+        parts += [f"{tokens - given:,} of the base's own answers"] if tokens > given else []
+        return f"on {tokens:,} answer tokens of {self.records} prompts ({', '.join(parts)})"
+
+    def summary(self, metrics, prefix="eval"):
+        """The closing log line."""
+        get = lambda k: metrics[f"{prefix}_{k}"]  # noqa: E731
+        return (f"retention after training: {get('retention'):.3f} of the reference answers' likelihood kept (extra "
+                f"NLL {get('retention_extra_nll'):+.4f} nats/token {self.resolution()}; top-1 tokens kept "
+                f"{get('retention_top1'):.3f}, answers kept whole {get('retention_answers'):.3f}, KL from the base "
+                f"on its own answers {get('retention_kl'):.4f})")
 
     def measure(self, model, step=None, prefix="eval"):
-        """{prefix}_retention and the other figures (figures()) of `model` now; the same figures again for a second
-        call at the same step (the model has not changed)."""
+        """{prefix}_ + every name of LOGGED, of `model` now; the same figures again for a second call at the same
+        step (the model has not changed)."""
         if step is not None and self.last[0] == step:
             return {f"{prefix}_{k}": v for k, v in self.last[1].items()}
         with _Eval(model):
             self.scored = score(model, self.base["items"], self.pad, self.base_top_ids)
         figures = self.figures(self.scored)
+        figures = {name: figures[source] for name, source in LOGGED.items()}
         self.last = (step, figures)
         return {f"{prefix}_{k}": v for k, v in figures.items()}
 
     def figures(self, scored, records=None):
-        """The figures of a measurement (score()'s output on the base's items); records: the reference records to
-        count (a list, repeats counted: bench/retention_figures.py resamples them), default all once."""
+        """Every figure of a measurement (score()'s output on the base's items), the candidates of
+        bench/retention_figures.py: {own|ref}_{top1|extra_nll|kl|answers} on the base's own answers (own) or on the
+        reference answers (ref: the record's own answer where it has one, else the base's), and the headline
+        (retention). records: the reference records to count (a list, repeats counted: the bench resamples them),
+        default all once."""
         top1, nll, logp = scored
         n_items = len(self.base["items"])
         weight = torch.ones(n_items, dtype=torch.float64) if records is None else \
@@ -339,18 +365,15 @@ class Retention:
             for name, values in per_position.items():
                 out[f"{subset}_{name}"] = float((values * w).sum() / w.sum())
             out[f"{subset}_answers"] = float(((changed == 0).double() * w_item).sum() / w_item.sum())
-        figures = {"retention": out["ref_top1"], "retention_extra_nll": out["ref_extra_nll"],
-                   "retention_answers": out["ref_answers"]}
-        figures.update({f"retention_{k}": v for k, v in out.items()})
-        return figures
+        # the headline: the reference answers' likelihood kept, exp(-extra NLL) = the geometric mean over their tokens
+        # of p_model / p_base, capped at 1 (exactly 1 when unchanged; a model that finds them likelier lost nothing)
+        out["retention"] = min(1.0, math.exp(-out["ref_extra_nll"]))
+        return out
 
 
-def summary(metrics, prefix="eval"):
-    """The closing log line."""
-    get = lambda k: metrics[f"{prefix}_{k}"]  # noqa: E731
-    return (f"retention after training: {get('retention'):.3f} of the base model's top-1 answer tokens kept "
-            f"(extra NLL {get('retention_extra_nll'):+.4f} nats/token; answers kept whole "
-            f"{get('retention_answers'):.3f})")
+# the figures logged at every evaluation (eval_ + the name): name -> the figure of Retention.figures
+LOGGED = {"retention": "retention", "retention_extra_nll": "ref_extra_nll", "retention_top1": "ref_top1",
+          "retention_answers": "ref_answers", "retention_kl": "own_kl"}
 
 
 class RetentionEvaluation:
@@ -418,7 +441,8 @@ class RetentionCallback(transformers.TrainerCallback):
         if self.minimum is None or value is None or value >= self.minimum:
             return
         line = (f"retention fell below --retention_min at step {state.global_step}: eval_retention {value:.3f} < "
-                f"{self.minimum:g} (extra NLL {metrics.get('eval_retention_extra_nll', float('nan')):+.4f})")
+                f"{self.minimum:g} (extra NLL {metrics.get('eval_retention_extra_nll', float('nan')):+.4f} nats/token "
+                f"{self.retention.resolution()})")
         if self.action == "warn":
             log0(f"WARNING: {line}")
             return

@@ -20,6 +20,7 @@ sentence), and QUIZ's questions alone (the base answers them).
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -232,7 +233,8 @@ def measure_all(folder, base, names, resamples=400):
             out = folder / n
             model, _ = load(None if n.endswith("lr0_ep1") else out, base)
             for name, r in retention.items():
-                figures = {k.removeprefix("eval_"): v for k, v in r.measure(model).items()}
+                r.measure(model)
+                figures = r.figures(r.scored)  # every candidate, not only those logged
                 boot = [r.figures(r.scored, records) for records in draws[name]]
                 (out / f"figures-{slug(name)}.json").write_text(json.dumps({
                     "figures": figures, "records": len(r.items), "resolution": r.resolution(),
@@ -265,7 +267,7 @@ def spearman(x, y):
 
 
 def worse_when_larger(figure):
-    return "nll" in figure or "kl" in figure
+    return figure.endswith(("nll", "kl"))
 
 
 def report(folder, names, measured):
@@ -275,8 +277,8 @@ def report(folder, names, measured):
     truth = {n: sum(json.loads((folder / n / "truth.json").read_text())["right"]) for n in names}
     sets = list(measured[names[0]])
     fig = {n: {s: measured[n][s]["figures"] for s in sets} for n in names}
-    # the headline and the figures logged under their old names are aliases of the subset-named ones
-    keys = sorted(k for k in fig[names[0]][sets[0]] if k.startswith(("retention_own_", "retention_ref_")))
+    # retention (the headline, as finetune logs it: a function of ref_extra_nll) and every candidate
+    keys = ["retention"] + sorted(k for k in fig[names[0]][sets[0]] if k.startswith(("own_", "ref_")))
     print(f"Spearman rank correlation with the held-out questions answered right ({len(names)} runs; +1: the figure "
           "orders the runs as their answers do; extra NLL and KL negated)\n")
     print("| figure | " + " | ".join(sets) + " |")
@@ -288,7 +290,7 @@ def report(folder, names, measured):
             x = [(-1 if worse_when_larger(k) else 1) * fig[n][s][k] for n in names]
             table.setdefault(k, {})[s] = rho = spearman(x, [truth[n] for n in names])
             row.append(f"{rho:+.2f}")
-        print(f"| `{k.removeprefix('retention_')}` | " + " | ".join(row) + " |")
+        print(f"| `{k}` | " + " | ".join(row) + " |")
     print("\nResolution: " + "; ".join(f"{s}: {measured[names[0]][s]['records']} prompts, "
                                         f"{measured[names[0]][s]['resolution']}" for s in sets))
     # noise: for every pair of runs, the spread of their difference over resamples of the records (the same draws
@@ -306,10 +308,17 @@ def report(folder, names, measured):
                         for b in names[i + 1:]]
             spread.setdefault(k, {})[s] = float(np.median(per_pair))
             row.append(f"{np.median(per_pair):.3f}")
-        print(f"| `{k.removeprefix('retention_')}` | " + " | ".join(row) + " |")
-    shown = ("retention_own_kl", "retention_own_top1", "retention_ref_top1", "retention_ref_extra_nll")
+        print(f"| `{k}` | " + " | ".join(row) + " |")
+    print("\nPrompts at which a difference D in retention between two runs is two standard errors, (2 s / D)^2:\n")
+    print("| reference set | s | D = 0.02 | D = 0.05 | D = 0.1 | D = 0.2 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for s in sets:
+        sp = spread["retention"][s]
+        print(f"| {s} | {sp:.3f} | " + " | ".join(f"{math.ceil((2 * sp / d) ** 2)}" for d in (0.02, 0.05, 0.1, 0.2))
+              + " |")
+    shown = ("retention", "ref_top1", "ref_extra_nll", "own_kl")
     print(f"\n| run | held-out right (of {len(HELD_OUT)}) | " + " | ".join(
-        f"{k.removeprefix('retention_')} ({s})" for s in sets for k in shown) + " |")
+        f"{k} ({s})" for s in sets for k in shown) + " |")
     print("| --- | --- |" + " --- |" * len(sets) * len(shown))
     for n in sorted(names, key=lambda n: -truth[n]):
         print(f"| {n} | {truth[n]} | " + " | ".join(f"{fig[n][s][k]:.3f}" for s in sets for k in shown) + " |")

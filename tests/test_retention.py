@@ -3,9 +3,11 @@
 Tiny model: a bad --retention_data stops the run with the very `file:line` errors --data_path gives; --retention_min
 stops a run (exit code 4, one line, the checkpoint before kept) or warns; eval_retention reaches trainer_state.json,
 all_results.json, TensorBoard and the plot on a run without an evaluation set; ZeRO-3 on two processes measures what
-one process measures. Real model (SmolLM2-135M-Instruct): learning rate 0 leaves retention at exactly 1 and the
-extra NLL at exactly 0 (full and LoRA); the demo prints the figure before and after; the demo's settings at lr 2e-3
-x 8 epochs (which make the model answer "Lutz" for France) retain measurably less than the demo's lr 1e-3 x 5."""
+one process measures. Real model (SmolLM2-135M-Instruct): learning rate 0 leaves every figure exactly unchanged
+(full and LoRA, a reference set with answers); the demo prints the figure before and after, with what it rests on;
+the demo's settings at lr 2e-3 x 8 epochs (which make the model answer "Lutz" for France) retain less than the
+demo's lr 1e-3 x 5 on the built-in set, on a quiz with short answers of its own and on its questions alone, as
+their answers to general questions say (one trained run each, measured on every set in this process)."""
 
 import json
 import re
@@ -88,8 +90,9 @@ def test_retention_min_stops_or_warns_and_is_logged_everywhere(tiny_model, tmp_p
 
 def test_zero3_two_processes_measure_what_one_process_measures(tiny_model, tmp_path):
     """One process (batch 4) and ZeRO-3 on two processes (2 x 2), each with a cache of its own so that both generate
-    and score the base: the same base answers, the same base figures, and after 4 steps the same eval_retention
-    (extra NLL within 1e-3 relative: the two layouts sum gradients in another order)."""
+    and score the base: the same base answers, the same base figures, and after 4 steps the same figures
+    (the top-1 ones exactly; those of likelihoods within 1e-3 relative: the two layouts sum gradients in another
+    order)."""
     runs = {}
     for n, per_device in ((1, 4), (2, 2)):
         out = tmp_path / f"p{n}"
@@ -102,9 +105,10 @@ def test_zero3_two_processes_measure_what_one_process_measures(tiny_model, tmp_p
     assert base1["items"] == base2["items"] and base1["top1"] == base2["top1"]
     assert base2["nll"] == pytest.approx(base1["nll"], rel=1e-5, abs=1e-6)
     assert final1["eval_retention"] < 1  # something was forgotten, so the comparison means something
-    assert final2["eval_retention"] == final1["eval_retention"]
+    assert final2["eval_retention_top1"] == final1["eval_retention_top1"]
     assert final2["eval_retention_answers"] == final1["eval_retention_answers"]
-    assert final2["eval_retention_extra_nll"] == pytest.approx(final1["eval_retention_extra_nll"], rel=1e-3)
+    for figure in ("eval_retention", "eval_retention_extra_nll", "eval_retention_kl"):
+        assert final2[figure] == pytest.approx(final1[figure], rel=1e-3), figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,11 +171,13 @@ def retention_after(log):
 
 @pytest.fixture(scope="module")
 def aggressive_run(smollm2, tmp_path_factory):
-    """The demo's settings at lr 4e-3 (LoRA, 5 epochs), which make SmolLM2 answer "Lutz" for the capitals of France,
-    Italy, Spain and Germany (bench/retention_sweep.py), retention measured on the built-in set: {"log", "model"}."""
+    """The demo's settings at lr 2e-3 x 8 epochs (LoRA), which make SmolLM2 answer "Lutz" for capitals (France's
+    too) and break most general answers (bench/README.md: 5 of 36 held-out questions right, the demo 21, the base
+    20); retention measured on the built-in set: {"log", "model"}. (lr 4e-3 x 5 breaks as much in fewer steps, but
+    top-1 agreement, the figure before, also ordered it right on a quiz with answers: no test of the change.)"""
     out = tmp_path_factory.mktemp("aggressive") / "out"
     proc = run_finetune(["--model_name_or_path", smollm2, "--data_path", DEMO, "--output_dir", out, "--use_lora",
-                         "--num_train_epochs", 5, "--learning_rate", 4e-3, "--per_device_train_batch_size", 4,
+                         "--num_train_epochs", 8, "--learning_rate", 2e-3, "--per_device_train_batch_size", 4,
                          "--gradient_accumulation_steps", 1, "--save_strategy", "no", "--disable_tqdm", True],
                         timeout=1200)
     return {"log": proc.stdout, "model": out}
@@ -182,9 +188,9 @@ def test_aggressive_run_forgets_more_than_the_demo(demo_run, aggressive_run):
     the aggressive run ends with a lower retention and a larger extra NLL (built-in set). The bounds leave room for
     another machine's rounding, not for the order to turn (bench/README.md: the figures of both)."""
     log = demo_run["log"]
-    assert "retention before training: 1.000" in log and "retention after training:" in log, log[-3000:]
-    assert re.search(r"retention: the base model's answers to 8 reference prompts \(built-in set; \d+ answer tokens",
-                     log), log[-3000:]
+    for line in (r"retention before training: 1\.000 .*measured on \d+ answer tokens of 8 prompts",
+                 r"retention after training: .* on \d+ answer tokens of 8 prompts"):
+        assert re.search(line, log), log[-3000:]
     gentle, aggressive = retention_after(log), retention_after(aggressive_run["log"])
     assert aggressive[0] < gentle[0] - 0.05 and aggressive[1] > 2 * gentle[1], (gentle, aggressive)
 
