@@ -227,9 +227,9 @@ def judged(smollm2, demo_run, aggressive_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("judged")
     retention = {}
     for name, data in (("answers", quiz_file(folder)), ("no answers", quiz_file(folder, answers=False))):
-        args = finetune.parse_args(["--model_name_or_path", smollm2, "--data_path", DEMO, "--output_dir",
-                                    folder / "unused", "--dataset_cache_dir", folder / "cache", "--retention_data",
-                                    data])
+        args = finetune.parse_args([str(a) for a in (
+            "--model_name_or_path", smollm2, "--data_path", DEMO, "--output_dir", folder / "unused",
+            "--dataset_cache_dir", folder / "cache", "--retention_data", data)])
         tokenizer = finetune.load_tokenizer(args[0], args[2])
         retention[name] = load_retention(tokenizer, *args, finetune._tokenize_arrays)
     base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
