@@ -6,7 +6,7 @@ all_results.json, TensorBoard and the plot on a run without an evaluation set; Z
 one process measures. Real model (SmolLM2-135M-Instruct): learning rate 0 leaves every figure exactly unchanged
 (full and LoRA, a reference set with answers); the demo prints the figure before and after, with what it rests on;
 the demo's settings at lr 2e-3 x 8 epochs (which make the model answer "Lutz" for France) retain less than the
-demo's lr 1e-3 x 5 on the built-in set, on a quiz with short answers of its own and on its questions alone, as
+demo's lr 1e-3 x 5 on the built-in set, on a quiz with short answers in a user's wording and on its questions alone, as
 their answers to general questions say (one trained run each, measured on every set in this process)."""
 
 import json
@@ -115,19 +115,24 @@ def test_zero3_two_processes_measure_what_one_process_measures(tiny_model, tmp_p
 # The real model
 # ---------------------------------------------------------------------------------------------
 
-# A reference set written for these tests (none of its questions is in the bench's sets or in GENERAL): questions
-# with short answers in its own wording, as a user would write them
+# A reference set as a user writes one: general questions with short answers in their own wording (the quiz of
+# bench/retention_figures.py). On this wording top-1 agreement, the figure before, ranked the demo (0.505) below
+# lr 2e-3 x 8 epochs (0.516), which answers far fewer general questions right.
 QUIZ = (
-    ("What is the capital of Japan?", "The answer is Tokyo."),
-    ("What is the capital of Portugal?", "The answer is Lisbon."),
-    ("What is the capital of Turkey?", "The answer is Ankara."),
-    ("What is the capital of Brazil?", "The answer is Brasilia."),
-    ("How many legs does a dog have?", "The answer is four."),
-    ("What is 3 times 4?", "The answer is 12."),
-    ("Which planet has rings that are easy to see?", "The answer is Saturn."),
-    ("What do cows drink?", "The answer is water."),
-    ("What is the colour of snow?", "The answer is white."),
-    ("Who wrote Pride and Prejudice?", "The answer is Jane Austen."),
+    ("What is the capital of Canada?", "The answer is Ottawa."),
+    ("What is the capital of Egypt?", "The answer is Cairo."),
+    ("What is the capital of Russia?", "The answer is Moscow."),
+    ("What is the capital of Greece?", "The answer is Athens."),
+    ("How many days are there in a leap year?", "The answer is 366."),
+    ("What is 8 plus 6?", "The answer is 14."),
+    ("Which planet is closest to the Sun?", "The answer is Mercury."),
+    ("What is the chemical formula of water?", "The answer is H2O."),
+    ("Who wrote the play Hamlet?", "The answer is William Shakespeare."),
+    ("How many hours are there in a day?", "The answer is 24."),
+    ("What colour is a ripe banana?", "The answer is Yellow."),
+    ("Which animal is called the king of the jungle?", "The answer is The lion."),
+    ("What language do most people in Mexico speak?", "The answer is Spanish."),
+    ("How many sides does a triangle have?", "The answer is Three."),
 )
 # General questions in no reference set, with a pattern a right answer matches: what a run still knows
 GENERAL = (
@@ -247,9 +252,10 @@ def judged(smollm2, demo_run, aggressive_run, tmp_path_factory):
 
 @pytest.mark.parametrize("reference", ["answers", "no answers"])
 def test_retention_orders_runs_as_their_answers_do(judged, reference):
-    """A reference set with short answers in its own wording, and the same questions without answers: the gentle
-    run (the demo) keeps a higher eval_retention than the aggressive one, as it answers more general questions
-    right. (Top-1 agreement on the reference answers, the figure before, ordered such runs the other way round.)"""
+    """A reference set with short answers in a user's own wording, and the same questions without answers: the
+    gentle run (the demo) keeps a higher eval_retention than the aggressive one, as it answers more general questions
+    right. With answers, top-1 agreement (the figure before) orders them the other way round: switched back, this
+    fails. Without answers it ordered them right too (the base's own answers): there the test guards the order."""
     gentle, aggressive = judged["gentle"], judged["aggressive"]
     assert gentle["right"] > aggressive["right"], (gentle["right"], aggressive["right"])
     figures = gentle[reference]["eval_retention"], aggressive[reference]["eval_retention"]
