@@ -222,14 +222,25 @@ def judged(smollm2, demo_run, aggressive_run, tmp_path_factory):
     Retention on QUIZ with its answers and on QUIZ's questions alone (one base model, its figures computed once per
     set), and asked GENERAL: {run: {"answers": figures, "no answers": figures, "right": n}}."""
     import torch
+
+
+    assert demo_run["returncode"] == 0, demo_run["log"][-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every process of the suite: two threads on shared cores wait on each other
+    try:
+        return _judge(smollm2, demo_run, aggressive_run, tmp_path_factory.mktemp("judged"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _judge(smollm2, demo_run, aggressive_run, folder):
+    import torch
     from transformers import AutoModelForCausalLM
 
     import finetune
     from finetune_adapter import load_base_and_adapter
     from finetune_retention import load as load_retention
 
-    assert demo_run["returncode"] == 0, demo_run["log"][-3000:]
-    folder = tmp_path_factory.mktemp("judged")
     retention = {}
     for name, data in (("answers", quiz_file(folder)), ("no answers", quiz_file(folder, answers=False))):
         args = finetune.parse_args([str(a) for a in (
