@@ -101,7 +101,6 @@ from finetune_retention import (
     check_flags as check_retention_flags,
     eval_schedule,
     load as load_retention,
-    summary,
 )
 from finetune_sources import check_data_flags, file_id, resolve_data_spec
 from finetune_template import (
@@ -215,8 +214,8 @@ class DataArguments:
     )
     retention_data: Optional[str] = field(
         default=None, metadata={"help": "Reference prompts for the retention measurement (same syntax and formats as "
-                                "--data_path; a record with an answer keeps it, one without is answered by the base "
-                                "model). Default: the built-in set, retention_prompts.jsonl. "
+                                "--data_path; a record's answer is its reference answer, the base model's own answer "
+                                "where it has none). Default: the built-in set, retention_prompts.jsonl. "
                                 "docs/after-training.md: Retention."})
     retention_prompts: Optional[int] = field(
         default=None, metadata={"help": "Measure retention on the first N reference prompts (0: all). Default: 8 of "
@@ -295,7 +294,8 @@ class TrainingArguments(transformers.TrainingArguments):
                                 "behaviour is kept (eval_retention, 1 = unchanged; docs/after-training.md: "
                                 "Retention). False: off."})
     retention_min: Optional[float] = field(
-        default=None, metadata={"help": "Act when eval_retention falls below this (0..1): see --retention_action."})
+        default=None, metadata={"help": "Act when eval_retention (the reference answers' likelihood kept, 0..1) falls "
+                                "below this: see --retention_action."})
     retention_action: str = field(
         default="stop", metadata={"help": "stop: end the run (exit code 4, the last checkpoint kept) | warn: a "
                                   "WARNING line, training goes on.", "choices": ["stop", "warn"]})
@@ -1225,7 +1225,7 @@ def save_results(trainer, tokenizer, result, report, has_eval):
     if evaluated:  # trainer_state.json keeps the evaluations made while training; the final one is eval_results.json
         del history[n_logged:]
     if trainer.retention is not None:
-        log0(summary(final_eval))
+        log0(trainer.retention.summary(final_eval))
     since = time.time() - 1  # a failed final save removes the weight files it wrote (finetune_faults.saving)
 
     def final_bytes():
