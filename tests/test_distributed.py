@@ -265,6 +265,9 @@ def test_zero3_full_save_layout_and_resume(tiny_model, tmp_path, cache):
     assert_cosine_schedule(ref, 1e-3)
 
 
+# slow: LoRA under ZeRO-3 on 2 processes is trained and saved in test_moe's ZeRO-3 run and test_loss_memory's (LoRA
+# on lm_head, against 1 process); kill + resume under ZeRO-3 in test_zero3_full_save_layout_and_resume
+@pytest.mark.slow
 def test_lora_zero2_zero3_adapters_layout_and_resume(tiny_model, tmp_path, cache):
     lora = ["--use_lora", "--lora_r", 4, "--lora_dropout", 0, "--learning_rate", 1e-2]
     ref, z2, z3 = tmp_path / "ref", tmp_path / "z2", tmp_path / "z3"
