@@ -31,8 +31,8 @@ while training (train RSS: without preprocessing and the final save).
 MFU (model FLOPs utilisation) = model FLOP/s / the machine's matmul throughput. The throughput is measured first, in
 its own process with the same threads: fp32 torch matmuls of this model's own GEMMs at 1,024 tokens (every linear
 layer's forward x@W^T, input gradient g@W and weight gradient g^T@x, and lm_head's), total FLOPs / total time.
-Model FLOPs per real token: full = 6*N (N = 134.5M, all parameters; of an MoE model, those one token uses; the tied embedding is counted once, as the
-lm_head matmul it is; the lookup costs nothing); LoRA = 4*N + 6*N_lora (frozen weights: forward + input gradient,
+Model FLOPs per real token: full = 6*N (N = 134.5M, all parameters; of an MoE model, those one token uses;
+the tied embedding is counted once, as the lm_head matmul it is; the lookup costs nothing); LoRA = 4*N + 6*N_lora (frozen weights: forward + input gradient,
 no weight gradient; adapters: all three). Attention scores (~4*layers*seq*hidden per token, ~6 % at these lengths)
 are not counted, nor recomputation (gradient checkpointing), nor finetune's saving of lm_head on prompt positions:
 the same useful work is credited to every mode.
@@ -247,7 +247,8 @@ def worker(opts):
               "train_rss_mb": round(meter.rss_peak_kb / 1024), "steps": len(steps),
               "timed_s": round(sum(steps[1:]), 3), "timed_cpu_s": round(sum(cpu[1:]), 3),
               "timed_tokens": sum(meter.tokens[1:]), "timed_positions": sum(meter.positions[1:]),
-              "tokens": sum(meter.tokens), "params": n_all, "active_params": n_active, "lora_params": n_lora, "trainable_params": n_grad,
+              "tokens": sum(meter.tokens), "params": n_all, "active_params": n_active, "lora_params": n_lora,
+              "trainable_params": n_grad,
               "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}
     if getattr(trainer, "retention", None) is not None:  # finetune's retention: what it cost in this run
         history = trainer.state.log_history
