@@ -32,7 +32,8 @@ MFU (model FLOPs utilisation) = model FLOP/s / the machine's matmul throughput. 
 its own process with the same threads: fp32 torch matmuls of this model's own GEMMs at 1,024 tokens (every linear
 layer's forward x@W^T, input gradient g@W and weight gradient g^T@x, and lm_head's), total FLOPs / total time.
 Model FLOPs per real token: full = 6*N (N = 134.5M, all parameters; of an MoE model, those one token uses;
-the tied embedding is counted once, as the lm_head matmul it is; the lookup costs nothing); LoRA = 4*N + 6*N_lora (frozen weights: forward + input gradient,
+the tied embedding is counted once, as the lm_head matmul it is; the lookup costs nothing); LoRA = 4*N + 6*N_lora
+(frozen weights: forward + input gradient,
 no weight gradient; adapters: all three). Attention scores (~4*layers*seq*hidden per token, ~6 % at these lengths)
 are not counted, nor recomputation (gradient checkpointing), nor finetune's saving of lm_head on prompt positions:
 the same useful work is credited to every mode.
