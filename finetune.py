@@ -92,9 +92,9 @@ from finetune_distributed import (
 )
 from finetune_exit_codes import ExitCode, StopQuietly
 from finetune_faults import Fault, FaultHandling, NonFiniteGuard, checkpoint_bytes, saving, warn_if_low_space
-from finetune_loss import TrainedTokenLoss
+from finetune_loss import TrainedTokenLoss, check_fused_loss_flag
 from finetune_preemption import Preempted, PreemptionCallback, adapt_to_world_size
-from finetune_report import data_report, log_data_summary, plot_loss, token_accounting
+from finetune_report import LossPlotCallback, data_report, log_data_summary, token_accounting
 from finetune_retention import (
     RetentionCallback,
     RetentionEvaluation,
@@ -413,17 +413,7 @@ def validate_args(model_args, data_args, training_args, lora_args):
             raise ValueError("--fp16 needs a GPU; drop it on CPU.")
     if training_args.warmup_ratio is not None:
         training_args.warmup_steps = training_args.warmup_ratio  # v5 reads a float < 1 as a ratio
-    if training_args.fused_loss != "none":
-        import importlib.util
-
-        if not torch.cuda.is_available():
-            raise ValueError("--fused_loss cce needs a GPU; drop it (the chunked loss is the default everywhere).")
-        if importlib.util.find_spec("cut_cross_entropy") is None:
-            raise ValueError("--fused_loss cce needs the cut-cross-entropy package: pip install cut-cross-entropy, "
-                             "or drop the flag.")
-        if zero_stage(training_args) == 3 or "lm_head" in lora_args.lora_target_modules:
-            raise ValueError("--fused_loss cce reads lm_head's weight directly: not with ZeRO-3 (partitioned) nor a "
-                             "LoRA on lm_head; drop the flag or use ds_config_zero2.json / other LoRA targets.")
+    check_fused_loss_flag(training_args.fused_loss, zero_stage(training_args) == 3, lora_args.lora_target_modules)
     if data_args.train_on_prompt and data_args.train_on_last_turn_only:
         raise ValueError("--train_on_prompt and --train_on_last_turn_only exclude each other; pick one.")
     if training_args.early_stopping_patience and not (data_args.eval_data_path or data_args.val_size):
@@ -1106,22 +1096,6 @@ class FinetuneTrainer(FaultHandling, RetentionEvaluation, Trainer):
         # per-batch means, which depends on the eval batch size and disagrees with the per-source losses).
         output.metrics.update(self._source_metrics("eval", f"{prefix}_"))
         return output
-
-
-class LossPlotCallback(transformers.TrainerCallback):
-    """OUTPUT_DIR/training_loss.png, refreshed at most every 30 s while training and at the end."""
-
-    def __init__(self):
-        self.last = 0.0
-
-    def on_log(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and time.time() - self.last > 30:
-            self.last = time.time()
-            plot_loss(state.log_history, args.output_dir)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            plot_loss(state.log_history, args.output_dir)
 
 
 # ---------------------------------------------------------------------------------------------

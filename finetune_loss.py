@@ -104,3 +104,19 @@ class TrainedTokenLoss:
         log0("loss: this model's logits are not its output head's (e.g. softcapping or scaled logits), so the "
              "loss is computed from the full logits (more memory)")
         return self(*args)
+
+
+def check_fused_loss_flag(fused_loss, zero3, lora_targets):
+    """--fused_loss cce: refused before anything loads where Cut Cross-Entropy cannot run."""
+    if fused_loss == "none":
+        return
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise ValueError("--fused_loss cce needs a GPU; drop it (the chunked loss is the default everywhere).")
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        raise ValueError("--fused_loss cce needs the cut-cross-entropy package: pip install cut-cross-entropy, "
+                         "or drop the flag.")
+    if zero3 or "lm_head" in lora_targets:
+        raise ValueError("--fused_loss cce reads lm_head's weight directly: not with ZeRO-3 (partitioned) nor a "
+                         "LoRA on lm_head; drop the flag or use ds_config_zero2.json / other LoRA targets.")

@@ -1,13 +1,16 @@
 """What finetune.py reports and plans with: the per-device memory estimate (and the loss chunk
 size its budget allows), the padding share of a batching, token statistics, the data report (--dry_run,
-data_report.json) and its log lines, and the loss plot. Functions of their arguments; finetune.py imports them
+data_report.json) and its log lines, and the loss plot (LossPlotCallback redraws it while training). Functions
+of their arguments; finetune.py imports them
 (docs/training.md: "Memory estimate"; docs/after-training.md: "Loss plot and TensorBoard")."""
 
 import functools
 import os
+import time
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 from finetune_console import log0, suggest
 from finetune_moe import active_parameters, expert_parameter_count
@@ -72,6 +75,22 @@ def plot_loss(log_history, output_dir):
     os.makedirs(output_dir, exist_ok=True)
     fig.savefig(os.path.join(output_dir, "training_loss.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+class LossPlotCallback(TrainerCallback):
+    """OUTPUT_DIR/training_loss.png, refreshed at most every 30 s while training and at the end."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and time.time() - self.last > 30:
+            self.last = time.time()
+            plot_loss(state.log_history, args.output_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_loss(state.log_history, args.output_dir)
 
 
 def padding_share(lengths, batch_size, packing, grouped, seed, group_size=None):
