@@ -1138,8 +1138,9 @@ def read_records(path, options=None, fmt=None, seen=None):
         return
     columns, only = options.get("columns") or {}, options.get("only", False)
     for where, record in _text_lines(path) if kind == "txt" else read_json_records(path):
+        if isinstance(record, dict):
+            seen.update(record)  # the names an unused --columns NAME is checked against
         if (set(columns) - set(message_columns(columns)) or only) and isinstance(record, dict):
-            seen.update(record)
             try:
                 record = {key: record[name] for name, key in rename(record, columns, only).items()}
             except RecordError as e:
@@ -1273,8 +1274,9 @@ def normalized_rows(entries, data_format, skip_invalid, stats, placeholders=None
         unused = [f"{n}={k}" for n, k in (entry.options.get("columns") or {}).items()
                   if n not in seen and f"messages[].{n} -> {k} (--columns)" not in mapped]
         if unused and not entry.options.get("label"):
+            message_keys = sorted(k for k in counts.get("not_read", {}) if k.startswith("messages[]."))
             fail(f"--columns {unused[0]}: no data file has a column or key {unused[0].split('=')[0]!r} (found: "
-                 f"{', '.join(sorted(seen)[:20])}).")
+                 f"{', '.join(sorted(seen)[:20] + message_keys[:20])}).")
     if errors:
         fail()
 

@@ -172,7 +172,8 @@ def test_columns_maps_any_message_key_with_a_did_you_mean(tiny_model, tmp_path, 
            "mean 'reasoning_content'?)" in error
     error = user_error(dry_run_args(tiny_model, data, tmp_path, "--columns", "thought=reasoning_content"), monkeypatch,
                        capsys)
-    assert "--columns thought=reasoning_content: no data file has a column or key 'thought'" in error
+    assert "--columns thought=reasoning_content: no data file has a column or key 'thought' (found: messages, " \
+           "messages[].cot)" in error  # the keys it could have meant, the messages' own included
 
 
 # ------------------------------------------------------------------------------------------------
