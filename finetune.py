@@ -302,7 +302,7 @@ class TrainingArguments(transformers.TrainingArguments):
     router_aux_loss_coef: Optional[float] = field(
         default=None, metadata={"help": "MoE models: weight of the router's load-balancing loss added to the loss "
                                 "(logged as router_loss). Default: the model's own (config router_aux_loss_coef). "
-                                "0: not added (still logged). README: MoE models."})
+                                "0: not added (still logged). docs/training.md: MoE models."})
     freeze_router: Optional[bool] = field(
         default=None, metadata={"help": "MoE models: keep the routers' weights as they are. Default: trained in full "
                                 "fine-tuning, frozen with LoRA (the adapter holds LoRA weights only); False with LoRA "
