@@ -88,6 +88,7 @@ from finetune_distributed import (
     setup_sequence_parallel,
     skip_first_batches_routed_to,
     start_cpu_deepspeed_state,
+    stop_together,
     zero_stage,
 )
 from finetune_exit_codes import ExitCode, StopQuietly
@@ -1217,9 +1218,21 @@ def save_results(trainer, tokenizer, result, report, has_eval):
             write_report(report, training_args.output_dir)
 
 
+def parse_and_check(argv=None):
+    """parse_args and validate_args on every rank; a bad flag stops every rank with its message once
+    (finetune_distributed.stop_together: parsing forms the process group, so no rank may leave alone)."""
+    args, error = None, None
+    try:
+        args = parse_args(argv)
+        validate_args(*args)
+    except (FileNotFoundError, ValueError) as e:
+        error = e
+    stop_together(error)
+    return args
+
+
 def train(argv=None):
-    model_args, data_args, training_args, lora_args = parse_args(argv)
-    validate_args(model_args, data_args, training_args, lora_args)
+    model_args, data_args, training_args, lora_args = parse_and_check(argv)
     transformers.set_seed(training_args.seed)
     attn = resolve_attn_implementation(model_args, training_args)
     packing = use_packing(data_args, attn)

@@ -79,6 +79,28 @@ def close_process_group():
         torch.distributed.destroy_process_group()
 
 
+def stop_together(error):
+    """Every rank ends with the same outcome of the checks it ran on its own (flags, files, folders): `error`, this
+    rank's user error or None, is shared with all ranks (one all_gather) before anyone leaves. TrainingArguments
+    forms the process group while the flags are parsed, and a rank that left at once could close its connections
+    while a slower peer was still joining: gloo then fails that peer with "Connection closed by peer", a traceback
+    and exit 1 instead of the message and exit 2. The lowest rank with an error raises it (its message, once);
+    every other rank stops quietly with the same exit code. Without a process group the error is raised as it is."""
+    from finetune_exit_codes import ExitCode, StopQuietly
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    seen = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, None if error is None else str(error))
+    failed = [rank for rank, message in enumerate(seen) if message is not None]
+    if failed and failed[0] == torch.distributed.get_rank():
+        raise error
+    if failed:
+        raise StopQuietly(ExitCode.BAD_INPUT)
+
+
 def exit_when_done(main):
     """Run main() as the script and end the process with the exit code it returns: the one way a finetune.py
     process ends. Every exit code is recorded for finetune.sh (record_exit_code; a crash, an exception out of
