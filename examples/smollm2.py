@@ -16,6 +16,7 @@ and renamed when complete, so an interrupted conversion never leaves a half mode
 """
 
 import argparse
+import fcntl
 import glob
 import json
 import os
@@ -145,16 +146,17 @@ def ensure_model(cache_dir=None):
         raise SystemExit("error: converting the GGUF model needs the gguf package: pip install -r requirements.txt "
                          "(or pip install gguf).") from None
     os.makedirs(cache_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".{MODEL_NAME}-") as work:
-        staging = os.path.join(work, MODEL_NAME)
-        worst = convert(fetch_gguf(work), staging)
-        if os.path.isdir(out_dir):  # an earlier conversion that did not finish its check
-            shutil.rmtree(out_dir)
-        try:
+    # one conversion at a time (parallel test workers, two demos at once): the others wait, then reuse its folder
+    with open(os.path.join(cache_dir, f".{MODEL_NAME}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(os.path.join(out_dir, DONE_FILE)):
+            return out_dir
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".{MODEL_NAME}-") as work:
+            staging = os.path.join(work, MODEL_NAME)
+            worst = convert(fetch_gguf(work), staging)
+            if os.path.isdir(out_dir):  # an earlier conversion that did not finish its check
+                shutil.rmtree(out_dir)
             os.rename(staging, out_dir)
-        except OSError:  # another process finished first: keep its folder
-            if not os.path.isfile(os.path.join(out_dir, DONE_FILE)):
-                raise
     log(f"converted and checked ({len(CHECK_PROMPTS)} prompts, max |logit difference| {worst:g}): {out_dir}")
     return out_dir
 

@@ -25,6 +25,47 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def modules_using(fixture):
+    """The test modules whose text names `fixture`, as pytest-xdist names them (tests/test_x.py)."""
+    here = Path(__file__).parent
+    return {f"{here.name}/{p.name}" for p in here.glob("test_*.py") if fixture in p.read_text(encoding="utf-8")}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per CPU this process may run on (logical CPUs: every test process is single-threaded;
+    xdist's own count, physical cores, gives one worker on a 2-vCPU machine whose vCPUs share a core), at most 4
+    (each worker may hold a real model in memory, and 2-process tests start two more processes)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """How the suite shares out on parallel workers (pytest-xdist: `-n auto --dist loadscope` in pytest.ini; every
+    test process is single-threaded, so two workers keep both cores of a 2-core machine busy). A module runs whole
+    on one worker, so its module fixtures (a real-model run, a 2-process run) run once; the modules that use the
+    demo's run (`demo_run`, 2 min) share one worker, so it runs once too; the longest go first (those, then the
+    other SmolLM2 modules), so that no worker is left with one of them at the end. (xdist's own `loadgroup` would
+    group by marks, but it does not apply them with pytest 9.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    demo, real = modules_using("demo_run"), modules_using("smollm2")
+
+    class LongestFirstByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::")[0]
+            return "demo_run" if module in demo else module
+
+        def _assign_work_unit(self, node):
+            longest = max(self.workqueue, key=lambda scope: (scope == "demo_run", scope in real))
+            self.workqueue.move_to_end(longest, last=False)
+            super()._assign_work_unit(node)
+
+    return LongestFirstByModule(config, log)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Path of a saved tiny model + tokenizer (ChatML template, pad token set)."""
@@ -90,3 +131,4 @@ def run_finetune(args, timeout=900, check=True, cwd=ROOT, env=None):
 def read_log_history(output_dir):
     with open(Path(output_dir) / "trainer_state.json") as f:
         return json.load(f)["log_history"]
+
