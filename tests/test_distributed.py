@@ -243,6 +243,7 @@ def assert_cosine_schedule(out, peak):
     assert logged == pytest.approx(expected[: len(logged)], rel=1e-6) and len(logged) == 4, (logged, expected)
 
 
+@pytest.mark.slow  # its kinds run by default: ZeRO-3 resume (test_preemption), kill -9 and half-written saves
 def test_zero3_full_save_layout_and_resume(tiny_model, tmp_path, cache):
     ref, out = tmp_path / "ref", tmp_path / "run"
     lr = ["--learning_rate", 1e-3, "--lr_scheduler_type", "cosine", "--warmup_steps", 1]
@@ -351,10 +352,11 @@ def test_finetune_sh_topology_from_slurm_and_env(tmp_path):
 
 
 def test_bad_input_stops_every_rank_promptly(tiny_model, tmp_path, cache):
-    """Bad data (found by rank 0 alone and broadcast), a missing file, an unknown flag, bad --retention_data: every
-    rank exits with code 2 on its own, within seconds, and records it for finetune.sh (FINETUNE_EXIT_CODE_FILE),
-    the rank that stops quietly too. The two ranks are started the way torchrun starts them (env
-    RANK/WORLD_SIZE/MASTER_*) but without torchrun, which would kill a hung rank and hide the hang."""
+    """Bad data (found by rank 0 alone and broadcast), a missing file, an unknown flag, bad --retention_data, an
+    --output_dir that only rank 0 checks: every rank exits with code 2 on its own, within seconds, and records it
+    for finetune.sh (FINETUNE_EXIT_CODE_FILE), the rank that stops quietly too. The two ranks are started the way
+    torchrun starts them (env RANK/WORLD_SIZE/MASTER_*) but without torchrun, which would kill a hung rank and
+    hide the hang."""
     bad = write_jsonl(tmp_path / "bad.jsonl", [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
         "{not json",
@@ -366,6 +368,8 @@ def test_bad_input_stops_every_rank_promptly(tiny_model, tmp_path, cache):
         "missing file": (["--data_path", tmp_path / "missing.jsonl"], "missing.jsonl does not exist"),
         "unknown flag": (["--data_path", DEMO, "--no_such_flag", 1], "--no_such_flag"),
         "bad retention data": (["--data_path", DEMO, "--retention_data", bad], "bad.jsonl:2: json: invalid JSON"),
+        # rank 0 alone checks that it can write there: rank 1 hears it from rank 0 (stop_together)
+        "output dir is a file": (["--data_path", DEMO, "--output_dir", bad], "is a file, not a folder"),
     }
     start, procs = time.time(), {}
     for name, (extra, _) in cases.items():
@@ -392,6 +396,7 @@ def test_bad_input_stops_every_rank_promptly(tiny_model, tmp_path, cache):
         assert message in logs[name, 0], (name, logs[name, 0][-3000:])
         recorded = (tmp_path / f"codes-{name.replace(' ', '-')}").read_text().split()
         assert recorded == ["2", "2"], (name, recorded)  # every rank's exit went through exit_when_done
-    # rank 0 alone found the bad line and reports it; rank 1 stops quietly; nothing was trained
-    assert cases["bad data"][1] not in logs["bad data", 1], logs["bad data", 1][-3000:]
+    # rank 0 alone found the bad line (the unwritable folder) and reports it; rank 1 stops quietly; nothing trained
+    for name in ("bad data", "output dir is a file"):
+        assert cases[name][1] not in logs[name, 1], logs[name, 1][-3000:]
     assert "[finetune] data:" not in logs["bad data", 0] and not (tmp_path / "out").exists()
