@@ -19,8 +19,8 @@ This file is the training script, in the order a run goes. Self-contained machin
   finetune_cache.py        the dataset cache: key, build into a temporary folder, manifest, reuse, clearing
   finetune_checkpoints.py  checkpoints: weight file names, complete, newest, the one to resume
   finetune_distributed.py  DeepSpeed config, batch plan, sequence parallelism, how a rank ends (exit_when_done:
-                           every exit code recorded), library workarounds (and the table of every library
-                           internal relied on: LIBRARY_INTERNALS)
+                           every exit code recorded; stop_together: a bad flag stops all ranks), library
+                           workarounds (and the table of every library internal relied on: LIBRARY_INTERNALS)
   finetune_agreement.py    the per-step agreement among ranks (one all-reduce) that the step-end features use
   finetune_preemption.py   save on SIGTERM/SIGUSR1, resume on another number of processes
   finetune_faults.py       a diverging run, a failed save: a clear stop
